@@ -1,0 +1,1 @@
+"""Lightning callbacks: shard writing and dataset-level post-processing."""

@@ -1,0 +1,1 @@
+"""LightningDataModules that stream images (and their masks) for datus."""
