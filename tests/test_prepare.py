@@ -1,0 +1,418 @@
+"""Tests for the dataset converters in ``datus.prepare``.
+
+Two tiers: the real SUIM and CamVid samples in ``../shared/data`` (skipped when absent), checked
+against decodings written independently here; and tiny generated datasets for the edge cases
+the samples do not have.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datus.prepare import (
+    PrepareReport,
+    decode_suim_mask,
+    format_report,
+    prepare_camvid,
+    prepare_suim,
+)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SUIM_RAW = DATA / "suim-sample"
+CAMVID_RAW = DATA / "camvid-sample"
+
+# Independent statement of the SUIM code: thresholded (R, G, B) bits -> class abbreviation.
+SUIM_BITS = {
+    (0, 0, 0): "BW",
+    (0, 0, 1): "HD",
+    (0, 1, 0): "PF",
+    (0, 1, 1): "WR",
+    (1, 0, 0): "RO",
+    (1, 0, 1): "RI",
+    (1, 1, 0): "FV",
+    (1, 1, 1): "SR",
+}
+SUIM_IDS = {
+    "all": {"BW": 0, "HD": 1, "PF": 2, "WR": 3, "RO": 4, "RI": 5, "FV": 6, "SR": 7},
+    "coarse": {"HD": 0, "RO": 1, "FV": 2, "RI": 3, "WR": 4, "BW": 5, "PF": 5, "SR": 5},
+}
+CROPPED_IN_SAMPLE = {"f_r_1058_": ((590, 430), (590, 375)), "f_r_1068_": ((590, 430), (590, 375))}
+
+
+def _reference_id(colour: np.ndarray, classes: str) -> int:
+    bits = tuple(int(int(value) >= 128) for value in colour[:3])
+    return SUIM_IDS[classes][SUIM_BITS[bits]]
+
+
+def _reference_histogram(rgb: np.ndarray, classes: str) -> Counter[int]:
+    """Class histogram by thresholding each distinct colour in Python (no lookup table)."""
+    packed = rgb.reshape(-1, 3).astype(np.int64) @ np.array([1 << 16, 1 << 8, 1])
+    values, counts = np.unique(packed, return_counts=True)
+    histogram: Counter[int] = Counter()
+    for value, count in zip(values.tolist(), counts.tolist()):
+        colour = np.array([value >> 16, (value >> 8) & 255, value & 255])
+        histogram[_reference_id(colour, classes)] += count
+    return histogram
+
+
+def _histogram(ids: np.ndarray) -> Counter[int]:
+    return Counter({index: int(count) for index, count in enumerate(np.bincount(ids.ravel())) if count})
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _read_ids(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.mode == "L", f"{path}: mode {image.mode}"
+        return np.asarray(image)
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+# ----------------------------------------------------------------------------- real samples
+
+
+@pytest.fixture(scope="module", params=["coarse", "all"])
+def suim_converted(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, PrepareReport]:
+    if not SUIM_RAW.is_dir():
+        pytest.skip(f"SUIM sample not found at {SUIM_RAW}")
+    classes = request.param
+    out = tmp_path_factory.mktemp(f"suim_{classes}")
+    return classes, prepare_suim(SUIM_RAW, out, classes=classes)
+
+
+@pytest.fixture(scope="module")
+def camvid_converted(tmp_path_factory: pytest.TempPathFactory) -> PrepareReport:
+    if not CAMVID_RAW.is_dir():
+        pytest.skip(f"CamVid sample not found at {CAMVID_RAW}")
+    return prepare_camvid(CAMVID_RAW, tmp_path_factory.mktemp("camvid"))
+
+
+def test_suim_sample_every_image_gets_a_mask_of_its_size(suim_converted: tuple[str, PrepareReport]) -> None:
+    classes, report = suim_converted
+    raw_images = sorted((SUIM_RAW / "train_val" / "images").iterdir())
+    out_images = sorted((report.out_dir / "train" / "images").iterdir())
+    assert [path.name for path in out_images] == [path.name for path in raw_images]
+    assert report.converted == len(raw_images) == 42
+    n_classes = 6 if classes == "coarse" else 8
+    for raw, out in zip(raw_images, out_images):
+        assert out.read_bytes() == raw.read_bytes(), f"{out.name} was re-encoded"
+        mask = report.out_dir / "train" / "true_masks" / f"{raw.stem}.png"
+        ids = _read_ids(mask)
+        assert (ids.shape[1], ids.shape[0]) == _size(raw), raw.name
+        assert ids.max() < n_classes, raw.name
+
+
+def test_suim_sample_classes_json(suim_converted: tuple[str, PrepareReport]) -> None:
+    classes, report = suim_converted
+    meta = json.loads((report.out_dir / "classes.json").read_text())
+    assert meta["dataset"] == "suim"
+    assert meta["ignore_index"] == 255
+    assert meta["source"] == str(SUIM_RAW)
+    assert meta["class_ids"] == list(range(len(meta["classes"])))
+    assert meta["problems"] == report.problems
+    if classes == "coarse":
+        assert len(meta["classes"]) == 6
+        assert meta["classes"][:5] == [
+            "human divers",
+            "robots and instruments",
+            "fish and vertebrates",
+            "reefs and invertebrates",
+            "wrecks and ruins",
+        ]
+    else:
+        assert len(meta["classes"]) == 8
+        assert meta["classes"][0] == "background waterbody" and meta["classes"][7] == "sea-floor and rocks"
+
+
+def test_suim_sample_reports_the_taller_masks_as_cropped(suim_converted: tuple[str, PrepareReport]) -> None:
+    classes, report = suim_converted
+    for stem, (mask_size, image_size) in CROPPED_IN_SAMPLE.items():
+        lines = [line for line in report.problems if stem in line]
+        assert len(lines) == 1, report.problems
+        assert "crop" in lines[0]
+        assert "x".join(map(str, mask_size)) in lines[0] and "x".join(map(str, image_size)) in lines[0]
+        # The kept part is the mask's top rows, decoded independently.
+        raw = _read_rgb(SUIM_RAW / "train_val" / "masks" / f"{stem}.bmp")[: image_size[1], : image_size[0]]
+        ids = _read_ids(report.out_dir / "train" / "true_masks" / f"{stem}.png")
+        assert _histogram(ids) == _reference_histogram(raw, classes)
+    assert all("crop" in line for line in report.problems), report.problems
+
+
+def test_suim_sample_histogram_matches_independent_decoding(suim_converted: tuple[str, PrepareReport]) -> None:
+    classes, report = suim_converted
+    stem = "w_r_198_"  # several classes and many off-colour border pixels
+    rgb = _read_rgb(SUIM_RAW / "train_val" / "masks" / f"{stem}.bmp")
+    off = np.argwhere(((rgb > 0) & (rgb < 255)).any(axis=-1))
+    assert len(off) > 1000, "expected off colours in this sample mask"
+    ids = _read_ids(report.out_dir / "train" / "true_masks" / f"{stem}.png")
+    assert _histogram(ids) == _reference_histogram(rgb, classes)
+    # Pixel by pixel on a small window around an off-colour pixel.
+    row, col = (int(v) for v in off[len(off) // 2])
+    top, left = max(row - 8, 0), max(col - 8, 0)
+    for y in range(top, min(top + 16, rgb.shape[0])):
+        for x in range(left, min(left + 16, rgb.shape[1])):
+            assert ids[y, x] == _reference_id(rgb[y, x], classes), (y, x, rgb[y, x])
+
+
+def test_camvid_sample_maps_unlabelled_to_ignore(camvid_converted: PrepareReport) -> None:
+    report = camvid_converted
+    frames = sorted((CAMVID_RAW / "train").iterdir())
+    assert report.converted == len(frames) == 24
+    assert report.problems == []
+    seen_unlabelled = False
+    for frame in frames:
+        out_frame = report.out_dir / "train" / "images" / frame.name
+        assert out_frame.read_bytes() == frame.read_bytes()
+        with Image.open(CAMVID_RAW / "trainannot" / frame.name) as annotation:
+            raw = np.asarray(annotation)
+        ids = _read_ids(report.out_dir / "train" / "true_masks" / f"{frame.stem}.png")
+        assert (ids.shape[1], ids.shape[0]) == _size(frame)
+        assert np.array_equal(ids[raw == 11], np.full(int((raw == 11).sum()), 255, np.uint8))
+        assert np.array_equal(ids[raw != 11], raw[raw != 11])
+        seen_unlabelled |= bool((raw == 11).any())
+    assert seen_unlabelled
+    meta = json.loads((report.out_dir / "classes.json").read_text())
+    assert meta["classes"][0] == "Sky" and meta["classes"][10] == "Bicyclist" and len(meta["classes"]) == 11
+    assert meta["ignore_index"] == 255 and meta["source"] == str(CAMVID_RAW)
+
+
+# ----------------------------------------------------------------------------- generated data
+
+
+def _save_image(path: Path, size: tuple[int, int], exif_orientation: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if exif_orientation is None:
+        image.save(path)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        image.save(path, exif=exif)
+
+
+def _save_mask(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb.astype(np.uint8), mode="RGB").save(path)
+
+
+def _flat_mask(size: tuple[int, int], colour: tuple[int, int, int]) -> np.ndarray:
+    return np.broadcast_to(np.array(colour, np.uint8), (size[1], size[0], 3)).copy()
+
+
+# 2 x 4 grid covering all eight codes with colours off 0/255, and the expected ids.
+OFF_COLOURS = np.array(
+    [
+        [(250, 3, 240), (127, 128, 0), (128, 128, 127), (0, 0, 128)],
+        [(255, 127, 127), (5, 200, 130), (129, 255, 254), (127, 127, 127)],
+    ],
+    dtype=np.uint8,
+)
+OFF_EXPECTED = {
+    "all": np.array([[5, 2, 6, 1], [4, 3, 7, 0]]),
+    "coarse": np.array([[3, 5, 2, 0], [1, 4, 5, 5]]),
+}
+
+
+@pytest.mark.parametrize("classes", ["all", "coarse"])
+def test_suim_thresholds_off_colours(tmp_path: Path, classes: str) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train_val" / "images" / "a.jpg", (4, 2))
+    _save_mask(raw / "train_val" / "masks" / "a.bmp", OFF_COLOURS)
+    report = prepare_suim(raw, tmp_path / "out", classes=classes)
+    assert report.converted == 1 and report.problems == []
+    assert np.array_equal(_read_ids(tmp_path / "out" / "train" / "true_masks" / "a.png"), OFF_EXPECTED[classes])
+    assert np.array_equal(decode_suim_mask(OFF_COLOURS, classes), OFF_EXPECTED[classes])
+
+
+def test_suim_test_split_is_converted(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    for split in ("train_val", "TEST"):
+        _save_image(raw / split / "images" / f"{split}.jpg", (4, 2))
+        _save_mask(raw / split / "masks" / f"{split}.bmp", OFF_COLOURS)
+    report = prepare_suim(raw, tmp_path / "out")
+    assert report.converted == 2
+    assert (tmp_path / "out" / "train" / "true_masks" / "train_val.png").is_file()
+    assert (tmp_path / "out" / "test" / "true_masks" / "TEST.png").is_file()
+
+
+def test_suim_crops_a_taller_mask_to_its_top_rows(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train_val" / "images" / "tall.jpg", (6, 4))
+    mask = _flat_mask((6, 7), (0, 0, 255))  # HD
+    mask[4:] = (255, 0, 0)  # RO in the rows below the image
+    _save_mask(raw / "train_val" / "masks" / "tall.bmp", mask)
+    report = prepare_suim(raw, tmp_path / "out", classes="coarse")
+    ids = _read_ids(tmp_path / "out" / "train" / "true_masks" / "tall.png")
+    assert ids.shape == (4, 6) and (ids == 0).all()
+    assert len(report.problems) == 1
+    assert "tall.bmp" in report.problems[0] and "6x7" in report.problems[0] and "6x4" in report.problems[0]
+
+
+def test_suim_taller_mask_with_error_policy_raises(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train_val" / "images" / "tall.jpg", (6, 4))
+    _save_mask(raw / "train_val" / "masks" / "tall.bmp", _flat_mask((6, 7), (0, 0, 255)))
+    with pytest.raises(ValueError, match=r"tall\.bmp.*6x7.*6x4.*size_mismatch='crop'"):
+        prepare_suim(raw, tmp_path / "out", size_mismatch="error")
+    assert not (tmp_path / "out").exists(), "a refused conversion must write nothing"
+
+
+@pytest.mark.parametrize("mask_size", [(6, 3), (5, 4), (8, 3)], ids=["shorter", "narrower", "wider-but-shorter"])
+def test_suim_mask_smaller_than_image_raises(tmp_path: Path, mask_size: tuple[int, int]) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train_val" / "images" / "ok.jpg", (6, 4))
+    _save_mask(raw / "train_val" / "masks" / "ok.bmp", _flat_mask((6, 4), (0, 0, 0)))
+    _save_image(raw / "train_val" / "images" / "small.jpg", (6, 4))
+    _save_mask(raw / "train_val" / "masks" / "small.bmp", _flat_mask(mask_size, (0, 0, 0)))
+    size_text = "x".join(map(str, mask_size))
+    with pytest.raises(ValueError, match=rf"small\.bmp.*{size_text}.*6x4.*never resized"):
+        prepare_suim(raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_suim_reports_missing_masks_orphans_and_stray_files(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train_val" / "images" / "paired.jpg", (4, 2))
+    _save_mask(raw / "train_val" / "masks" / "paired.bmp", OFF_COLOURS)
+    _save_image(raw / "train_val" / "images" / "lonely.jpg", (4, 2))
+    _save_mask(raw / "train_val" / "masks" / "orphan.bmp", OFF_COLOURS)
+    (raw / "train_val" / "images" / "notes.txt").write_text("not an image")
+    report = prepare_suim(raw, tmp_path / "out")
+    assert report.converted == 1
+    out = tmp_path / "out" / "train"
+    assert sorted(path.name for path in (out / "images").iterdir()) == ["lonely.jpg", "paired.jpg"]
+    assert sorted(path.name for path in (out / "true_masks").iterdir()) == ["paired.png"]
+    problems = "\n".join(report.problems)
+    assert len(report.problems) == 3
+    assert "lonely.jpg" in problems and "no mask" in problems
+    assert "orphan.bmp" in problems and "no matching image" in problems
+    assert "notes.txt" in problems and "skipped" in problems
+    summary = format_report(report)
+    assert "suim" in summary and "1 image/mask pairs" in summary and "lonely.jpg" in summary
+
+
+def test_suim_duplicate_stems_raise(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train_val" / "images" / "a.jpg", (4, 2))
+    _save_image(raw / "train_val" / "images" / "a.png", (4, 2))
+    _save_mask(raw / "train_val" / "masks" / "a.bmp", OFF_COLOURS)
+    with pytest.raises(ValueError, match="same output"):
+        prepare_suim(raw, tmp_path / "out")
+
+
+def test_suim_mask_must_match_the_exif_oriented_image(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train_val" / "images" / "upright.jpg", (4, 2), exif_orientation=6)
+    _save_mask(raw / "train_val" / "masks" / "upright.bmp", _flat_mask((2, 4), (0, 0, 255)))
+    _save_image(raw / "train_val" / "images" / "stored.jpg", (4, 2), exif_orientation=6)
+    _save_mask(raw / "train_val" / "masks" / "stored.bmp", _flat_mask((4, 2), (0, 0, 255)))
+    with pytest.raises(ValueError, match=r"stored\.bmp.*EXIF orientation 6"):
+        prepare_suim(raw, tmp_path / "out")
+    (raw / "train_val" / "masks" / "stored.bmp").unlink()
+    (raw / "train_val" / "images" / "stored.jpg").unlink()
+    assert prepare_suim(raw, tmp_path / "out").problems == []
+
+
+def test_rerun_is_idempotent_and_reports_leftovers(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train_val" / "images" / "a.jpg", (4, 2))
+    _save_mask(raw / "train_val" / "masks" / "a.bmp", OFF_COLOURS)
+    out = tmp_path / "out"
+    first = prepare_suim(raw, out)
+    snapshot = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    second = prepare_suim(raw, out)
+    assert second == first
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == snapshot
+    (out / "train" / "images" / "old.jpg").write_bytes(b"left over")
+    third = prepare_suim(raw, out)
+    assert len(third.problems) == 1 and "old.jpg" in third.problems[0] and "earlier" in third.problems[0]
+
+
+def test_unrecognised_layouts_raise_helpful_errors(tmp_path: Path) -> None:
+    # Pointed at the split folder itself instead of its parent.
+    split_dir = tmp_path / "train_val"
+    _save_image(split_dir / "images" / "a.jpg", (4, 2))
+    _save_mask(split_dir / "masks" / "a.bmp", OFF_COLOURS)
+    with pytest.raises(FileNotFoundError, match=r"train_val.*expected train_val/images.*found images/, masks/"):
+        prepare_suim(split_dir, tmp_path / "out")
+    # A split with images but no masks folder.
+    partial = tmp_path / "partial"
+    _save_image(partial / "train_val" / "images" / "a.jpg", (4, 2))
+    with pytest.raises(FileNotFoundError, match=r"train_val/masks"):
+        prepare_suim(partial, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_suim(tmp_path / "missing", tmp_path / "out")
+    odd = tmp_path / "odd"
+    (odd / "frames").mkdir(parents=True)
+    (odd / "labels").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"odd.*train \+ trainannot.*found frames/, labels/"):
+        prepare_camvid(odd, tmp_path / "out")
+
+
+def test_bad_arguments_raise(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train_val" / "images" / "a.jpg", (4, 2))
+    _save_mask(raw / "train_val" / "masks" / "a.bmp", OFF_COLOURS)
+    with pytest.raises(ValueError, match="classes"):
+        prepare_suim(raw, tmp_path / "out", classes="fine")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="size_mismatch"):
+        prepare_suim(raw, tmp_path / "out", size_mismatch="resize")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="out_dir"):
+        prepare_suim(raw, raw)
+
+
+def _save_annotation(path: Path, ids: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(ids.astype(np.uint8), mode="L").save(path)
+
+
+def test_camvid_generated_values_above_11_become_ignore_and_are_reported(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    ids = np.array([[0, 10, 11], [12, 200, 3]], dtype=np.uint8)
+    _save_image(raw / "train" / "f.png", (3, 2))
+    _save_annotation(raw / "trainannot" / "f.png", ids)
+    _save_image(raw / "val" / "g.png", (3, 2))
+    _save_annotation(raw / "valannot" / "g.png", np.full((2, 3), 11, np.uint8))
+    report = prepare_camvid(raw, tmp_path / "out")
+    assert report.converted == 2
+    out = _read_ids(tmp_path / "out" / "train" / "true_masks" / "f.png")
+    assert np.array_equal(out, [[0, 10, 255], [255, 255, 3]])
+    assert (_read_ids(tmp_path / "out" / "val" / "true_masks" / "g.png") == 255).all()
+    assert len(report.problems) == 1
+    assert "trainannot/f.png" in report.problems[0] and "2 pixels" in report.problems[0]
+
+
+def test_camvid_rejects_colour_annotations_and_size_mismatch(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train" / "f.png", (3, 2))
+    _save_mask(raw / "trainannot" / "f.png", np.zeros((2, 3, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"f\.png.*single-channel.*'RGB'"):
+        prepare_camvid(raw, tmp_path / "out")
+    _save_annotation(raw / "trainannot" / "f.png", np.zeros((3, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"f\.png.*3x3.*3x2"):
+        prepare_camvid(raw, tmp_path / "out")
+
+
+def test_format_report_is_short_and_points_to_the_full_list(tmp_path: Path) -> None:
+    report = PrepareReport("suim", tmp_path, 5, [f"file{i}.bmp: odd; skipped" for i in range(30)])
+    summary = format_report(report)
+    assert summary.splitlines()[0] == f"suim: wrote 5 image/mask pairs to {tmp_path}"
+    assert "file0.bmp" in summary and "file29.bmp" not in summary
+    assert "18 more" in summary and "classes.json" in summary
+    assert "no problems" in format_report(PrepareReport("camvid", tmp_path, 1, []))
