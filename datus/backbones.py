@@ -1,0 +1,313 @@
+"""Backbone creation, weight resolution and the last-block key hook.
+
+A backbone is any timm Vision Transformer with a fused ``qkv`` projection in its blocks (DINO,
+DINOv2, most timm ViTs). Weights come from, in this order: an explicit local file, the official
+DINO release (checksummed, cached in the torch hub cache), or timm's own pretrained source.
+Random weights are used only when asked for with ``weights="random"``, and loudly: a pseudo
+mask made with a random network looks plausible and is worthless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS = "random"
+"""Value of ``weights`` that asks for an untrained network (tests, smoke runs)."""
+
+DEFAULT_WEIGHTS = "pretrained"
+"""Value of ``weights`` that resolves the published weights for the backbone name."""
+
+
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    """A checkpoint published by the DINO authors."""
+
+    url: str
+    sha256: str | None
+    num_bytes: int | None
+
+    @property
+    def file_name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+def _dino_url(name: str) -> str:
+    return f"https://dl.fbaipublicfiles.com/dino/{name}/{name}.pth"
+
+
+OFFICIAL_DINO_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
+    "vit_small_patch8_224.dino": OfficialCheckpoint(
+        _dino_url("dino_deitsmall8_pretrain"),
+        "55c8b267f479b614ec20858947ce361ba804846c193e20be74263a096bb6d75e",
+        86_728_949,
+    ),
+    "vit_small_patch16_224.dino": OfficialCheckpoint(_dino_url("dino_deitsmall16_pretrain"), None, None),
+    "vit_base_patch8_224.dino": OfficialCheckpoint(_dino_url("dino_vitbase8_pretrain"), None, None),
+    "vit_base_patch16_224.dino": OfficialCheckpoint(_dino_url("dino_vitbase16_pretrain"), None, None),
+}
+"""Official DINO files per timm name. A sha256 is verified where the project has one recorded."""
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be found, downloaded, verified or loaded."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Turn a DINO training checkpoint's teacher weights into plain backbone weights.
+
+    Training checkpoints hold ``module.backbone.blocks.0...`` keys (DDP wrapper + MultiCropWrapper)
+    and the projection ``head.*``, which is not part of the backbone.
+    """
+    cleaned: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        if key.startswith("head."):
+            continue
+        cleaned[key] = value
+    return cleaned
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Read backbone weights from a local file in any supported format.
+
+    Supported: the official DINO ``.pth`` (a plain state dict with timm's key names), a full
+    DINO training checkpoint (weights under ``teacher`` or ``student`` with ``module.`` /
+    ``backbone.`` prefixes and a ``head.*`` to drop), a ``{"state_dict": ...}`` or
+    ``{"model": ...}`` wrapper, and ``.safetensors``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"--model.weights: no file at {path}. Give the path of a DINO checkpoint.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return _strip_prefixes(load_file(str(path)))
+        except Exception as error:
+            raise WeightsError(f"{path}: not a readable safetensors file ({error}).") from error
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(
+            f"{path}: could not be read as a torch checkpoint with weights_only=True ({error}). "
+            "Re-download the file; if it is a pickled training checkpoint with custom objects, "
+            "re-save its state dict with torch.save(model.state_dict(), path)."
+        ) from error
+    if not isinstance(payload, Mapping):
+        raise WeightsError(f"{path}: expected a dict of tensors, got {type(payload).__name__}.")
+    for wrapper in ("teacher", "state_dict", "model", "student"):
+        if wrapper in payload and isinstance(payload[wrapper], Mapping):
+            payload = payload[wrapper]
+            break
+    tensors = {key: value for key, value in payload.items() if isinstance(value, Tensor)}
+    if not tensors:
+        raise WeightsError(f"{path}: holds no tensors; is this a model checkpoint?")
+    return _strip_prefixes(tensors)
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Load with ``strict=True`` semantics and an error that lists what did not match."""
+    expected = set(model.state_dict())
+    given = set(state_dict)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise WeightsError(
+            f"weights from {source} do not match the backbone: missing keys {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all), unexpected keys "
+            f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all). "
+            "Check that --model.backbone names the architecture the checkpoint was trained with."
+        )
+    state_dict = dict(state_dict)
+    own_pos_embed = model.state_dict().get("pos_embed")
+    if own_pos_embed is not None and state_dict["pos_embed"].shape != own_pos_embed.shape:
+        raise WeightsError(
+            f"weights from {source}: pos_embed has shape {tuple(state_dict['pos_embed'].shape)}, the "
+            f"backbone expects {tuple(own_pos_embed.shape)}. Check the patch size in --model.backbone."
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def hub_cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _fetch_official(name: str, checkpoint: OfficialCheckpoint) -> Path:
+    """Return the cached official file, downloading and verifying it if needed."""
+    destination = hub_cache_dir() / checkpoint.file_name
+    if not destination.is_file():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(checkpoint.url, str(destination), progress=True)
+        except Exception as error:
+            raise WeightsError(
+                f"could not download the official weights of {name} from {checkpoint.url} ({error}). "
+                f"On a machine without internet, download that file elsewhere and either put it at "
+                f"{destination} or pass --model.weights /path/to/{checkpoint.file_name}. "
+                f"For a smoke test without real weights pass --model.weights {RANDOM_WEIGHTS}."
+            ) from error
+    if checkpoint.num_bytes is not None and destination.stat().st_size != checkpoint.num_bytes:
+        raise WeightsError(
+            f"{destination} has {destination.stat().st_size} bytes, the official {checkpoint.file_name} "
+            f"has {checkpoint.num_bytes}: the download is incomplete or the file is not the official "
+            "one. Delete it and run again."
+        )
+    if checkpoint.sha256 is not None:
+        actual = sha256_of(destination)
+        if actual != checkpoint.sha256:
+            raise WeightsError(
+                f"{destination}: sha256 {actual} does not match the official {checkpoint.sha256}. "
+                "Delete the file and run again."
+            )
+    return destination
+
+
+def load_weights(model: nn.Module, backbone: str, weights: str) -> str:
+    """Load weights into ``model`` and return a description of their source.
+
+    Args:
+        model: the timm model built for ``backbone``.
+        backbone: the timm name (decides which official checkpoint applies).
+        weights: a file path, ``"pretrained"`` (official DINO file or timm's source), or
+            ``"random"`` (no loading, loud warning).
+    """
+    if weights == RANDOM_WEIGHTS:
+        message = (
+            f"RANDOM WEIGHTS: backbone {backbone} is untrained because --model.weights={RANDOM_WEIGHTS}. "
+            "Segments and pseudo masks from this run are meaningless; use it only for smoke tests."
+        )
+        warnings.warn(message, stacklevel=2)
+        log.warning(message)
+        return RANDOM_WEIGHTS
+    if weights != DEFAULT_WEIGHTS:
+        path = Path(os.path.expanduser(weights))
+        load_state_dict_strict(model, read_state_dict(path), str(path))
+        return str(path)
+    official = OFFICIAL_DINO_CHECKPOINTS.get(backbone)
+    if official is not None:
+        path = _fetch_official(backbone, official)
+        load_state_dict_strict(model, read_state_dict(path), official.url)
+        return official.url
+    try:
+        pretrained = timm.create_model(backbone, pretrained=True, num_classes=0)
+    except Exception as error:
+        raise WeightsError(
+            f"could not fetch timm's pretrained weights for {backbone} ({error}). Without internet, "
+            f"pass a local file with --model.weights PATH (a state dict or .safetensors with timm's "
+            f"key names), or --model.weights {RANDOM_WEIGHTS} for a smoke test."
+        ) from error
+    load_state_dict_strict(model, pretrained.state_dict(), f"timm:{backbone}")
+    return f"timm:{backbone}"
+
+
+def create_backbone(backbone: str, weights: str = DEFAULT_WEIGHTS, **overrides: object) -> tuple[nn.Module, str]:
+    """Build a frozen timm ViT in eval mode and load its weights.
+
+    ``dynamic_img_size`` lets one model take any input size divisible by the patch size (the
+    positional embeddings are interpolated). ``overrides`` are passed to ``timm.create_model``
+    (e.g. ``depth`` and ``embed_dim`` for tiny test networks).
+
+    Returns:
+        The model and a description of where its weights came from.
+    """
+    if not timm.is_model(backbone):
+        raise ValueError(
+            f"--model.backbone: unknown timm model {backbone!r}. Use a timm ViT name such as "
+            "'vit_small_patch8_224.dino' or 'vit_small_patch14_dinov2.lvd142m' "
+            "(python -c \"import timm; print(timm.list_models('*dino*', pretrained=True))\")."
+        )
+    model = timm.create_model(backbone, pretrained=False, num_classes=0, dynamic_img_size=True, **overrides)
+    if not hasattr(model, "blocks") or not hasattr(model.blocks[-1], "attn") or not hasattr(
+        model.blocks[-1].attn, "qkv"
+    ):
+        raise ValueError(
+            f"--model.backbone: {backbone!r} has no fused qkv projection in its last block; datus needs "
+            "a ViT whose blocks have attn.qkv (DINO, DINOv2 and most timm ViTs do)."
+        )
+    source = load_weights(model, backbone, weights)
+    model.eval().requires_grad_(False)
+    return model, source
+
+
+def patch_size_of(model: nn.Module) -> int:
+    size = model.patch_embed.patch_size
+    height, width = (size, size) if isinstance(size, int) else size
+    if height != width:
+        raise ValueError(f"non-square patches {height}x{width} are not supported")
+    return int(height)
+
+
+def normalization_of(backbone: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Mean and std the backbone was trained with, from timm's config, without building it."""
+    config = timm.models.get_pretrained_cfg(backbone)
+    mean = tuple(config.mean) if config is not None and config.mean else (0.485, 0.456, 0.406)
+    std = tuple(config.std) if config is not None and config.std else (0.229, 0.224, 0.225)
+    return mean, std  # type: ignore[return-value]
+
+
+class LastBlockKeys:
+    """Captures the last block's keys and CLS attention from one hook on its qkv projection.
+
+    The hook is registered once for the model's lifetime and records only while ``capture()`` is
+    active, so the crop-embedding passes through the same network do not overwrite it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        attention = model.blocks[-1].attn
+        self.num_heads: int = attention.num_heads
+        self.scale: float = attention.head_dim**-0.5 if hasattr(attention, "head_dim") else 1.0
+        self.num_prefix_tokens: int = getattr(model, "num_prefix_tokens", 1)
+        self._active = False
+        self._qkv: Tensor | None = None
+        attention.qkv.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if self._active:
+            self._qkv = output
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        self._active, self._qkv = True, None
+        try:
+            yield
+        finally:
+            self._active = False
+
+    def keys_and_attention(self) -> tuple[Tensor, Tensor]:
+        """Return the patch keys (B x N x D, heads concatenated) and CLS attention (B x N).
+
+        The CLS-to-patch attention is the softmax over all tokens of the last block, averaged
+        over heads; it is kept for visualisation only.
+        """
+        if self._qkv is None:
+            raise RuntimeError("no forward pass was captured; call the backbone inside capture()")
+        batch, tokens, width = self._qkv.shape
+        qkv = self._qkv.reshape(batch, tokens, 3, self.num_heads, width // (3 * self.num_heads))
+        queries, keys = qkv[:, :, 0].float(), qkv[:, :, 1].float()
+        patch_keys = keys[:, self.num_prefix_tokens :].flatten(2)
+        logits = torch.einsum("bhd,bthd->bht", queries[:, 0], keys) * self.scale
+        cls_attention = logits.softmax(dim=-1)[:, :, self.num_prefix_tokens :].mean(dim=1)
+        self._qkv = None
+        return patch_keys, cls_attention

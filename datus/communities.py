@@ -1,0 +1,142 @@
+"""CPU side of segment discovery: Louvain communities and their 8-connected components.
+
+Louvain (scikit-network) is sequential CPU code, so it runs in a pool of worker processes while
+the device carries on. This module imports only numpy, scipy and scikit-network, so workers
+start quickly, and everything crossing the process boundary is a small numpy array (the
+adjacency travels bit-packed: N*N/8 bytes per image).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components
+from sknetwork.clustering import Louvain
+
+
+@dataclass(frozen=True)
+class SegmentPartition:
+    """Every patch of one image assigned to exactly one segment.
+
+    Attributes:
+        segment_map: h x w int32, segment ids 0..S-1 numbered by first appearance in raster order.
+        sizes: S patch counts.
+        is_noise: S flags; a segment of at most ``min_patches`` patches is noise.
+    """
+
+    segment_map: np.ndarray
+    sizes: np.ndarray
+    is_noise: np.ndarray
+
+
+def louvain_communities(adjacency: np.ndarray | sparse.spmatrix, resolution: float = 1.0) -> np.ndarray:
+    """Community label per node by Louvain modularity maximisation (deterministic: no shuffling)."""
+    graph = sparse.csr_matrix(adjacency, dtype=np.float64)
+    return np.asarray(Louvain(resolution=resolution).fit_predict(graph), dtype=np.int64)
+
+
+def _grid_neighbour_pairs(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs of 8-connected neighbours on an h x w grid (each pair once)."""
+    index = np.arange(height * width).reshape(height, width)
+    pairs = [
+        (index[:, :-1], index[:, 1:]),  # right
+        (index[:-1, :], index[1:, :]),  # down
+        (index[:-1, :-1], index[1:, 1:]),  # down-right
+        (index[:-1, 1:], index[1:, :-1]),  # down-left
+    ]
+    sources = np.concatenate([a.ravel() for a, _ in pairs])
+    targets = np.concatenate([b.ravel() for _, b in pairs])
+    return sources, targets
+
+
+def canonical_labels(labels: np.ndarray) -> np.ndarray:
+    """Renumber labels 0..S-1 by first appearance in raster order, so partitions compare directly."""
+    flat = labels.ravel()
+    _, first_index, inverse = np.unique(flat, return_index=True, return_inverse=True)
+    rank = np.empty(len(first_index), dtype=np.int64)
+    rank[np.argsort(first_index, kind="stable")] = np.arange(len(first_index))
+    return rank[inverse].reshape(labels.shape).astype(np.int32)
+
+
+def split_into_components(community_grid: np.ndarray) -> np.ndarray:
+    """Split every community into its 8-connected pieces on the patch grid.
+
+    Two neighbouring patches (diagonals included) join when they share a community; the
+    connected components of that graph are the segments. Returns canonical segment ids.
+    """
+    height, width = community_grid.shape
+    sources, targets = _grid_neighbour_pairs(height, width)
+    flat = community_grid.ravel()
+    same = flat[sources] == flat[targets]
+    size = height * width
+    graph = sparse.coo_matrix(
+        (np.ones(int(same.sum()), dtype=np.int8), (sources[same], targets[same])), shape=(size, size)
+    )
+    _, components = connected_components(graph, directed=False)
+    return canonical_labels(components.reshape(height, width))
+
+
+def partition_from_communities(community_grid: np.ndarray, min_patches: int) -> SegmentPartition:
+    segment_map = split_into_components(community_grid)
+    sizes = np.bincount(segment_map.ravel()).astype(np.int32)
+    return SegmentPartition(segment_map=segment_map, sizes=sizes, is_noise=sizes <= min_patches)
+
+
+def unpack_adjacency(packed: np.ndarray, num_nodes: int) -> np.ndarray:
+    return np.unpackbits(packed, axis=-1, count=num_nodes).astype(bool)
+
+
+def discover_segments(
+    packed_adjacency: np.ndarray, grid: tuple[int, int], resolution: float, min_patches: int
+) -> SegmentPartition:
+    """Stages 3-4 for one image: Louvain on the patch graph, then 8-connected components.
+
+    Args:
+        packed_adjacency: N x ceil(N/8) uint8, ``np.packbits`` of the boolean adjacency rows.
+        grid: (h, w) patch grid, h*w = N.
+        resolution: Louvain resolution (1.0 in the paper).
+        min_patches: components of at most this many patches are noise (tau = 5 in the paper).
+    """
+    height, width = grid
+    adjacency = unpack_adjacency(packed_adjacency, height * width)
+    communities = louvain_communities(adjacency, resolution).reshape(height, width)
+    return partition_from_communities(communities, min_patches)
+
+
+class CommunityPool:
+    """Runs :func:`discover_segments` for many images, in worker processes or inline.
+
+    ``spawn`` is used because the parent holds CUDA and OpenMP state that must not be forked.
+    With ``num_workers=0`` everything runs in the calling process (debugging, tiny inputs).
+    """
+
+    def __init__(self, num_workers: int, resolution: float, min_patches: int) -> None:
+        if num_workers < 0:
+            raise ValueError(f"--model.louvain_workers must be >= 0, got {num_workers}")
+        self.resolution = resolution
+        self.min_patches = min_patches
+        self._executor: ProcessPoolExecutor | None = None
+        if num_workers > 0:
+            self._executor = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, packed: Sequence[np.ndarray], grid: tuple[int, int]) -> list[Future[SegmentPartition]]:
+        """Start the work for a batch; results come back in order through the futures."""
+        futures: list[Future[SegmentPartition]] = []
+        for adjacency in packed:
+            if self._executor is None:
+                future: Future[SegmentPartition] = Future()
+                future.set_result(discover_segments(adjacency, grid, self.resolution, self.min_patches))
+            else:
+                future = self._executor.submit(discover_segments, adjacency, grid, self.resolution, self.min_patches)
+            futures.append(future)
+        return futures
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None

@@ -1,0 +1,234 @@
+"""The predict-only LightningModule: stages 1-5 of DatUS on batches of images.
+
+``predict_step`` computes and returns compact per-image records; it writes nothing (the
+prediction writer does file I/O) and runs no collective (DDP ranks may see different numbers
+of batches in predict).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from datus.backbones import DEFAULT_WEIGHTS, LastBlockKeys, create_backbone, normalization_of, patch_size_of
+from datus.communities import CommunityPool, SegmentPartition
+from datus.ops import CropRecipe, key_adjacency, masked_crops, pack_adjacency, segment_masks
+
+log = logging.getLogger(__name__)
+
+PAPER_PRESET: dict[str, Any] = {"image_size": 224, "min_patches": 5, "crop_recipe": "paper", "resolution": 1.0}
+"""The original DatUS choices; the paper also used patch size 8 (checked, not overridden)."""
+
+
+@dataclass
+class ImageRecord:
+    """Everything later stages need about one image; small enough to stream to disk."""
+
+    image_id: str
+    image_path: str
+    mask_path: str
+    orig_size: tuple[int, int]
+    segment_map: np.ndarray  # h x w int32 segment ids
+    sizes: np.ndarray  # S int32 patch counts
+    is_noise: np.ndarray  # S bool
+    embeddings: np.ndarray  # S x D float16, L2-normalised CLS tokens of the segment crops
+    cls_attention: np.ndarray  # h x w float16, last-block CLS attention (for pictures)
+
+
+@dataclass
+class PredictionBatch:
+    """What ``predict_step`` hands the writer: records plus the files the loader could not read."""
+
+    records: list[ImageRecord]
+    skipped: list[dict[str, str]]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class StageTimer:
+    """Wall-clock seconds per pipeline stage, synchronising the device so numbers are honest."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] += now - self._last
+        self._last = now
+
+
+class DatusModule(L.LightningModule):
+    """Frozen ViT segment discovery and segment embedding (DatUS stages 1-5).
+
+    Args:
+        backbone: timm ViT name (``vit_small_patch8_224.dino``, ``vit_base_patch8_224.dino``,
+            ``vit_small_patch14_dinov2.lvd142m``, ...).
+        weights: ``pretrained`` (official DINO file, else timm's source), a local checkpoint
+            path, or ``random`` (untrained; smoke tests only, announced loudly).
+        image_size: side of the square model input; must be a multiple of the patch size.
+        min_patches: segments of at most this many patches are noise (tau; paper: 5).
+        resolution: Louvain resolution (paper: 1.0; higher gives more, smaller segments).
+        crop_recipe: ``fit`` keeps the whole segment (square around its box, padded) or
+            ``paper`` (shorter side to 256, centre crop 224: cuts elongated segments).
+        crop_batch_size: segment crops per backbone forward pass (bounds device memory).
+        louvain_workers: CPU processes for Louvain; 0 runs it in the main process.
+        preset: ``paper`` sets image size 224, tau 5, paper crops, resolution 1 (and requires
+            a patch-8 backbone), overriding the values above.
+        backbone_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth`` for tiny test
+            networks).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch8_224.dino",
+        weights: str = DEFAULT_WEIGHTS,
+        image_size: int = 224,
+        min_patches: int = 5,
+        resolution: float = 1.0,
+        crop_recipe: CropRecipe = "fit",
+        crop_batch_size: int = 64,
+        louvain_workers: int = 2,
+        preset: Literal["paper"] | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if preset == "paper":
+            image_size, min_patches = PAPER_PRESET["image_size"], PAPER_PRESET["min_patches"]
+            crop_recipe, resolution = PAPER_PRESET["crop_recipe"], PAPER_PRESET["resolution"]
+        if min_patches < 0:
+            raise ValueError(f"--model.min_patches must be >= 0, got {min_patches}")
+        if resolution <= 0:
+            raise ValueError(f"--model.resolution must be > 0, got {resolution}")
+        if crop_batch_size < 1:
+            raise ValueError(f"--model.crop_batch_size must be >= 1, got {crop_batch_size}")
+        self.save_hyperparameters()
+        self.backbone_name = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.min_patches = min_patches
+        self.resolution = resolution
+        self.crop_recipe: CropRecipe = crop_recipe
+        self.crop_batch_size = crop_batch_size
+        self.louvain_workers = louvain_workers
+        self.backbone, self.weights_source = create_backbone(backbone, weights, **(backbone_kwargs or {}))
+        self.patch_size = patch_size_of(self.backbone)
+        if preset == "paper" and self.patch_size != 8:
+            raise ValueError(
+                f"--model.preset paper uses patch size 8; {backbone} has patch size {self.patch_size}. "
+                "Use a patch-8 backbone (e.g. vit_base_patch8_224.dino) or drop the preset."
+            )
+        if image_size % self.patch_size:
+            raise ValueError(
+                f"--model.image_size {image_size} is not a multiple of the patch size {self.patch_size} of "
+                f"{backbone}; use e.g. {image_size // self.patch_size * self.patch_size or self.patch_size}."
+            )
+        self.grid = (image_size // self.patch_size, image_size // self.patch_size)
+        mean, std = normalization_of(backbone)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.keys = LastBlockKeys(self.backbone)
+        self._pool: CommunityPool | None = None
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.backbone.num_features)
+
+    def describe(self) -> dict[str, Any]:
+        """Settings that decide the records: a resumed run must match them exactly."""
+        return {
+            "backbone": self.backbone_name,
+            "weights": self.weights_source,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "min_patches": self.min_patches,
+            "resolution": self.resolution,
+            "crop_recipe": self.crop_recipe,
+            "embedding_dim": self.embedding_dim,
+        }
+
+    def on_predict_start(self) -> None:
+        self._pool = CommunityPool(self.louvain_workers, self.resolution, self.min_patches)
+
+    def on_predict_end(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def teardown(self, stage: str) -> None:
+        self.on_predict_end()
+
+    def embed_segments(self, images: Tensor, partitions: list[SegmentPartition]) -> Tensor:
+        """Stage 5: L2-normalised CLS embedding of every segment's masked crop.
+
+        Args:
+            images: B x 3 x H x W normalised images.
+            partitions: one per image.
+
+        Returns:
+            sum(S_b) x D embeddings, in image order then segment id.
+        """
+        segment_maps = torch.from_numpy(np.stack([p.segment_map for p in partitions])).to(images.device)
+        counts = torch.tensor([len(p.sizes) for p in partitions], device=images.device)
+        masks, image_index = segment_masks(segment_maps, counts)
+        pixels = images * self.std + self.mean
+        embeddings = []
+        for start in range(0, len(masks), self.crop_batch_size):
+            chunk = slice(start, start + self.crop_batch_size)
+            crops = masked_crops(
+                pixels, masks[chunk], image_index[chunk], self.patch_size, self.crop_recipe, self.image_size
+            )
+            features = self.backbone.forward_features((crops - self.mean) / self.std)
+            embeddings.append(F.normalize(features[:, 0].float(), dim=-1))
+        return torch.cat(embeddings)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> PredictionBatch:
+        skipped = batch.get("skipped", [])
+        if "image" not in batch:
+            return PredictionBatch(records=[], skipped=skipped)
+        if self._pool is None:
+            self.on_predict_start()
+        assert self._pool is not None
+        timer = StageTimer(self.device)
+        images: Tensor = batch["image"]
+        with self.keys.capture():
+            self.backbone.forward_features(images)
+        keys, cls_attention = self.keys.keys_and_attention()
+        timer.lap("backbone_forward")
+        packed = pack_adjacency(key_adjacency(keys))
+        timer.lap("affinity")
+        partitions = [future.result() for future in self._pool.submit(list(packed), self.grid)]
+        timer.lap("louvain_and_components")
+        embeddings = self.embed_segments(images, partitions).to(torch.float16).cpu().numpy()
+        timer.lap("crop_embeddings")
+        attention = cls_attention.reshape(-1, *self.grid).to(torch.float16).cpu().numpy()
+        records, offset = [], 0
+        for index, partition in enumerate(partitions):
+            count = len(partition.sizes)
+            height, width = batch["orig_size"][index].tolist()
+            records.append(
+                ImageRecord(
+                    image_id=batch["image_id"][index],
+                    image_path=batch["image_path"][index],
+                    mask_path=batch["mask_path"][index],
+                    orig_size=(int(height), int(width)),
+                    segment_map=partition.segment_map,
+                    sizes=partition.sizes,
+                    is_noise=partition.is_noise,
+                    embeddings=embeddings[offset : offset + count],
+                    cls_attention=attention[index],
+                )
+            )
+            offset += count
+        return PredictionBatch(records=records, skipped=skipped, stage_seconds=dict(timer.seconds))
