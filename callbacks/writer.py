@@ -82,8 +82,11 @@ class SegmentShardWriter(BasePredictionWriter):
             log.info("resuming: %d images already done in %s", len(finished), self.output_dir)
         if trainer.is_global_zero:
             write_json(self.output_dir / RUN_FILE, {"datus_version": __version__, "settings": identity})
+            for stale in (self.output_dir / LOG_DIR).glob("predict-rank*.json"):
+                stale.unlink()  # logs describe this invocation only; earlier work is counted as resumed
         trainer.strategy.barrier("datus-writer-setup")
         self._sequence = next_sequence(self.output_dir, trainer.global_rank)
+        self._write_log(trainer.global_rank)
 
     def write_on_batch_end(
         self,
@@ -114,9 +117,12 @@ class SegmentShardWriter(BasePredictionWriter):
         self.images_written += len(prediction.records)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write_log(trainer.global_rank)
+
+    def _write_log(self, rank: int) -> None:
         assert self.output_dir is not None
         write_json(
-            self.output_dir / LOG_DIR / f"predict-rank{trainer.global_rank:03d}.json",
+            self.output_dir / LOG_DIR / f"predict-rank{rank:03d}.json",
             {
                 "images_written": self.images_written,
                 "images_resumed": self.images_resumed,

@@ -1,0 +1,173 @@
+"""The ``datus`` command: ``predict`` (a LightningCLI run), ``cluster``, ``evaluate``, ``prepare``.
+
+``main(args)`` is importable so tests run the real CLI in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from callbacks.pipeline import ClusterPaintEvaluate
+from callbacks.writer import SegmentShardWriter
+from datamodules.images import ImageFolderDataModule
+from datus.io import write_text
+from datus.module import DatusModule
+
+USAGE = """usage: datus <command> [options]
+
+commands:
+  predict   discover segments, embed, cluster, paint and evaluate (LightningCLI; see datus predict --help)
+  cluster   re-cluster a finished run's shards with other K / engine / PCA, without the ViT
+  evaluate  score any folder of predicted label PNGs against ground truth
+  prepare   convert SUIM or CamVid from their published layouts to the DatUS layout
+
+Run `datus <command> --help` for the options of one command.
+"""
+
+
+class ConfigInOutputDir(SaveConfigCallback):
+    """Saves the fully resolved config as ``OUTPUT_DIR/config.yaml`` (global rank 0 only)."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        output_dir = Path(self.config["output_dir"])
+        write_text(output_dir / "config.yaml", self.parser.dump(self.config, skip_none=False))
+
+
+class DatusCLI(LightningCLI):
+    """LightningCLI for predict-only runs: model, data, writer and post-processing in one config.
+
+    Values are said once: the backbone name, input size and patch size flow from ``--model``
+    to ``--data``; ``--output_dir`` flows to the callbacks.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--output_dir", type=Path, required=True, help="Folder for every output of the run.")
+        parser.add_lightning_class_args(SegmentShardWriter, "writer")
+        parser.add_lightning_class_args(ClusterPaintEvaluate, "cluster")
+        parser.link_arguments("output_dir", "writer.output_dir")
+        parser.link_arguments("output_dir", "cluster.output_dir")
+        parser.link_arguments("model.backbone", "data.backbone")
+        parser.link_arguments("model.image_size", "data.image_size", apply_on="instantiate")
+        parser.link_arguments("model.patch_size", "data.patch_size", apply_on="instantiate")
+
+
+def run_predict(args: Sequence[str]) -> DatusCLI:
+    """``datus predict``: one LightningCLI predict run (stages 1-8).
+
+    The arguments are passed explicitly while ``sys.argv`` stays as it is, because Lightning's
+    DDP launcher re-executes ``sys.argv`` in its child processes; the warning LightningCLI
+    gives for that combination is expected here.
+    """
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    cli = DatusCLI(
+        DatusModule,
+        ImageFolderDataModule,
+        run=False,
+        args=list(args),
+        save_config_callback=ConfigInOutputDir,
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+        trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False},
+        parser_kwargs={"prog": "datus predict", "default_env": False},
+        seed_everything_default=0,
+    )
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+    pipeline = next(c for c in cli.trainer.callbacks if isinstance(c, ClusterPaintEvaluate))
+    if not pipeline.finished and cli.trainer.is_global_zero:
+        # Nothing was left to predict (a finished run again): Lightning skips the loop and its
+        # hooks, but clustering settings may have changed, so post-process here.
+        pipeline.run(torch.device("cpu"))
+    return cli
+
+
+def _prepare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datus prepare", description="Convert a published dataset to the DatUS layout.")
+    parser.add_argument("dataset", choices=["suim", "camvid"])
+    parser.add_argument("raw_dir", type=Path, help="the dataset as downloaded (SUIM: holds train_val/; CamVid: train/, trainannot/)")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--classes", choices=["coarse", "all"], default="coarse", help="SUIM only: DatUS 6-class grouping or all 8")
+    parser.add_argument(
+        "--size_mismatch",
+        choices=["crop", "error"],
+        default="crop",
+        help="SUIM only: a mask taller/wider than its image is cropped to its top-left (crop) or refused (error)",
+    )
+    return parser
+
+
+def run_prepare(args: Sequence[str]) -> None:
+    from datus.prepare import format_report, prepare_camvid, prepare_suim
+
+    options = _prepare_parser().parse_args(args)
+    if options.dataset == "suim":
+        report = prepare_suim(options.raw_dir, options.out_dir, classes=options.classes, size_mismatch=options.size_mismatch)
+    else:
+        report = prepare_camvid(options.raw_dir, options.out_dir)
+    print(format_report(report))
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datus evaluate", description="Hungarian-matched mIoU of any predicted label PNGs.")
+    parser.add_argument("--pred", type=Path, required=True, help="folder of predicted label PNGs")
+    parser.add_argument("--gt", type=Path, required=True, help="folder of ground-truth label PNGs (same relative paths)")
+    parser.add_argument("--num_classes", type=int, required=True)
+    parser.add_argument("--num_clusters", type=int, default=None, help="default: largest predicted id + 1")
+    parser.add_argument("--ignore_index", type=int, default=255)
+    parser.add_argument("--output_dir", type=Path, required=True)
+    return parser
+
+
+def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
+    from datus.evaluate import evaluate_folders
+    from datus.metrics import format_table
+
+    options = _evaluate_parser().parse_args(args)
+    if options.num_classes < 1:
+        raise SystemExit(f"datus evaluate: --num_classes must be >= 1, got {options.num_classes}")
+    metrics = evaluate_folders(
+        options.pred,
+        options.gt,
+        options.num_classes,
+        options.output_dir,
+        ignore_index=options.ignore_index,
+        num_clusters=options.num_clusters,
+    )
+    print(format_table(metrics))
+    print(f"metrics written to {options.output_dir / 'metrics.json'}")
+    return metrics
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``datus`` console script and ``python -m datus``.
+
+    Returns nothing (a console script passes the return value to ``sys.exit``); every result
+    is in the output folder.
+    """
+    arguments = list(sys.argv[1:] if args is None else args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not arguments or arguments[0] in ("-h", "--help"):
+        print(USAGE)
+        return None
+    command, rest = arguments[0], arguments[1:]
+    if command == "predict":
+        run_predict(rest)
+    elif command == "cluster":
+        from datus.postprocess import run_cluster_command
+
+        run_cluster_command(rest)
+    elif command == "evaluate":
+        run_evaluate(rest)
+    elif command == "prepare":
+        run_prepare(rest)
+    else:
+        print(f"datus: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,184 @@
+"""The real ``datus`` CLI, in-process, on configs/tiny.yaml and generated images with masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datus.cli import main
+from datus.io import read_label_png
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+NUM_IMAGES = 7
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DatUS-layout dataset: two-region images of varied sizes, masks, classes.json."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for index in range(NUM_IMAGES):
+        height, width = 40 + 8 * index, 56 + 4 * index
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[:, width // 2 :] = 1
+        mask[:2] = 255  # an ignored strip
+        pixels = np.where(mask[..., None] == 1, [200, 40, 40], [30, 60, 190]).astype(np.float64)
+        pixels += rng.normal(0, 12, pixels.shape)
+        folder = "nested/" if index % 3 == 0 else ""
+        (root / "train" / "images" / folder).mkdir(parents=True, exist_ok=True)
+        (root / "train" / "true_masks" / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / "train" / "images" / f"{folder}img {index}.jpg")
+        Image.fromarray(mask).save(root / "train" / "true_masks" / f"{folder}img {index}.png")
+    (root / "classes.json").write_text(json.dumps({"classes": ["blue", "red"], "ignore_index": 255}))
+    return root
+
+
+def predict(dataset: Path, output_dir: Path, *extra: str) -> None:
+    main(
+        [
+            "predict",
+            "--config",
+            TINY,
+            "--data.root",
+            str(dataset),
+            "--data.split",
+            "train",
+            "--output_dir",
+            str(output_dir),
+            "--trainer.enable_progress_bar",
+            "false",
+            *extra,
+        ]
+    )
+
+
+def image_ids(dataset: Path) -> list[str]:
+    images = dataset / "train" / "images"
+    return sorted(str(p.relative_to(images).with_suffix("")) for p in images.rglob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output_dir = tmp_path_factory.mktemp("run")
+    predict(dataset, output_dir)
+    return output_dir
+
+
+def test_predict_writes_every_output(dataset: Path, finished_run: Path) -> None:
+    ids = image_ids(dataset)
+    assert len(ids) == NUM_IMAGES
+    assert (finished_run / "config.yaml").is_file() and (finished_run / "run.json").is_file()
+    settings = json.loads((finished_run / "run.json").read_text())["settings"]
+    assert settings["weights"] == "random" and settings["patch_size"] == 8
+    for image_id in ids:
+        image = Image.open(dataset / "train" / "images" / f"{image_id}.jpg")
+        segments = read_label_png(finished_run / "segments" / f"{image_id}.png")
+        assert segments.shape == (8, 8)  # 64 px input, 8 px patches
+        mask = read_label_png(finished_run / "masks" / f"{image_id}.png")
+        assert mask.shape == (image.height, image.width) and mask.max() < 3
+        assert (finished_run / "color" / f"{image_id}.png").is_file()
+        assert (finished_run / "overlay" / f"{image_id}.png").is_file()
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert metrics["num_clusters"] == 3 and metrics["num_classes"] == 2 and metrics["num_images"] == NUM_IMAGES
+    assert set(metrics["protocols"]) == {"dense", "paper"}
+    for protocol in metrics["protocols"].values():
+        assert 0 <= protocol["miou"] <= 1 and len(protocol["per_class_iou"]) == 2
+    assert set(metrics["mapping"]) == {"0", "1", "2"}
+    assert (finished_run / "confusion.png").is_file()
+    assert json.loads((finished_run / "skipped.json").read_text()) == []
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["images_in_run"] == NUM_IMAGES and summary["images_predicted_now"] == NUM_IMAGES
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(dataset: Path, finished_run: Path, tmp_path: Path) -> None:
+    predict(dataset, tmp_path, "--trainer.limit_predict_batches", "0.5")  # 1 of 2 batches: 4 of 7 images
+    assert len(list((tmp_path / "segments").rglob("*.png"))) == 4
+    predict(dataset, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["images_predicted_now"] == NUM_IMAGES - 4 and summary["images_from_earlier_runs"] == 4
+    for image_id in image_ids(dataset):
+        for folder in ("segments", "masks"):
+            resumed = read_label_png(tmp_path / folder / f"{image_id}.png")
+            assert np.array_equal(resumed, read_label_png(finished_run / folder / f"{image_id}.png")), image_id
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads((finished_run / "metrics.json").read_text())
+
+
+def test_rerun_of_a_finished_run_predicts_nothing_and_keeps_results(dataset: Path, finished_run: Path) -> None:
+    before = json.loads((finished_run / "metrics.json").read_text())
+    predict(dataset, finished_run)
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["images_predicted_now"] == 0 and summary["images_in_run"] == NUM_IMAGES
+    assert json.loads((finished_run / "metrics.json").read_text()) == before
+
+
+def test_rerun_with_other_settings_is_refused(dataset: Path, finished_run: Path) -> None:
+    with pytest.raises(ValueError, match="other settings"):
+        predict(dataset, finished_run, "--model.min_patches", "2")
+
+
+def test_cluster_sweep_and_evaluate_agree_with_the_run(dataset: Path, finished_run: Path, tmp_path: Path) -> None:
+    main(["cluster", "--run", str(finished_run), "--k", "2", "3", "--no_colour"])
+    for k in (2, 3):
+        metrics = json.loads((finished_run / "clusters" / f"k{k}" / "metrics.json").read_text())
+        assert metrics["num_clusters"] == k
+        assert (finished_run / "clusters" / f"k{k}" / "centroids.npy").is_file()
+    rows = json.loads((finished_run / "clusters" / "summary.json").read_text())
+    assert [row["k"] for row in rows] == [2, 3]
+    run_metrics = json.loads((finished_run / "metrics.json").read_text())
+    k3 = json.loads((finished_run / "clusters" / "k3" / "metrics.json").read_text())
+    assert k3["protocols"]["dense"]["miou"] == pytest.approx(run_metrics["protocols"]["dense"]["miou"])
+
+    main(
+        [
+            "evaluate",
+            "--pred",
+            str(finished_run / "masks"),
+            "--gt",
+            str(dataset / "train" / "true_masks"),
+            "--num_classes",
+            "2",
+            "--num_clusters",
+            "3",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    scored = json.loads((tmp_path / "metrics.json").read_text())
+    assert scored["num_images"] == NUM_IMAGES
+    # the masks are dense, so the evaluate command's dense protocol must equal the run's
+    assert scored["protocols"]["dense"]["miou"] == pytest.approx(run_metrics["protocols"]["dense"]["miou"])
+    assert scored["protocols"]["dense"]["pixel_accuracy"] == pytest.approx(
+        run_metrics["protocols"]["dense"]["pixel_accuracy"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--cluster.num_clusters", "0"], "num_clusters must be >= 1"),
+        (["--model.image_size", "60"], "not a multiple of the patch size"),
+        (["--data.split", "nope"], "--data.root"),
+    ],
+)
+def test_configuration_mistakes_fail_with_the_option_named(
+    dataset: Path, tmp_path: Path, flags: list[str], message: str
+) -> None:
+    with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as caught:
+        predict(dataset, tmp_path, *flags)
+    assert caught.type is SystemExit or message in str(caught.value)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_unknown_backbone_is_named(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--model.backbone"):
+        predict(dataset, tmp_path, "--model.backbone", "no_such_vit")
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    main([])
+    assert "predict" in capsys.readouterr().out
