@@ -1,0 +1,37 @@
+"""Every shipped config parses and validates (without building models or reading data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from datus.cli import DatusCLI
+from datus.module import DatusModule
+from datamodules.images import ImageFolderDataModule
+
+class ParseOnly(DatusCLI):
+    """Parses and validates a config but builds nothing."""
+
+    def instantiate_classes(self) -> None:
+        return None
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_config_parses(config: Path, tmp_path: Path) -> None:
+    cli = ParseOnly(
+        DatusModule,
+        ImageFolderDataModule,
+        run=False,
+        args=["--config", str(config), "--output_dir", str(tmp_path), "--data.root", str(tmp_path)],
+        parser_kwargs={"default_env": False},
+    )
+    assert cli.config["output_dir"] == tmp_path
+    assert cli.config["cluster"]["num_clusters"] >= 1
+
+
+def test_five_presets_are_shipped() -> None:
+    assert {c.name for c in CONFIGS} >= {"tiny.yaml", "demo.yaml", "suim.yaml", "camvid.yaml", "paper.yaml"}
