@@ -63,7 +63,8 @@ def list_images(image_dir: Path, mask_dir: Path | None = None) -> list[ImageEntr
 
     Masks are paired by relative path and stem (``a/b.jpg`` <-> ``mask_dir/a/b.png``). Two
     images that differ only in extension (``a.jpg``, ``a.png``) would share an id; both then
-    keep their extension in the id (``a.jpg`` -> ``a_jpg``).
+    keep their extension in the id (``a.jpg`` -> ``a_jpg``); any id still shared (``a.jpg`` and
+    ``a.JPG``) gets a number, in sorted order (``a_jpg``, ``a_jpg_2``), so ids are always unique.
     """
     paths = sorted(
         path for path in image_dir.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
@@ -73,10 +74,20 @@ def list_images(image_dir: Path, mask_dir: Path | None = None) -> list[ImageEntr
     counts: dict[str, int] = {}
     for image_id in ids:
         counts[image_id] = counts.get(image_id, 0) + 1
+    ids = [
+        f"{image_id}_{path.suffix.lstrip('.').lower()}" if counts[image_id] > 1 else image_id
+        for path, image_id in zip(paths, ids)
+    ]
+    # a.jpg + a.JPG, or a.jpg + a.png + a_jpg.png, still collide: number the later ones.
+    natural, taken = set(ids), set[str]()
+    for position, image_id in enumerate(ids):
+        unique, number = image_id, 2
+        while unique in taken or (unique != image_id and unique in natural):
+            unique, number = f"{image_id}_{number}", number + 1
+        ids[position] = unique
+        taken.add(unique)
     entries = []
     for path, rel, image_id in zip(paths, relative, ids):
-        if counts[image_id] > 1:
-            image_id = f"{image_id}_{path.suffix.lstrip('.').lower()}"
         mask_path = None
         if mask_dir is not None:
             candidate = mask_dir / rel.with_suffix(MASK_EXTENSION)

@@ -147,7 +147,13 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], s
             f"weights from {source}: pos_embed has shape {tuple(state_dict['pos_embed'].shape)}, the "
             f"backbone expects {tuple(own_pos_embed.shape)}. Check the patch size in --model.backbone."
         )
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:  # same keys, other shapes (embed_dim, mlp_ratio, ...)
+        raise WeightsError(
+            f"weights from {source} do not fit the backbone ({error}). Check that --model.backbone "
+            "names the architecture the checkpoint was trained with."
+        ) from error
 
 
 def hub_cache_dir() -> Path:
@@ -238,7 +244,13 @@ def create_backbone(backbone: str, weights: str = DEFAULT_WEIGHTS, **overrides: 
             "'vit_small_patch8_224.dino' or 'vit_small_patch14_dinov2.lvd142m' "
             "(python -c \"import timm; print(timm.list_models('*dino*', pretrained=True))\")."
         )
-    model = timm.create_model(backbone, pretrained=False, num_classes=0, dynamic_img_size=True, **overrides)
+    try:
+        model = timm.create_model(backbone, pretrained=False, num_classes=0, dynamic_img_size=True, **overrides)
+    except TypeError as error:  # CNNs and other non-ViT models reject dynamic_img_size
+        raise ValueError(
+            f"--model.backbone: {backbone!r} could not be built as a ViT ({error}); datus needs a timm "
+            "ViT whose blocks have attn.qkv (DINO, DINOv2 and most timm ViTs do)."
+        ) from error
     if not hasattr(model, "blocks") or not hasattr(model.blocks[-1], "attn") or not hasattr(
         model.blocks[-1].attn, "qkv"
     ):
