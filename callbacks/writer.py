@@ -65,6 +65,7 @@ class SegmentShardWriter(BasePredictionWriter):
         self.stage_seconds: dict[str, float] = defaultdict(float)
         self.images_written = 0
         self.images_resumed = 0
+        self.backbone_passes = 0
         self._sequence = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -104,6 +105,7 @@ class SegmentShardWriter(BasePredictionWriter):
             log.warning("skipped %s: %s", skip["path"], skip["reason"])
         for stage, seconds in prediction.stage_seconds.items():
             self.stage_seconds[stage] += seconds
+        self.backbone_passes += prediction.backbone_passes
         if not prediction.records:
             return
         for record in prediction.records:
@@ -126,6 +128,7 @@ class SegmentShardWriter(BasePredictionWriter):
             {
                 "images_written": self.images_written,
                 "images_resumed": self.images_resumed,
+                "backbone_passes": self.backbone_passes,
                 "skipped": self.skipped,
                 "stage_seconds": dict(self.stage_seconds),
             },

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from datus.backbones import DEFAULT_WEIGHTS, LastBlockKeys, create_backbone, normalization_of, patch_size_of
 from datus.communities import CommunityPool, SegmentPartition
-from datus.ops import CropRecipe, key_adjacency, masked_crops, pack_adjacency, segment_masks
+from datus.ops import CropRecipe, key_adjacency, masked_crops, pack_adjacency, packed_attention_mask, segment_masks
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class PredictionBatch:
     records: list[ImageRecord]
     skipped: list[dict[str, str]]
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    backbone_passes: int = 0  # images (+ crops) through the ViT: the benchmark's yardstick count
 
 
 class StageTimer:
@@ -80,6 +81,9 @@ class DatusModule(L.LightningModule):
         image_size: side of the square model input; must be a multiple of the patch size.
         min_patches: segments of at most this many patches are noise (tau; paper: 5).
         resolution: Louvain resolution (paper: 1.0; higher gives more, smaller segments).
+        embedding: ``crop`` (the paper: one backbone pass per segment crop) or ``packed``
+            (one pass per image: each segment's own CLS token attends only to its patch
+            tokens, through a block-diagonal attention mask; far faster, no resizing).
         crop_recipe: ``fit`` keeps the whole segment (square around its box, padded) or
             ``paper`` (shorter side to 256, centre crop 224: cuts elongated segments).
         crop_batch_size: segment crops per backbone forward pass (bounds device memory).
@@ -97,6 +101,7 @@ class DatusModule(L.LightningModule):
         image_size: int = 224,
         min_patches: int = 5,
         resolution: float = 1.0,
+        embedding: Literal["crop", "packed"] = "crop",
         crop_recipe: CropRecipe = "fit",
         crop_batch_size: int = 64,
         louvain_workers: int = 2,
@@ -119,6 +124,7 @@ class DatusModule(L.LightningModule):
         self.image_size = image_size
         self.min_patches = min_patches
         self.resolution = resolution
+        self.embedding = embedding
         self.crop_recipe: CropRecipe = crop_recipe
         self.crop_batch_size = crop_batch_size
         self.louvain_workers = louvain_workers
@@ -138,6 +144,11 @@ class DatusModule(L.LightningModule):
         mean, std = normalization_of(backbone)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        if embedding == "packed" and getattr(self.backbone, "num_prefix_tokens", 1) != 1:
+            raise ValueError(
+                f"--model.embedding packed needs a backbone with a CLS token and no register tokens; {backbone} "
+                f"has {self.backbone.num_prefix_tokens} prefix tokens. Use --model.embedding crop."
+            )
         self.keys = LastBlockKeys(self.backbone)
         self._pool: CommunityPool | None = None
 
@@ -154,7 +165,8 @@ class DatusModule(L.LightningModule):
             "patch_size": self.patch_size,
             "min_patches": self.min_patches,
             "resolution": self.resolution,
-            "crop_recipe": self.crop_recipe,
+            "embedding": self.embedding,
+            "crop_recipe": self.crop_recipe if self.embedding == "crop" else None,
             "embedding_dim": self.embedding_dim,
         }
 
@@ -169,8 +181,40 @@ class DatusModule(L.LightningModule):
     def teardown(self, stage: str) -> None:
         self.on_predict_end()
 
-    def embed_segments(self, images: Tensor, partitions: list[SegmentPartition]) -> Tensor:
-        """Stage 5: L2-normalised CLS embedding of every segment's masked crop.
+    def embed_segments(self, images: Tensor, partitions: list[SegmentPartition], timer: StageTimer | None = None) -> Tensor:
+        """Stage 5 with the configured embedding mode; sum(S_b) x D, image order then segment id."""
+        if self.embedding == "packed":
+            embeddings = self.embed_segments_packed(images, partitions)
+            if timer is not None:
+                timer.lap("packed_embeddings")
+            return embeddings
+        return self.embed_segments_cropped(images, partitions, timer)
+
+    def embed_segments_packed(self, images: Tensor, partitions: list[SegmentPartition]) -> Tensor:
+        """One backbone pass per image; each segment's CLS token sees only its own patches.
+
+        Tokens are the image's patch embeddings with their positional embeddings, preceded by
+        one copy of the (position-embedded) CLS token per segment.
+        """
+        model = self.backbone
+        counts = torch.tensor([len(p.sizes) for p in partitions], device=images.device)
+        segment_ids = torch.from_numpy(np.stack([p.segment_map.ravel() for p in partitions])).to(images.device)
+        slots = int(counts.max())
+        tokens = model._pos_embed(model.patch_embed(images))
+        cls, patches = tokens[:, :1], tokens[:, 1:]
+        packed = torch.cat([cls.expand(-1, slots, -1), patches], dim=1)
+        mask = packed_attention_mask(segment_ids.long(), counts, slots)
+        packed = model.norm_pre(packed)
+        for block in model.blocks:
+            packed = block(packed, attn_mask=mask)
+        cls_out = model.norm(packed)[:, :slots]
+        valid = torch.arange(slots, device=images.device)[None, :] < counts[:, None]
+        return F.normalize(cls_out[valid].float(), dim=-1)
+
+    def embed_segments_cropped(
+        self, images: Tensor, partitions: list[SegmentPartition], timer: StageTimer | None = None
+    ) -> Tensor:
+        """Stage 5 as in the paper: L2-normalised CLS embedding of every segment's masked crop.
 
         Args:
             images: B x 3 x H x W normalised images.
@@ -189,8 +233,12 @@ class DatusModule(L.LightningModule):
             crops = masked_crops(
                 pixels, masks[chunk], image_index[chunk], self.patch_size, self.crop_recipe, self.image_size
             )
+            if timer is not None:
+                timer.lap("crops")
             features = self.backbone.forward_features((crops - self.mean) / self.std)
             embeddings.append(F.normalize(features[:, 0].float(), dim=-1))
+            if timer is not None:
+                timer.lap("crop_embeddings")
         return torch.cat(embeddings)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> PredictionBatch:
@@ -209,9 +257,11 @@ class DatusModule(L.LightningModule):
         packed = pack_adjacency(key_adjacency(keys))
         timer.lap("affinity")
         partitions = [future.result() for future in self._pool.submit(list(packed), self.grid)]
-        timer.lap("louvain_and_components")
-        embeddings = self.embed_segments(images, partitions).to(torch.float16).cpu().numpy()
-        timer.lap("crop_embeddings")
+        timer.lap("louvain_and_components_wait")
+        timer.seconds["louvain_cpu"] += sum(p.cpu_seconds[0] for p in partitions)
+        timer.seconds["components_cpu"] += sum(p.cpu_seconds[1] for p in partitions)
+        embeddings = self.embed_segments(images, partitions, timer).to(torch.float16).cpu().numpy()
+        timer.lap("embedding_transfer")
         attention = cls_attention.reshape(-1, *self.grid).to(torch.float16).cpu().numpy()
         records, offset = [], 0
         for index, partition in enumerate(partitions):
@@ -231,4 +281,5 @@ class DatusModule(L.LightningModule):
                 )
             )
             offset += count
-        return PredictionBatch(records=records, skipped=skipped, stage_seconds=dict(timer.seconds))
+        passes = len(images) + (len(embeddings) if self.embedding == "crop" else len(images))
+        return PredictionBatch(records, skipped, dict(timer.seconds), backbone_passes=passes)

@@ -117,3 +117,28 @@ def masked_crops(
     return roi_align(
         segments_alone, rois.to(segments_alone.dtype), output_size=output_size, sampling_ratio=-1, aligned=True
     )
+
+
+def packed_attention_mask(segment_ids: Tensor, num_segments: Tensor, slots: int) -> Tensor:
+    """Block-diagonal attention for packed segment embedding.
+
+    The packed sequence of image b is ``slots`` CLS tokens (one per segment, unused slots are
+    padding) followed by its N patch tokens. A token may attend to a token of its own segment
+    only, so every segment's CLS sees exactly what it would see if the segment were alone.
+    Padding slots attend to themselves (a row with no allowed entry would give NaN).
+
+    Args:
+        segment_ids: B x N segment id of every patch.
+        num_segments: B segment counts.
+        slots: CLS slots per image (>= max segment count).
+
+    Returns:
+        B x 1 x T x T boolean mask (True = may attend), T = slots + N.
+    """
+    batch = segment_ids.shape[0]
+    slot_ids = torch.arange(slots, device=segment_ids.device).expand(batch, slots)
+    slot_ids = torch.where(slot_ids < num_segments[:, None], slot_ids, -1)
+    token_ids = torch.cat([slot_ids, segment_ids], dim=1)
+    allowed = (token_ids[:, :, None] == token_ids[:, None, :]) & (token_ids[:, :, None] >= 0)
+    allowed |= torch.eye(token_ids.shape[1], dtype=torch.bool, device=segment_ids.device)
+    return allowed[:, None]

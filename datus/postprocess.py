@@ -253,6 +253,9 @@ def postprocess_run(
             write_text(results_dir / "metrics.txt", format_table(metrics, class_names))
     seconds["evaluation"] = time.perf_counter() - started
 
+    if rank == 0:
+        write_dataset_description(shards, results_dir, settings.num_clusters, metrics, class_names, evaluation.ignore_index)
+
     if write_colour:
         started = time.perf_counter()
         mapping = metrics["protocols"]["dense"]["mapping"] if metrics else None
@@ -269,6 +272,45 @@ def postprocess_run(
         skipped=skipped,
         stage_seconds=seconds,
     )
+
+
+MANIFEST_FILE = "manifest.jsonl"
+
+
+def write_dataset_description(
+    shards: Sequence[Path],
+    results_dir: Path,
+    num_clusters: int,
+    metrics: dict[str, Any] | None,
+    class_names: Sequence[str] | None,
+    ignore_index: int,
+) -> None:
+    """Make the results folder a dataset: ``classes.json`` and a manifest of (image, mask) pairs.
+
+    The manifest has one JSON object per line: ``image`` (absolute path of the input image),
+    ``mask`` (path relative to ``results_dir``) and ``image_id``.
+    """
+    mapping = metrics["protocols"]["dense"]["mapping"] if metrics else None
+    names = []
+    for cluster in range(num_clusters):
+        matched = mapping.get(str(cluster)) if mapping else None
+        names.append(class_names[matched] if matched is not None and class_names else f"cluster {cluster}")
+    write_json(
+        results_dir / "classes.json",
+        {
+            "num_clusters": num_clusters,
+            "classes": names,
+            "class_ids": list(range(num_clusters)),
+            "matched_class": [mapping.get(str(c)) if mapping else None for c in range(num_clusters)],
+            "ignore_index": ignore_index,
+        },
+    )
+    lines = []
+    for shard in shards:
+        for record in read_records(shard):
+            entry = {"image_id": record.image_id, "image": str(Path(record.image_path).resolve()), "mask": f"masks/{record.image_id}.png"}
+            lines.append(json.dumps(entry, ensure_ascii=False))
+    write_text(results_dir / MANIFEST_FILE, "\n".join(sorted(lines)) + "\n")
 
 
 def _all_sum(value: int) -> int:
@@ -326,12 +368,14 @@ def _paint_colours(
 
 def summarise_run(run_dir: Path, result: PostprocessResult, settings: ClusterSettings) -> dict[str, Any]:
     """Merge every rank's prediction log with the post-processing result into ``summary.json``."""
-    predicted, resumed, stage_seconds = 0, 0, dict.fromkeys(("backbone_forward", "affinity", "louvain_and_components", "crop_embeddings"), 0.0)
+    predicted, resumed, passes = 0, 0, 0
+    stage_seconds: dict[str, float] = {}
     skipped: list[dict[str, str]] = []
     for log_file in sorted((run_dir / "logs").glob("predict-rank*.json")):
         entry = json.loads(log_file.read_text())
         predicted += entry["images_written"]
         resumed = max(resumed, entry["images_resumed"])
+        passes += entry["backbone_passes"]
         skipped.extend(entry["skipped"])
         for stage, value in entry["stage_seconds"].items():
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + value
@@ -346,6 +390,7 @@ def summarise_run(run_dir: Path, result: PostprocessResult, settings: ClusterSet
         "noise_segments": result.num_noise_segments,
         "num_clusters": settings.num_clusters,
         "stage_seconds": stage_seconds,
+        "backbone_passes": passes,
         "results_dir": str(result.results_dir),
     }
     if result.metrics:

@@ -1,0 +1,200 @@
+"""Benchmark the whole pipeline: images/s, seconds per stage, peak memory, and a yardstick.
+
+The yardstick is the backbone alone doing the same number of forward passes (image passes plus
+segment-embedding passes) at the same batch size and precision: end-to-end throughput close to
+it means the non-ViT work is hidden.
+
+    python scripts/benchmark.py                                   # SUIM sample, ViT-S/16, crops
+    python scripts/benchmark.py --backbone vit_small_patch8_224.dino --embedding packed
+    python scripts/benchmark.py --repeat 10 --embedding packed    # 420 images: memory stays flat?
+
+Without internet the default weights are random (announced); segment counts, and therefore
+timings of the embedding stage, depend on the weights: pass --weights FILE for real numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from callbacks.pipeline import ClusterPaintEvaluate
+from callbacks.writer import SegmentShardWriter
+from datamodules.images import ImageFolderDataModule
+from datus.module import DatusModule
+from datus.prepare import prepare_suim
+
+SUIM_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "suim-sample"
+
+
+class DataWaitTimer(Callback):
+    """Seconds the loop waited for the data loader (decoding and resizing not hidden by workers)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._since: float | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._since = time.perf_counter()
+
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._since = time.perf_counter()
+
+
+def repeated_dataset(source: Path, repeat: int, destination: Path) -> Path:
+    """A DatUS-layout dataset holding the source ``repeat`` times (symlinks, distinct ids)."""
+    for copy in range(repeat):
+        for kind in ("images", "true_masks"):
+            folder = destination / "train" / kind / f"copy{copy:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in sorted((source / "train" / kind).iterdir()):
+                (folder / path.name).symlink_to(path.resolve())
+    classes = source / "classes.json"
+    if classes.is_file():
+        (destination / "classes.json").write_text(classes.read_text())
+    return destination
+
+
+def backbone_alone_seconds(module: DatusModule, passes: int, batch_size: int, precision: str) -> float:
+    """Time ``passes`` forward passes of the bare backbone on random inputs of the run's size."""
+    device = module.device
+    size = module.image_size
+    inputs = torch.randn(batch_size, 3, size, size, device=device)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        module.backbone.forward_features(inputs)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for start in range(0, passes, batch_size):
+            module.backbone.forward_features(inputs[: min(batch_size, passes - start)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def peak_host_megabytes() -> dict[str, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"main_process_mb": round(own, 1), "largest_child_process_mb": round(children, 1)}
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="datus-bench-"))
+    if options.data_root is None:
+        prepared = workdir / "suim"
+        prepare_suim(SUIM_SAMPLE, prepared, classes="coarse")
+        data_root = repeated_dataset(prepared, options.repeat, workdir / "repeated") if options.repeat > 1 else prepared
+    else:
+        data_root = Path(options.data_root)
+    output_dir = workdir / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = DatusModule(
+            backbone=options.backbone,
+            weights=options.weights,
+            image_size=options.image_size,
+            embedding=options.embedding,
+            crop_batch_size=options.crop_batch_size,
+            louvain_workers=options.louvain_workers,
+        )
+    data = ImageFolderDataModule(
+        data_root,
+        split="train",
+        backbone=options.backbone,
+        image_size=module.image_size,
+        patch_size=module.patch_size,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+    )
+    waits = DataWaitTimer()
+    pipeline = ClusterPaintEvaluate(output_dir, num_clusters=options.num_clusters, engine=options.engine)
+    trainer = L.Trainer(
+        accelerator=options.accelerator,
+        devices=options.devices,
+        precision=options.precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SegmentShardWriter(output_dir), pipeline, waits],
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.predict(module, datamodule=data, return_predictions=False)
+    total = time.perf_counter() - started
+    summary = pipeline.summary or {}
+    images = summary.get("images_in_run", 0)
+    passes = summary.get("backbone_passes", 0)
+    yardstick = backbone_alone_seconds(module, passes, options.crop_batch_size, options.precision)
+    result = {
+        "backbone": options.backbone,
+        "weights": module.weights_source,
+        "embedding": options.embedding,
+        "image_size": options.image_size,
+        "batch_size": options.batch_size,
+        "precision": options.precision,
+        "device": str(module.device),
+        "images": images,
+        "segments": summary.get("segments"),
+        "noise_segments": summary.get("noise_segments"),
+        "mean_valid_segments_per_image": round((summary["segments"] - summary["noise_segments"]) / images, 2),
+        "mean_noise_segments_per_image": round(summary["noise_segments"] / images, 2),
+        "seconds_total": round(total, 2),
+        "images_per_second": round(images / total, 3),
+        "stage_seconds": {"data_wait": round(waits.seconds, 2)}
+        | {k: round(v, 2) for k, v in summary.get("stage_seconds", {}).items()},
+        "backbone_passes": passes,
+        "backbone_alone_seconds": round(yardstick, 2),
+        "backbone_alone_images_per_second": round(images / yardstick, 3) if yardstick else None,
+        "percent_of_backbone_alone": round(100 * yardstick / total, 1),
+        "peak_host_memory": peak_host_megabytes(),
+        "peak_device_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "miou": summary.get("miou"),
+        "output_dir": str(output_dir),
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_root", default=None, help="DatUS-layout dataset (default: the SUIM sample, prepared)")
+    parser.add_argument("--repeat", type=int, default=1, help="repeat the SUIM sample this many times")
+    parser.add_argument("--backbone", default="vit_small_patch16_224.dino")
+    parser.add_argument("--weights", default="random")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--embedding", choices=["crop", "packed"], default="crop")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--crop_batch_size", type=int, default=64)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--louvain_workers", type=int, default=2)
+    parser.add_argument("--num_clusters", type=int, default=6)
+    parser.add_argument("--engine", choices=["sklearn", "torch"], default="sklearn")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--devices", default="1")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    options = parser.parse_args(argv)
+    result = run(options)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if options.json is not None:
+        options.json.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
