@@ -115,6 +115,10 @@ def discover_segments(
     return SegmentPartition(partition.segment_map, partition.sizes, partition.is_noise, seconds)
 
 
+def _ready() -> None:
+    """No-op task: submitting it makes the pool start its worker processes."""
+
+
 class CommunityPool:
     """Runs :func:`discover_segments` for many images, in worker processes or inline.
 
@@ -130,6 +134,7 @@ class CommunityPool:
         self._executor: ProcessPoolExecutor | None = None
         if num_workers > 0:
             self._executor = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+            self._executor.submit(_ready)  # start the workers now, while the caller sets up the model
 
     def submit(self, packed: Sequence[np.ndarray], grid: tuple[int, int]) -> list[Future[SegmentPartition]]:
         """Start the work for a batch; results come back in order through the futures."""

@@ -170,8 +170,10 @@ class DatusModule(L.LightningModule):
             "embedding_dim": self.embedding_dim,
         }
 
-    def on_predict_start(self) -> None:
-        self._pool = CommunityPool(self.louvain_workers, self.resolution, self.min_patches)
+    def setup(self, stage: str) -> None:
+        """Start the Louvain workers early: their start-up overlaps the data loader's."""
+        if self._pool is None:
+            self._pool = CommunityPool(self.louvain_workers, self.resolution, self.min_patches)
 
     def on_predict_end(self) -> None:
         if self._pool is not None:
@@ -246,7 +248,7 @@ class DatusModule(L.LightningModule):
         if "image" not in batch:
             return PredictionBatch(records=[], skipped=skipped)
         if self._pool is None:
-            self.on_predict_start()
+            self.setup("predict")
         assert self._pool is not None
         timer = StageTimer(self.device)
         images: Tensor = batch["image"]

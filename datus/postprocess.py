@@ -14,7 +14,8 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -212,6 +213,7 @@ def postprocess_run(
     skipped: list[dict[str, str]] = []
     counts = np.zeros(3, dtype=np.int64)  # images, segments, noise segments
     assignments_dir = model_dir(run_dir, settings.num_clusters) / "assignments"
+    writes = FileWriterPool()
     for shard in own_shards:
         records = read_records(shard)
         all_embeddings = np.concatenate([r.embeddings for r in records]).astype(np.float32)
@@ -223,7 +225,7 @@ def postprocess_run(
             offset += len(record.sizes)
             cluster_grid = segment_labels[record.segment_map]
             mask = upsample_nearest(cluster_grid, record.orig_size)
-            write_png(results_dir / "masks" / f"{record.image_id}.png", mask.astype(label_dtype(settings.num_clusters)))
+            writes.submit(write_png, results_dir / "masks" / f"{record.image_id}.png", mask.astype(label_dtype(settings.num_clusters)))
             counts += (1, len(record.sizes), int(record.is_noise.sum()))
             if metric is None:
                 continue
@@ -236,6 +238,7 @@ def postprocess_run(
                 metric.update(
                     torch.from_numpy(mask).to(device), torch.from_numpy(target).to(device), torch.from_numpy(noise).to(device)
                 )
+    writes.wait()
     seconds["painting"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -313,6 +316,31 @@ def write_dataset_description(
     write_text(results_dir / MANIFEST_FILE, "\n".join(sorted(lines)) + "\n")
 
 
+class FileWriterPool:
+    """Runs file encoding and writing in threads (PIL and zlib release the GIL) and re-raises errors.
+
+    The number of pending tasks is bounded so memory stays flat however many images there are.
+    """
+
+    def __init__(self, threads: int = 4, max_pending: int = 64) -> None:
+        self._executor = ThreadPoolExecutor(threads)
+        self._pending: list[Future[Any]] = []
+        self._max_pending = max_pending
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> None:
+        self._pending.append(self._executor.submit(function, *args))
+        if len(self._pending) >= self._max_pending:
+            self._pending.pop(0).result()
+
+    def wait(self) -> None:
+        try:
+            for future in self._pending:
+                future.result()
+        finally:
+            self._pending = []
+            self._executor.shutdown(wait=True)
+
+
 def _all_sum(value: int) -> int:
     if dist.is_available() and dist.is_initialized():
         tensor = torch.tensor([value], dtype=torch.int64)
@@ -347,6 +375,7 @@ def _paint_colours(
 ) -> None:
     """Colour masks and overlays for a person to look at."""
     table = colour_table(num_clusters, num_classes, mapping)
+    writes = FileWriterPool()
     for shard in shards:
         with np.load(labels_dir / f"{shard.stem}.npz") as stored:
             labels = stored["labels"]
@@ -354,16 +383,21 @@ def _paint_colours(
         for record in read_records(shard):
             segment_labels = labels[offset : offset + len(record.sizes)]
             offset += len(record.sizes)
-            mask = upsample_nearest(segment_labels[record.segment_map], record.orig_size)
-            colours = colourise(mask, table, ignore_index=-1)
-            write_png(results_dir / "color" / f"{record.image_id}.png", colours)
-            try:
-                picture = np.asarray(load_rgb(Path(record.image_path)))
-            except Exception as error:
-                log.warning("no overlay for %s: %s", record.image_path, error)
-                continue
-            if picture.shape[:2] == mask.shape:
-                write_png(results_dir / "overlay" / f"{record.image_id}.png", overlay(picture, colours))
+            writes.submit(_paint_one, record, segment_labels, table, results_dir)
+    writes.wait()
+
+
+def _paint_one(record: ImageRecord, segment_labels: np.ndarray, table: np.ndarray, results_dir: Path) -> None:
+    mask = upsample_nearest(segment_labels[record.segment_map], record.orig_size)
+    colours = colourise(mask, table, ignore_index=-1)
+    write_png(results_dir / "color" / f"{record.image_id}.png", colours)
+    try:
+        picture = np.asarray(load_rgb(Path(record.image_path)))
+    except Exception as error:  # the input may have moved since prediction: no overlay, no crash
+        log.warning("no overlay for %s: %s", record.image_path, error)
+        return
+    if picture.shape[:2] == mask.shape:
+        write_png(results_dir / "overlay" / f"{record.image_id}.png", overlay(picture, colours))
 
 
 def summarise_run(run_dir: Path, result: PostprocessResult, settings: ClusterSettings) -> dict[str, Any]:

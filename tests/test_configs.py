@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from datus.cli import DatusCLI
+from datus.predict import DatusCLI
 from datus.module import DatusModule
 from datamodules.images import ImageFolderDataModule
 
