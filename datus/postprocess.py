@@ -240,13 +240,14 @@ def postprocess_run(
                 )
     writes.wait()
     seconds["painting"] = time.perf_counter() - started
+    num_images, num_segments, num_noise = (_all_sum(int(value), device) for value in counts)  # every rank joins
 
     started = time.perf_counter()
     metrics = None
     if metric is not None:
         metrics = metric.compute()
         if rank == 0:
-            metrics["num_images"] = _all_sum(counts[0])
+            metrics["num_images"] = num_images
             metrics["mapping"] = metrics["protocols"]["dense"]["mapping"]
             write_json(results_dir / "metrics.json", metrics)
             dense = metrics["protocols"]["dense"]
@@ -265,11 +266,10 @@ def postprocess_run(
         _paint_colours(own_shards, assignments_dir, results_dir, mapping, settings.num_clusters, num_classes or 0)
         seconds["colour"] = time.perf_counter() - started
     _barrier()
-    totals = [_all_sum(int(value)) for value in counts]
     return PostprocessResult(
-        num_images=totals[0],
-        num_segments=totals[1],
-        num_noise_segments=totals[2],
+        num_images=num_images,
+        num_segments=num_segments,
+        num_noise_segments=num_noise,
         results_dir=results_dir,
         metrics=metrics,
         skipped=skipped,
@@ -341,9 +341,10 @@ class FileWriterPool:
             self._executor.shutdown(wait=True)
 
 
-def _all_sum(value: int) -> int:
+def _all_sum(value: int, device: torch.device) -> int:
+    """Sum over ranks (NCCL needs the tensor on the rank's GPU, gloo on the CPU)."""
     if dist.is_available() and dist.is_initialized():
-        tensor = torch.tensor([value], dtype=torch.int64)
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
         dist.all_reduce(tensor)
         return int(tensor.item())
     return int(value)

@@ -104,13 +104,21 @@ class SegmentTable:
 
 
 def read_segment_table(shards: Sequence[Path]) -> SegmentTable:
-    """Concatenate the segment embeddings of ``shards`` in shard order."""
-    embeddings, noise, images = [], [], 0
+    """The segment embeddings of ``shards``, ordered by image id then segment id.
+
+    The order does not depend on how images were spread over ranks and batches, so a fit on
+    the table gives the same clusters for a 1-rank and an N-rank run of the same images.
+    """
+    pieces: list[tuple[str, np.ndarray, np.ndarray]] = []
     for shard in shards:
         with np.load(shard, allow_pickle=False) as data:
-            embeddings.append(data["embeddings"])
-            noise.append(data["is_noise"])
-            images += len(data["image_ids"])
-    if not embeddings:
+            ends = np.cumsum(data["segment_counts"])
+            embeddings, noise = data["embeddings"], data["is_noise"]
+            for image_id, start, end in zip(data["image_ids"], ends - data["segment_counts"], ends):
+                pieces.append((str(image_id), embeddings[start:end], noise[start:end]))
+    if not pieces:
         return SegmentTable(np.zeros((0, 0), np.float16), np.zeros(0, bool), 0)
-    return SegmentTable(np.concatenate(embeddings), np.concatenate(noise), images)
+    pieces.sort(key=lambda piece: piece[0])
+    return SegmentTable(
+        np.concatenate([p[1] for p in pieces]), np.concatenate([p[2] for p in pieces]), len(pieces)
+    )

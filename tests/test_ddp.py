@@ -1,0 +1,45 @@
+"""Two CPU processes (DDP, gloo) through the real CLI give the single-process results."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datus.io import read_label_png
+from datus.shards import iter_records, list_shards
+
+from tests.test_cli import TINY, dataset, finished_run, image_ids  # noqa: F401  (fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_process_ddp_equals_single_process(dataset: Path, finished_run: Path, tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "datus", "predict", "--config", TINY,
+        "--data.root", str(dataset), "--data.split", "train", "--data.batch_size", "2",
+        "--output_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+    ]  # fmt: skip
+    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    finished = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    ranks = {path.name[:7] for path in list_shards(tmp_path)}
+    assert ranks == {"rank000", "rank001"}  # both processes wrote their own shards
+    distributed = [r.image_id for r in iter_records(list_shards(tmp_path))]
+    assert sorted(distributed) == image_ids(dataset)  # every image exactly once
+    single = {r.image_id: r for r in iter_records(list_shards(finished_run))}
+    for record in iter_records(list_shards(tmp_path)):
+        reference = single[record.image_id]
+        assert np.array_equal(record.segment_map, reference.segment_map)
+        assert np.allclose(record.embeddings.astype(np.float32), reference.embeddings.astype(np.float32), atol=2e-3)
+    for image_id in image_ids(dataset):
+        assert np.array_equal(
+            read_label_png(tmp_path / "masks" / f"{image_id}.png"), read_label_png(finished_run / "masks" / f"{image_id}.png")
+        ), image_id
+    assert (tmp_path / "metrics.json").read_text() == (finished_run / "metrics.json").read_text()
