@@ -60,10 +60,7 @@ def write_text(destination: Path, text: str) -> None:
 
 def write_png(destination: Path, array: np.ndarray) -> None:
     """Write a uint8/uint16 label map (H x W) or an RGB image (H x W x 3) as PNG, atomically."""
-    if array.ndim == 2 and array.dtype == np.uint16:
-        image = Image.fromarray(array, mode="I;16")
-    else:
-        image = Image.fromarray(np.ascontiguousarray(array))
+    image = Image.fromarray(np.ascontiguousarray(array))  # uint16 becomes a 16-bit greyscale PNG
     _write_with(destination, lambda stream: image.save(stream, format="PNG"))
 
 

@@ -30,7 +30,7 @@ from datus.io import read_label_png, write_json, write_npz, write_png, write_tex
 from datus.metrics import MatchedSegmentationMetric, format_table, save_confusion_png
 from datus.module import ImageRecord
 from datus.painting import colourise, label_dtype, overlay, palette, upsample_nearest
-from datus.shards import list_shards, read_records, read_segment_table
+from datus.shards import list_shards, read_image_paths, read_records, read_segment_table
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def postprocess_run(
     seconds["evaluation"] = time.perf_counter() - started
 
     if rank == 0:
-        write_dataset_description(shards, results_dir, settings.num_clusters, metrics, class_names, evaluation.ignore_index)
+        write_dataset_description(shards, results_dir, settings.num_clusters, metrics, class_names)
 
     if write_colour:
         started = time.perf_counter()
@@ -286,12 +286,13 @@ def write_dataset_description(
     num_clusters: int,
     metrics: dict[str, Any] | None,
     class_names: Sequence[str] | None,
-    ignore_index: int,
 ) -> None:
     """Make the results folder a dataset: ``classes.json`` and a manifest of (image, mask) pairs.
 
-    The manifest has one JSON object per line: ``image`` (absolute path of the input image),
-    ``mask`` (path relative to ``results_dir``) and ``image_id``.
+    The manifest has one JSON object per line: ``image`` (absolute path of the input image, which
+    stays where it is), ``mask`` (path relative to ``results_dir``) and ``image_id``. Masks are
+    dense, so the ignore value never occurs in them; it is declared outside the cluster ids
+    (255 for uint8 masks, 65535 for uint16) for training code that pads or augments.
     """
     mapping = metrics["protocols"]["dense"]["mapping"] if metrics else None
     names = []
@@ -305,14 +306,13 @@ def write_dataset_description(
             "classes": names,
             "class_ids": list(range(num_clusters)),
             "matched_class": [mapping.get(str(c)) if mapping else None for c in range(num_clusters)],
-            "ignore_index": ignore_index,
+            "ignore_index": 255 if num_clusters <= 255 else 65535,
         },
     )
-    lines = []
-    for shard in shards:
-        for record in read_records(shard):
-            entry = {"image_id": record.image_id, "image": str(Path(record.image_path).resolve()), "mask": f"masks/{record.image_id}.png"}
-            lines.append(json.dumps(entry, ensure_ascii=False))
+    lines = [
+        json.dumps({"image_id": image_id, "image": str(Path(path).resolve()), "mask": f"masks/{image_id}.png"}, ensure_ascii=False)
+        for image_id, path in read_image_paths(shards)
+    ]
     write_text(results_dir / MANIFEST_FILE, "\n".join(sorted(lines)) + "\n")
 
 

@@ -85,6 +85,15 @@ def iter_records(shards: Sequence[Path]) -> Iterator[ImageRecord]:
         yield from read_records(shard)
 
 
+def read_image_paths(shards: Sequence[Path]) -> list[tuple[str, str]]:
+    """(image id, image path) of every recorded image (reads only those two small arrays)."""
+    pairs: list[tuple[str, str]] = []
+    for shard in shards:
+        with np.load(shard, allow_pickle=False) as data:
+            pairs.extend((str(i), str(p)) for i, p in zip(data["image_ids"], data["image_paths"]))
+    return pairs
+
+
 def read_image_ids(shards: Sequence[Path]) -> list[str]:
     """Ids of every image recorded in ``shards`` (reads only the small id arrays)."""
     ids: list[str] = []

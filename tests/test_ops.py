@@ -171,3 +171,12 @@ def test_label_dtype_and_colours() -> None:
     painted = colourise(np.array([[0, 1], [255, 3]]), colours[:2])
     assert painted[0, 0].tolist() == colours[0].tolist() and painted[1, 0].tolist() == [0, 0, 0]
     assert painted[1, 1].tolist() == [0, 0, 0]  # id 3 is beyond the table: black, not a wrap-around
+
+
+def test_uint16_label_png_round_trips(tmp_path) -> None:
+    """K > 255 masks are written as 16-bit PNGs with their values intact."""
+    from datus.io import read_label_png, write_png
+
+    labels = np.array([[0, 255, 256], [299, 65534, 7]], dtype=np.uint16)
+    write_png(tmp_path / "m.png", labels)
+    assert np.array_equal(read_label_png(tmp_path / "m.png"), labels)
