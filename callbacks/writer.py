@@ -99,6 +99,9 @@ class SegmentShardWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        self._write(trainer, prediction)
+
+    def _write(self, trainer: L.Trainer, prediction: PredictionBatch) -> None:
         assert self.output_dir is not None
         self.skipped.extend(prediction.skipped)
         for skip in prediction.skipped:
@@ -119,6 +122,10 @@ class SegmentShardWriter(BasePredictionWriter):
         self.images_written += len(prediction.records)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, DatusModule)
+        last = pl_module.finish_pending()  # the module runs one batch behind (Louvain overlap)
+        if last is not None:
+            self._write(trainer, last)
         self._write_log(trainer.global_rank)
 
     def _write_log(self, rank: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,12 +63,26 @@ class StageTimer:
         self.seconds: dict[str, float] = defaultdict(float)
         self._last = time.perf_counter()
 
+    def restart(self) -> None:
+        """Start timing afresh: what happened since the last lap belongs to no stage."""
+        self._last = time.perf_counter()
+
     def lap(self, stage: str) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.seconds[stage] += now - self._last
         self._last = now
+
+
+@dataclass
+class PendingBatch:
+    """A batch whose keys are computed and whose Louvain jobs are running in the workers."""
+
+    batch: dict[str, Any]
+    timer: StageTimer
+    cls_attention: Tensor | None = None
+    futures: list[Future[SegmentPartition]] = field(default_factory=list)
 
 
 class DatusModule(L.LightningModule):
@@ -151,6 +166,7 @@ class DatusModule(L.LightningModule):
             )
         self.keys = LastBlockKeys(self.backbone)
         self._pool: CommunityPool | None = None
+        self._pending: PendingBatch | None = None
 
     @property
     def embedding_dim(self) -> int:
@@ -176,6 +192,7 @@ class DatusModule(L.LightningModule):
             self._pool = CommunityPool(self.louvain_workers, self.resolution, self.min_patches)
 
     def on_predict_end(self) -> None:
+        self._pending = None
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -244,27 +261,53 @@ class DatusModule(L.LightningModule):
         return torch.cat(embeddings)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> PredictionBatch:
-        skipped = batch.get("skipped", [])
-        if "image" not in batch:
-            return PredictionBatch(records=[], skipped=skipped)
+        """Start this batch (stages 1-2, Louvain submitted) and finish the previous one (3-5).
+
+        The one-batch lag lets the CPU workers run Louvain on batch i while the device embeds
+        the segments of batch i-1. The last batch is finished by :meth:`finish_pending`, which
+        the writer calls at the end of the epoch.
+        """
         if self._pool is None:
             self.setup("predict")
-        assert self._pool is not None
+        started = self._start_batch(batch)
+        previous, self._pending = self._pending, started
+        if previous is None:
+            return PredictionBatch(records=[], skipped=[])
+        return self._finish_batch(previous)
+
+    def finish_pending(self) -> PredictionBatch | None:
+        """Finish the batch still waiting for its Louvain results, if any."""
+        previous, self._pending = self._pending, None
+        return self._finish_batch(previous) if previous is not None else None
+
+    def _start_batch(self, batch: dict[str, Any]) -> PendingBatch:
         timer = StageTimer(self.device)
-        images: Tensor = batch["image"]
+        pending = PendingBatch(batch=batch, timer=timer)
+        if "image" not in batch:  # every file of the batch was unreadable
+            return pending
+        assert self._pool is not None
         with self.keys.capture():
-            self.backbone.forward_features(images)
-        keys, cls_attention = self.keys.keys_and_attention()
+            self.backbone.forward_features(batch["image"])
+        keys, pending.cls_attention = self.keys.keys_and_attention()
         timer.lap("backbone_forward")
-        packed = pack_adjacency(key_adjacency(keys))
+        pending.futures = self._pool.submit(list(pack_adjacency(key_adjacency(keys))), self.grid)
         timer.lap("affinity")
-        partitions = [future.result() for future in self._pool.submit(list(packed), self.grid)]
+        return pending
+
+    def _finish_batch(self, pending: PendingBatch) -> PredictionBatch:
+        batch, timer = pending.batch, pending.timer
+        skipped = batch.get("skipped", [])
+        if pending.cls_attention is None:
+            return PredictionBatch(records=[], skipped=skipped)
+        timer.restart()
+        partitions = [future.result() for future in pending.futures]
         timer.lap("louvain_and_components_wait")
         timer.seconds["louvain_cpu"] += sum(p.cpu_seconds[0] for p in partitions)
         timer.seconds["components_cpu"] += sum(p.cpu_seconds[1] for p in partitions)
+        images: Tensor = batch["image"]
         embeddings = self.embed_segments(images, partitions, timer).to(torch.float16).cpu().numpy()
         timer.lap("embedding_transfer")
-        attention = cls_attention.reshape(-1, *self.grid).to(torch.float16).cpu().numpy()
+        attention = pending.cls_attention.reshape(-1, *self.grid).to(torch.float16).cpu().numpy()
         records, offset = [], 0
         for index, partition in enumerate(partitions):
             count = len(partition.sizes)

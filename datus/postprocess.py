@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from datus.clustering import ClusterModel, fit_clusters
 from datamodules.images import load_rgb
@@ -214,8 +215,10 @@ def postprocess_run(
     counts = np.zeros(3, dtype=np.int64)  # images, segments, noise segments
     assignments_dir = model_dir(run_dir, settings.num_clusters) / "assignments"
     writes = FileWriterPool()
+    progress = images_progress(f"painting and scoring, K={settings.num_clusters}", rank)
     for shard in own_shards:
         records = read_records(shard)
+        progress.update(len(records))
         all_embeddings = np.concatenate([r.embeddings for r in records]).astype(np.float32)
         labels = np.asarray(model.assign(all_embeddings), dtype=np.int64)
         write_npz(assignments_dir / f"{shard.stem}.npz", {"labels": labels})
@@ -239,6 +242,7 @@ def postprocess_run(
                     torch.from_numpy(mask).to(device), torch.from_numpy(target).to(device), torch.from_numpy(noise).to(device)
                 )
     writes.wait()
+    progress.close()
     seconds["painting"] = time.perf_counter() - started
     num_images, num_segments, num_noise = (_all_sum(int(value), device) for value in counts)  # every rank joins
 
@@ -316,6 +320,11 @@ def write_dataset_description(
     write_text(results_dir / MANIFEST_FILE, "\n".join(sorted(lines)) + "\n")
 
 
+def images_progress(description: str, rank: int) -> tqdm:
+    """A progress bar in images (and images/s) on rank 0, shown only on a terminal."""
+    return tqdm(desc=description, unit="image", disable=None if rank == 0 else True, leave=False)
+
+
 class FileWriterPool:
     """Runs file encoding and writing in threads (PIL and zlib release the GIL) and re-raises errors.
 
@@ -377,6 +386,7 @@ def _paint_colours(
     """Colour masks and overlays for a person to look at."""
     table = colour_table(num_clusters, num_classes, mapping)
     writes = FileWriterPool()
+    progress = images_progress("colour masks and overlays", _rank_and_world()[0])
     for shard in shards:
         with np.load(labels_dir / f"{shard.stem}.npz") as stored:
             labels = stored["labels"]
@@ -385,7 +395,9 @@ def _paint_colours(
             segment_labels = labels[offset : offset + len(record.sizes)]
             offset += len(record.sizes)
             writes.submit(_paint_one, record, segment_labels, table, results_dir)
+            progress.update(1)
     writes.wait()
+    progress.close()
 
 
 def _paint_one(record: ImageRecord, segment_labels: np.ndarray, table: np.ndarray, results_dir: Path) -> None:

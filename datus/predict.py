@@ -5,12 +5,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from callbacks.pipeline import ClusterPaintEvaluate
+from callbacks.progress import ImagesPerSecondBar
 from callbacks.writer import SegmentShardWriter
 from datamodules.images import ImageFolderDataModule
 from datus.io import write_text
@@ -41,6 +44,14 @@ class DatusCLI(LightningCLI):
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.image_size", "data.image_size", apply_on="instantiate")
         parser.link_arguments("model.patch_size", "data.patch_size", apply_on="instantiate")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
+        """Show images/s in the progress bar, unless it is disabled or the user brought their own."""
+        wanted = config.get("enable_progress_bar") is not False
+        given = [*callbacks, *(config.get("callbacks") or [])]
+        if wanted and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, ImagesPerSecondBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def run_predict(args: Sequence[str]) -> DatusCLI:
