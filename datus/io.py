@@ -19,6 +19,19 @@ import numpy as np
 from PIL import Image
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()
+"""Permissions of every output file: as an ordinary ``open()`` would give (mkstemp gives 0600).
+
+Read once at import: ``os.umask`` can only be queried by setting it, which is not thread-safe.
+"""
+
+
 @contextmanager
 def atomic_path(destination: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``destination``; rename it into place on success.
@@ -32,6 +45,7 @@ def atomic_path(destination: Path) -> Iterator[Path]:
         dir=destination.parent, prefix=f".{destination.stem}.", suffix=f".tmp{destination.suffix}"
     )
     os.close(handle)
+    os.chmod(temporary, FILE_MODE)
     temporary_path = Path(temporary)
     try:
         yield temporary_path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 
@@ -51,6 +53,23 @@ def colourise(labels: np.ndarray, colours: np.ndarray, ignore_index: int = 255) 
 
 
 def overlay(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a colour mask over an RGB image."""
-    blended = image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
-    return blended.round().astype(np.uint8)
+    """Blend a colour mask over an RGB image in 16-bit integers (a 100 MP image stays < 1 GB)."""
+    weight = int(round(alpha * 256))
+    blended = image.astype(np.uint16) * (256 - weight) + colours.astype(np.uint16) * weight
+    return ((blended + 128) >> 8).astype(np.uint8)
+
+
+def colour_table(num_clusters: int, num_classes: int, mapping: Mapping[str, int | None] | None) -> np.ndarray:
+    """Colour per cluster: the matched class's colour after evaluation, else the cluster's own.
+
+    Matched clusters share the class palette (so the same class has the same colour in every
+    image and every run); unmatched clusters take colours beyond the class range.
+    """
+    colours = palette(num_clusters + num_classes)
+    if mapping is None:
+        return colours[:num_clusters]
+    table = np.empty((num_clusters, 3), dtype=np.uint8)
+    for cluster in range(num_clusters):
+        matched = mapping.get(str(cluster))
+        table[cluster] = colours[matched] if matched is not None else colours[num_classes + cluster]
+    return table

@@ -30,8 +30,9 @@ from datamodules.images import load_rgb
 from datus.io import read_label_png, write_json, write_npz, write_png, write_text
 from datus.metrics import MatchedSegmentationMetric, format_table, save_confusion_png
 from datus.module import ImageRecord
-from datus.painting import colourise, label_dtype, overlay, palette, upsample_nearest
-from datus.shards import list_shards, read_image_paths, read_records, read_segment_table
+from datus.report import make_report
+from datus.painting import colour_table, colourise, label_dtype, overlay, upsample_nearest
+from datus.shards import MANIFEST_FILE, find_class_file, list_shards, read_image_paths, read_records, read_segment_table
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +86,6 @@ def _rank_and_world() -> tuple[int, int]:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def find_class_file(records: Sequence[ImageRecord]) -> Path | None:
-    """``classes.json`` of a DatUS-layout dataset: the masks live in ROOT/<split>/true_masks."""
-    for record in records:
-        if record.mask_path:
-            for folder in list(Path(record.mask_path).parents)[:4]:
-                if (folder / "classes.json").is_file():
-                    return folder / "classes.json"
-            return None
-    return None
 
 
 def model_dir(run_dir: Path, num_clusters: int) -> Path:
@@ -270,6 +260,10 @@ def postprocess_run(
         _paint_colours(own_shards, assignments_dir, results_dir, mapping, settings.num_clusters, num_classes or 0)
         seconds["colour"] = time.perf_counter() - started
     _barrier()
+    if rank == 0:
+        started = time.perf_counter()
+        make_report(run_dir, results_dir)
+        seconds["report"] = time.perf_counter() - started
     return PostprocessResult(
         num_images=num_images,
         num_segments=num_segments,
@@ -279,9 +273,6 @@ def postprocess_run(
         skipped=skipped,
         stage_seconds=seconds,
     )
-
-
-MANIFEST_FILE = "manifest.jsonl"
 
 
 def write_dataset_description(
@@ -357,22 +348,6 @@ def _all_sum(value: int, device: torch.device) -> int:
         dist.all_reduce(tensor)
         return int(tensor.item())
     return int(value)
-
-
-def colour_table(num_clusters: int, num_classes: int, mapping: dict[str, int | None] | None) -> np.ndarray:
-    """Colour per cluster: the matched class's colour after evaluation, else the cluster's own.
-
-    Matched clusters share the class palette (so the same class has the same colour in every
-    image and every run); unmatched clusters take colours beyond the class range.
-    """
-    colours = palette(num_clusters + num_classes)
-    if mapping is None:
-        return colours[:num_clusters]
-    table = np.empty((num_clusters, 3), dtype=np.uint8)
-    for cluster in range(num_clusters):
-        matched = mapping.get(str(cluster))
-        table[cluster] = colours[matched] if matched is not None else colours[num_classes + cluster]
-    return table
 
 
 def _paint_colours(

@@ -18,6 +18,7 @@ from datus.io import write_npz
 from datus.module import ImageRecord
 
 SHARD_DIR = "shards"
+MANIFEST_FILE = "manifest.jsonl"
 _SHARD_NAME = re.compile(r"rank(\d+)-(\d+)\.npz$")
 
 
@@ -131,3 +132,14 @@ def read_segment_table(shards: Sequence[Path]) -> SegmentTable:
     return SegmentTable(
         np.concatenate([p[1] for p in pieces]), np.concatenate([p[2] for p in pieces]), len(pieces)
     )
+
+
+def find_class_file(records: Sequence[ImageRecord]) -> Path | None:
+    """``classes.json`` of a DatUS-layout dataset: the masks live in ROOT/<split>/true_masks."""
+    for record in records:
+        if record.mask_path:
+            for folder in list(Path(record.mask_path).parents)[:4]:
+                if (folder / "classes.json").is_file():
+                    return folder / "classes.json"
+            return None
+    return None

@@ -180,3 +180,16 @@ def test_uint16_label_png_round_trips(tmp_path) -> None:
     labels = np.array([[0, 255, 256], [299, 65534, 7]], dtype=np.uint16)
     write_png(tmp_path / "m.png", labels)
     assert np.array_equal(read_label_png(tmp_path / "m.png"), labels)
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path) -> None:
+    """Atomic writes go through mkstemp (mode 0600); results must be readable like any file."""
+    import os
+
+    from datus.io import FILE_MODE, write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == FILE_MODE
+    open(tmp_path / "plain", "w").close()
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == FILE_MODE
+    assert os.access(tmp_path / "a.json", os.R_OK)
