@@ -18,7 +18,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from datus import __version__
-from datus.io import write_json, write_png
+from datus.io import remove_stale_temporaries, write_json, write_png
 from datus.module import DatusModule, ImageRecord, PredictionBatch
 from datus.painting import label_dtype
 from datus.shards import list_shards, next_sequence, read_image_ids, shard_path, write_shard
@@ -82,6 +82,8 @@ class SegmentShardWriter(BasePredictionWriter):
             datamodule.exclude_image_ids(finished)
             log.info("resuming: %d images already done in %s", len(finished), self.output_dir)
         if trainer.is_global_zero:
+            if self.output_dir.is_dir() and (removed := remove_stale_temporaries(self.output_dir)):
+                log.info("removed %d half-written files left by an interrupted run", removed)
             write_json(self.output_dir / RUN_FILE, {"datus_version": __version__, "settings": identity})
             for stale in (self.output_dir / LOG_DIR).glob("predict-rank*.json"):
                 stale.unlink()  # logs describe this invocation only; earlier work is counted as resumed

@@ -54,6 +54,21 @@ def atomic_path(destination: Path) -> Iterator[Path]:
         temporary_path.unlink(missing_ok=True)
 
 
+TEMPORARY_PATTERN = ".*.tmp*"
+"""Glob of the temporary files :func:`atomic_path` creates (left behind only by a killed run)."""
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete temporaries that a killed run left below ``folder``; returns how many.
+
+    Only call this when no other process writes into ``folder``.
+    """
+    stale = [path for path in Path(folder).rglob(TEMPORARY_PATTERN) if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def _write_with(destination: Path, write: Callable[[IO[bytes]], None]) -> None:
     with atomic_path(destination) as temporary, open(temporary, "wb") as stream:
         write(stream)

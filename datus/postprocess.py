@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from datus.clustering import ClusterModel, fit_clusters
 from datamodules.images import load_rgb
-from datus.io import read_label_png, write_json, write_npz, write_png, write_text
+from datus.io import read_label_png, remove_stale_temporaries, write_json, write_npz, write_png, write_text
 from datus.metrics import MatchedSegmentationMetric, format_table, save_confusion_png
 from datus.module import ImageRecord
 from datus.report import make_report
@@ -462,6 +462,7 @@ def run_cluster_command(args: Sequence[str]) -> list[dict[str, Any]]:
         raise SystemExit(f"datus cluster: --run {options.run} has no shards/; give the --output_dir of a predict run.")
     rows = []
     for num_clusters in options.k:
+        remove_stale_temporaries(model_dir(options.run, num_clusters))
         settings = ClusterSettings(
             num_clusters=num_clusters,
             engine=options.engine,

@@ -1,0 +1,100 @@
+"""A run killed at any moment and restarted with the same command ends as if never killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datus.cli import main
+from datus.io import read_label_png
+
+from tests.test_cli import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_IMAGES = 24
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("kill-data")
+    rng = np.random.default_rng(0)
+    for index in range(NUM_IMAGES):
+        pixels = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+        pixels[:, 160:] //= 3
+        Image.fromarray(pixels).save(root / f"frame{index:02d}.png")
+    return root
+
+
+def arguments(images: Path, output_dir: Path) -> list[str]:
+    return [
+        "predict", "--config", TINY, "--data.root", str(images), "--output_dir", str(output_dir),
+        "--data.batch_size", "1", "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    main(arguments(images, output_dir))
+    return output_dir
+
+
+def run_and_kill(images: Path, output_dir: Path, moment: Callable[[], bool]) -> None:
+    """Start the CLI in a process and SIGKILL it as soon as ``moment()`` is true."""
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "datus", *arguments(images, output_dir)],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not moment():
+        assert process.poll() is None, "the run ended before the moment to kill it came"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output_dir / "summary.json").exists()  # it really died before finishing
+
+
+def assert_same_results(run: Path, reference: Path) -> None:
+    for index in range(NUM_IMAGES):
+        for folder in ("segments", "masks"):
+            name = f"{folder}/frame{index:02d}.png"
+            assert np.array_equal(read_label_png(run / name), read_label_png(reference / name)), name
+    for name in ("manifest.jsonl", "classes.json"):
+        assert (run / name).read_text() == (reference / name).read_text()
+    assert not list(run.rglob(".*.tmp*"))
+
+
+def test_killed_during_prediction(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    run_and_kill(images, tmp_path, lambda: shards.is_dir() and len(list(shards.glob("rank*.npz"))) >= 3)
+    done = len(list(shards.glob("rank*.npz")))  # complete shards; a half-written one starts with "."
+    assert 3 <= done < NUM_IMAGES
+    main(arguments(images, tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["images_from_earlier_runs"] == done  # finished images were not predicted again
+    assert summary["images_predicted_now"] == NUM_IMAGES - done
+    assert_same_results(tmp_path, uninterrupted)
+
+
+def test_killed_during_painting(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    masks = tmp_path / "masks"
+    run_and_kill(images, tmp_path, lambda: masks.is_dir() and any(masks.iterdir()))
+    main(arguments(images, tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["images_predicted_now"] == 0 and summary["images_from_earlier_runs"] == NUM_IMAGES
+    assert_same_results(tmp_path, uninterrupted)
