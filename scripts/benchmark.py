@@ -54,14 +54,16 @@ class DataWaitTimer(Callback):
         self._since = time.perf_counter()
 
 
-def repeated_dataset(source: Path, repeat: int, destination: Path) -> Path:
-    """A DatUS-layout dataset holding the source ``repeat`` times (symlinks, distinct ids)."""
+def repeated_dataset(source: Path, repeat: int, destination: Path, max_images: int | None = None) -> Path:
+    """A DatUS-layout dataset: the first ``max_images`` of the source, ``repeat`` times (symlinks)."""
+    stems = sorted(path.stem for path in (source / "train" / "images").iterdir())[:max_images]
     for copy in range(repeat):
         for kind in ("images", "true_masks"):
             folder = destination / "train" / kind / f"copy{copy:03d}"
             folder.mkdir(parents=True, exist_ok=True)
             for path in sorted((source / "train" / kind).iterdir()):
-                (folder / path.name).symlink_to(path.resolve())
+                if path.stem in stems:
+                    (folder / path.name).symlink_to(path.resolve())
     classes = source / "classes.json"
     if classes.is_file():
         (destination / "classes.json").write_text(classes.read_text())
@@ -97,7 +99,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     if options.data_root is None:
         prepared = workdir / "suim"
         prepare_suim(SUIM_SAMPLE, prepared, classes="coarse")
-        data_root = repeated_dataset(prepared, options.repeat, workdir / "repeated") if options.repeat > 1 else prepared
+        data_root = repeated_dataset(prepared, options.repeat, workdir / "subset", options.max_images)
     else:
         data_root = Path(options.data_root)
     output_dir = workdir / "run"
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_root", default=None, help="DatUS-layout dataset (default: the SUIM sample, prepared)")
     parser.add_argument("--repeat", type=int, default=1, help="repeat the SUIM sample this many times")
+    parser.add_argument("--max_images", type=int, default=None, help="use only the first N SUIM images")
     parser.add_argument("--backbone", default="vit_small_patch16_224.dino")
     parser.add_argument("--weights", default="random")
     parser.add_argument("--image_size", type=int, default=224)

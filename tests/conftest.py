@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.generated import predict as run_predict
+from tests.generated import write_classes, write_two_region_dataset
+
 TINY_VIT = "vit_tiny_patch16_224"
 """timm name of the tiny test backbone; with TINY_VIT_OVERRIDES it has 2 blocks of width 48."""
 
@@ -119,3 +122,34 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> OfflineHub:
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
     monkeypatch.setattr(datus.backbones, "hub_cache_dir", lambda: hub.cache_dir)
     return hub
+
+
+# A finished tiny run on a small generated DatUS-layout dataset, shared by the CLI-level suites.
+NUM_IMAGES = 7
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DatUS-layout dataset: two-region images of varied sizes, masks, classes.json."""
+    root = tmp_path_factory.mktemp("data")
+    write_two_region_dataset(root / "train" / "images", NUM_IMAGES, root / "train" / "true_masks")
+    write_classes(root / "classes.json", ["blue", "red"])
+    return root
+
+
+def predict(dataset: Path, output_dir: Path, *extra: str) -> None:
+    """``datus predict`` of the tiny config on :func:`dataset`."""
+    run_predict(output_dir, "--data.root", str(dataset), "--data.split", "train", *extra)
+
+
+def image_ids(dataset: Path) -> list[str]:
+    """Ids of the images of :func:`dataset`, as datus names them."""
+    images = dataset / "train" / "images"
+    return sorted(str(p.relative_to(images).with_suffix("")) for p in images.rglob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output_dir = tmp_path_factory.mktemp("run")
+    predict(dataset, output_dir)
+    return output_dir

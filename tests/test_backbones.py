@@ -468,3 +468,16 @@ def test_register_tokens_are_excluded() -> None:
     expected_keys, expected_attention = manual_keys_and_attention(model, images, num_heads=2, num_prefix=5)
     torch.testing.assert_close(keys, expected_keys, atol=1e-5, rtol=0)
     torch.testing.assert_close(attention, expected_attention, atol=1e-5, rtol=0)
+
+
+def test_dinov3_rope_backbone_gives_patch_keys_without_prefix_tokens() -> None:
+    """timm's DINOv3 ViTs are Eva models (RoPE, 4 registers): keys are taken before the rotation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = create_backbone("vit_small_patch16_dinov3.lvd1689m", "random", depth=1)
+    hook = LastBlockKeys(model)
+    with hook.capture():
+        model.forward_features(torch.randn(2, 3, 64, 96))
+    keys, attention = hook.keys_and_attention()
+    assert hook.num_prefix_tokens == 5
+    assert keys.shape == (2, 24, 384) and attention.shape == (2, 24)

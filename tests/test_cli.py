@@ -12,62 +12,7 @@ from PIL import Image
 from datus.cli import main
 from datus.io import read_label_png
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.yaml")
-NUM_IMAGES = 7
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A DatUS-layout dataset: two-region images of varied sizes, masks, classes.json."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for index in range(NUM_IMAGES):
-        height, width = 40 + 8 * index, 56 + 4 * index
-        mask = np.zeros((height, width), dtype=np.uint8)
-        mask[:, width // 2 :] = 1
-        mask[:2] = 255  # an ignored strip
-        pixels = np.where(mask[..., None] == 1, [200, 40, 40], [30, 60, 190]).astype(np.float64)
-        pixels += rng.normal(0, 12, pixels.shape)
-        folder = "nested/" if index % 3 == 0 else ""
-        (root / "train" / "images" / folder).mkdir(parents=True, exist_ok=True)
-        (root / "train" / "true_masks" / folder).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / "train" / "images" / f"{folder}img {index}.jpg")
-        Image.fromarray(mask).save(root / "train" / "true_masks" / f"{folder}img {index}.png")
-    (root / "classes.json").write_text(json.dumps({"classes": ["blue", "red"], "ignore_index": 255}))
-    return root
-
-
-def predict(dataset: Path, output_dir: Path, *extra: str) -> None:
-    main(
-        [
-            "predict",
-            "--config",
-            TINY,
-            "--data.root",
-            str(dataset),
-            "--data.split",
-            "train",
-            "--output_dir",
-            str(output_dir),
-            "--trainer.enable_progress_bar",
-            "false",
-            *extra,
-        ]
-    )
-
-
-def image_ids(dataset: Path) -> list[str]:
-    images = dataset / "train" / "images"
-    return sorted(str(p.relative_to(images).with_suffix("")) for p in images.rglob("*.jpg"))
-
-
-@pytest.fixture(scope="module")
-def finished_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output_dir = tmp_path_factory.mktemp("run")
-    predict(dataset, output_dir)
-    return output_dir
-
+from tests.conftest import NUM_IMAGES, image_ids, predict
 
 def test_predict_writes_every_output(dataset: Path, finished_run: Path) -> None:
     ids = image_ids(dataset)
@@ -182,3 +127,10 @@ def test_unknown_backbone_is_named(dataset: Path, tmp_path: Path) -> None:
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     main([])
     assert "predict" in capsys.readouterr().out
+
+
+def test_recluster_with_the_torch_engine(finished_run: Path) -> None:
+    main(["cluster", "--run", str(finished_run), "--k", "4", "--engine", "torch", "--no_colour"])
+    metrics = json.loads((finished_run / "clusters" / "k4" / "metrics.json").read_text())
+    assert metrics["num_clusters"] == 4 and metrics["num_images"] == NUM_IMAGES
+    assert json.loads((finished_run / "clusters" / "k4" / "settings.json").read_text())["settings"]["engine"] == "torch"

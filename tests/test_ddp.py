@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from datus.io import read_label_png
 from datus.shards import iter_records, list_shards
 
-from tests.test_cli import TINY, dataset, finished_run, image_ids  # noqa: F401  (fixtures)
+from tests.conftest import image_ids
+from tests.generated import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 

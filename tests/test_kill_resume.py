@@ -18,7 +18,7 @@ from PIL import Image
 from datus.cli import main
 from datus.io import read_label_png
 
-from tests.test_cli import TINY
+from tests.generated import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 24

@@ -27,9 +27,8 @@ from datamodules.pseudo import PseudoMaskDataModule
 from datus.cli import main
 from datus.io import read_label_png
 from datus.module import DatusModule
+from tests.generated import REPO, TINY, write_classes, write_two_region_dataset
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.yaml")
 NUM_IMAGES = 6
 
 
@@ -37,19 +36,8 @@ NUM_IMAGES = 6
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two-region images of varied sizes (some nested), ground-truth masks beside them, classes.json."""
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for index in range(NUM_IMAGES):
-        height, width = 40 + 8 * index, 56 + 4 * index
-        truth = np.zeros((height, width), dtype=np.uint8)
-        truth[:, width // 2 :] = 1
-        pixels = np.where(truth[..., None] == 1, [200, 40, 40], [30, 60, 190]).astype(np.float64)
-        pixels += rng.normal(0, 12, pixels.shape)
-        name = f"nested/img {index}" if index % 2 else f"img {index}"
-        (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / "masks" / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / "images" / f"{name}.jpg")
-        Image.fromarray(truth).save(root / "masks" / f"{name}.png")
-    (root / "classes.json").write_text(json.dumps({"classes": ["blue", "red"], "ignore_index": 255}))
+    write_two_region_dataset(root / "images", NUM_IMAGES, root / "masks", nested_every=2, ignored_rows=0)
+    write_classes(root / "classes.json", ["blue", "red"])
     return root
 
 

@@ -18,58 +18,24 @@ import datus.report
 from datus.cli import main
 from datus.module import ImageRecord
 from datus.painting import palette
+from tests.generated import TINY, two_region_size, write_classes, write_two_region_dataset
 from datus.report import BANNER_HEIGHT, BANNER_RED, LINE_HEIGHT, MISSING_GREY, PAD, TITLE_HEIGHT, make_report
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.yaml")
 NUM_IMAGES = 5  # two prediction batches of 4, so two shards
 THUMB = 160
-
-
-def image_size(index: int) -> tuple[int, int]:
-    """(height, width) of generated image ``index``: sizes vary, the first is the widest in aspect."""
-    return 40 + 8 * index, 56 + 4 * index
-
-
-def write_images(root: Path, count: int, with_masks: bool) -> None:
-    """Two-region images (blue left, red right); masks: class 0 left, 1 right, top 2 rows ignored."""
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        height, width = image_size(index)
-        mask = np.zeros((height, width), dtype=np.uint8)
-        mask[:, width // 2 :] = 1
-        mask[:2] = 255
-        pixels = np.where(mask[..., None] == 1, [200, 40, 40], [30, 60, 190]).astype(np.float64)
-        pixels += rng.normal(0, 12, pixels.shape)
-        folder = "nested/" if index % 3 == 0 else ""
-        images = root / "train" / "images" if with_masks else root
-        (images / folder).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(images / f"{folder}img {index}.jpg")
-        if with_masks:
-            (root / "train" / "true_masks" / folder).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask).save(root / "train" / "true_masks" / f"{folder}img {index}.png")
-    if with_masks:
-        (root / "classes.json").write_text(json.dumps({"classes": ["water", "fish"], "ignore_index": 255}))
+image_size = two_region_size
 
 
 def predict(output_dir: Path, *data_flags: str) -> None:
     """The real ``datus predict``, in-process (the progress bar is left at its default, pytest captures it)."""
-    main(
-        [
-            "predict",
-            "--config",
-            TINY,
-            *data_flags,
-            "--output_dir",
-            str(output_dir),
-        ]
-    )
+    main(["predict", "--config", TINY, *data_flags, "--output_dir", str(output_dir)])
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    write_images(root, NUM_IMAGES, with_masks=True)
+    write_two_region_dataset(root / "train" / "images", NUM_IMAGES, root / "train" / "true_masks")
+    write_classes(root / "classes.json", ["water", "fish"])
     return root
 
 
@@ -83,7 +49,7 @@ def scored_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def unlabelled_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images = tmp_path_factory.mktemp("plain")
-    write_images(images, 3, with_masks=False)
+    write_two_region_dataset(images, 3)
     output_dir = tmp_path_factory.mktemp("plain_run")
     predict(output_dir, "--data.root", str(images))
     return output_dir

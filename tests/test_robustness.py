@@ -14,7 +14,7 @@ from datus.cli import main
 from datus.io import read_label_png
 from datus.painting import overlay
 
-from tests.test_cli import TINY
+from tests.generated import TINY
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
