@@ -103,6 +103,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     else:
         data_root = Path(options.data_root)
     output_dir = workdir / "run"
+    L.seed_everything(options.seed)  # random weights must be the same network in every run compared
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = DatusModule(
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max_images", type=int, default=None, help="use only the first N SUIM images")
     parser.add_argument("--backbone", default="vit_small_patch16_224.dino")
     parser.add_argument("--weights", default="random")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random weights and clustering")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--embedding", choices=["crop", "packed"], default="crop")
     parser.add_argument("--batch_size", type=int, default=8)
