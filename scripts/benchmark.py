@@ -149,6 +149,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "embedding": options.embedding,
         "image_size": options.image_size,
         "batch_size": options.batch_size,
+        "data_workers": options.num_workers,
+        "louvain_workers": module.louvain_worker_count(),
         "precision": options.precision,
         "device": str(module.device),
         "images": images,
@@ -185,7 +187,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--crop_batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--louvain_workers", type=int, default=2)
+    parser.add_argument(
+        "--louvain_workers",
+        type=lambda value: value if value == "auto" else int(value),
+        default="auto",
+        help="'auto' (none on CPU, half the cores beside an accelerator) or a count",
+    )
     parser.add_argument("--num_clusters", type=int, default=6)
     parser.add_argument("--engine", choices=["sklearn", "torch"], default="sklearn")
     parser.add_argument("--precision", default="32-true")
