@@ -87,10 +87,14 @@ def write_text(destination: Path, text: str) -> None:
     _write_with(destination, lambda stream: stream.write(text.encode("utf-8")))
 
 
-def write_png(destination: Path, array: np.ndarray) -> None:
-    """Write a uint8/uint16 label map (H x W) or an RGB image (H x W x 3) as PNG, atomically."""
+def write_png(destination: Path, array: np.ndarray, compress_level: int = 6) -> None:
+    """Write a uint8/uint16 label map (H x W) or an RGB image (H x W x 3) as PNG, atomically.
+
+    ``compress_level`` 1 suits photographic pictures (overlays): 3x faster to encode than the
+    default 6 for files about 20% larger; label maps compress well at the default.
+    """
     image = Image.fromarray(np.ascontiguousarray(array))  # uint16 becomes a 16-bit greyscale PNG
-    _write_with(destination, lambda stream: image.save(stream, format="PNG"))
+    _write_with(destination, lambda stream: image.save(stream, format="PNG", compress_level=compress_level))
 
 
 def write_npz(destination: Path, arrays: dict[str, np.ndarray]) -> None:

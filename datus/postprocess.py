@@ -385,7 +385,7 @@ def _paint_one(record: ImageRecord, segment_labels: np.ndarray, table: np.ndarra
         log.warning("no overlay for %s: %s", record.image_path, error)
         return
     if picture.shape[:2] == mask.shape:
-        write_png(results_dir / "overlay" / f"{record.image_id}.png", overlay(picture, colours))
+        write_png(results_dir / "overlay" / f"{record.image_id}.png", overlay(picture, colours), compress_level=1)
 
 
 def summarise_run(run_dir: Path, result: PostprocessResult, settings: ClusterSettings) -> dict[str, Any]:
