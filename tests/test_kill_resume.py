@@ -91,6 +91,17 @@ def test_killed_during_prediction(images: Path, uninterrupted: Path, tmp_path: P
     assert_same_results(tmp_path, uninterrupted)
 
 
+def test_killed_during_clustering(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    """The last shard is the writer's final act; what follows is stage 6, before any mask exists."""
+    shards, masks = tmp_path / "shards", tmp_path / "masks"
+    run_and_kill(images, tmp_path, lambda: shards.is_dir() and len(list(shards.glob("rank*.npz"))) == NUM_IMAGES)
+    assert not (masks.is_dir() and any(masks.iterdir()))
+    main(arguments(images, tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["images_predicted_now"] == 0 and summary["images_from_earlier_runs"] == NUM_IMAGES
+    assert_same_results(tmp_path, uninterrupted)
+
+
 def test_killed_during_painting(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
     masks = tmp_path / "masks"
     run_and_kill(images, tmp_path, lambda: masks.is_dir() and any(masks.iterdir()))
