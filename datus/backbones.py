@@ -231,12 +231,27 @@ def load_weights(model: nn.Module, backbone: str, weights: str) -> str:
 def create_backbone(backbone: str, weights: str = DEFAULT_WEIGHTS, **overrides: object) -> tuple[nn.Module, str]:
     """Build a frozen timm ViT in eval mode and load its weights.
 
-    ``dynamic_img_size`` lets one model take any input size divisible by the patch size (the
-    positional embeddings are interpolated). ``overrides`` are passed to ``timm.create_model``
-    (e.g. ``depth`` and ``embed_dim`` for tiny test networks).
-
     Returns:
         The model and a description of where its weights came from.
+    """
+    model = build_backbone(backbone, **overrides)
+    return model, load_frozen_weights(model, backbone, weights)
+
+
+def load_frozen_weights(model: nn.Module, backbone: str, weights: str) -> str:
+    """Load weights (see :func:`load_weights`), then freeze the model in eval mode."""
+    source = load_weights(model, backbone, weights)
+    model.eval().requires_grad_(False)
+    return source
+
+
+def build_backbone(backbone: str, **overrides: object) -> nn.Module:
+    """The timm ViT architecture, randomly initialised; weights come separately.
+
+    Split from loading so that configuration mistakes surface before any file is read or
+    downloaded. ``dynamic_img_size`` lets one model take any input size divisible by the patch
+    size (the positional embeddings are interpolated). ``overrides`` are passed to
+    ``timm.create_model`` (e.g. ``depth`` and ``embed_dim`` for tiny test networks).
     """
     if not timm.is_model(backbone):
         raise ValueError(
@@ -258,9 +273,7 @@ def create_backbone(backbone: str, weights: str = DEFAULT_WEIGHTS, **overrides: 
             f"--model.backbone: {backbone!r} has no fused qkv projection in its last block; datus needs "
             "a ViT whose blocks have attn.qkv (DINO, DINOv2 and most timm ViTs do)."
         )
-    source = load_weights(model, backbone, weights)
-    model.eval().requires_grad_(False)
-    return model, source
+    return model
 
 
 def patch_size_of(model: nn.Module) -> int:

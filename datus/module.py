@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datus.backbones import DEFAULT_WEIGHTS, LastBlockKeys, create_backbone, normalization_of, patch_size_of
+from datus.backbones import (
+    DEFAULT_WEIGHTS,
+    LastBlockKeys,
+    build_backbone,
+    load_frozen_weights,
+    normalization_of,
+    patch_size_of,
+)
 from datus.communities import CommunityPool, SegmentPartition
 from datus.ops import CropRecipe, key_adjacency, masked_crops, pack_adjacency, packed_attention_mask, segment_masks
 
@@ -156,7 +163,7 @@ class DatusModule(L.LightningModule):
         self.crop_recipe: CropRecipe = crop_recipe
         self.crop_batch_size = crop_batch_size
         self.louvain_workers = louvain_workers
-        self.backbone, self.weights_source = create_backbone(backbone, weights, **(backbone_kwargs or {}))
+        self.backbone = build_backbone(backbone, **(backbone_kwargs or {}))  # weights last, after every check
         self.patch_size = patch_size_of(self.backbone)
         if preset == "paper" and self.patch_size != 8:
             raise ValueError(
@@ -177,6 +184,7 @@ class DatusModule(L.LightningModule):
                 f"--model.embedding packed needs a backbone with a CLS token and no register tokens; {backbone} "
                 f"has {self.backbone.num_prefix_tokens} prefix tokens. Use --model.embedding crop."
             )
+        self.weights_source = load_frozen_weights(self.backbone, backbone, weights)
         self.keys = LastBlockKeys(self.backbone)
         self._pool: CommunityPool | None = None
         self._pending: PendingBatch | None = None
