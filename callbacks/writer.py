@@ -18,6 +18,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from datus import __version__
+from datus.errors import ConfigurationError
 from datus.io import remove_stale_temporaries, write_json, write_png
 from datus.module import DatusModule, ImageRecord, PredictionBatch
 from datus.painting import label_dtype
@@ -45,7 +46,7 @@ def check_run_identity(output_dir: Path, identity: dict[str, Any]) -> None:
     differences = {key: (recorded.get(key), value) for key, value in identity.items() if recorded.get(key) != value}
     if differences:
         listed = "; ".join(f"{key}: was {old!r}, now {new!r}" for key, (old, new) in differences.items())
-        raise ValueError(
+        raise ConfigurationError(
             f"--output_dir {output_dir} holds a run made with other settings ({listed}). Resuming would mix "
             "them. Use a new --output_dir, or delete the old one to start over."
         )

@@ -187,6 +187,29 @@ def collate_with_skips(items: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def locate_images(root: Path, split: str | None, mask_dir: Path | None) -> tuple[Path, Path | None]:
+    """The image and mask folders of ``--data.*``, checked to exist and to hold an image.
+
+    Cheap (stops at the first image), so the CLI runs it before building the model.
+    """
+    root = Path(root).expanduser()
+    if split is not None:
+        image_dir, layout_masks = root / split / "images", root / split / "true_masks"
+        mask_dir = layout_masks if layout_masks.is_dir() else None
+    else:
+        image_dir = root
+    if not image_dir.is_dir():
+        hint = f" (with --data.split {split} the images must be in ROOT/{split}/images)" if split else ""
+        raise FileNotFoundError(f"--data.root: no folder {image_dir}{hint}. Point --data.root at your images.")
+    if mask_dir is not None and not Path(mask_dir).is_dir():
+        raise FileNotFoundError(f"--data.mask_dir: no folder {mask_dir}.")
+    if not any(path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() for path in image_dir.rglob("*")):
+        raise FileNotFoundError(
+            f"--data.root: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {image_dir}."
+        )
+    return image_dir, Path(mask_dir) if mask_dir is not None else None
+
+
 class ImageFolderDataModule(L.LightningDataModule):
     """Predict-only DataModule over a folder of images.
 
@@ -217,28 +240,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__()
-        root = Path(root).expanduser()
-        if split is not None:
-            image_dir, mask_dir = root / split / "images", root / split / "true_masks"
-            mask_dir = mask_dir if mask_dir.is_dir() else None
-        else:
-            image_dir = root
-        if not image_dir.is_dir():
-            hint = f" (with --data.split {split} the images must be in ROOT/{split}/images)" if split else ""
-            raise FileNotFoundError(f"--data.root: no folder {image_dir}{hint}. Point --data.root at your images.")
-        if mask_dir is not None and not Path(mask_dir).is_dir():
-            raise FileNotFoundError(f"--data.mask_dir: no folder {mask_dir}.")
+        image_dir, mask_dir = locate_images(root, split, mask_dir)
         if batch_size < 1:
             raise ValueError(f"--data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"--data.num_workers must be >= 0, got {num_workers}")
         self.image_dir = image_dir
-        self.mask_dir = Path(mask_dir) if mask_dir is not None else None
+        self.mask_dir = mask_dir
         self.entries = list_images(image_dir, self.mask_dir)
-        if not self.entries:
-            raise FileNotFoundError(
-                f"--data.root: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {image_dir}."
-            )
         self.mean, self.std = normalization_of(backbone)
         self.image_size = image_size
         self.patch_size = patch_size

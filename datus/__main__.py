@@ -1,6 +1,6 @@
 """``python -m datus`` entry point."""
 
-from datus.cli import main
+from datus.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

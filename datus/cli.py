@@ -83,6 +83,26 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
     return metrics
 
 
+_OWN_PACKAGES = ("datus", "datamodules", "callbacks")
+
+
+def _show_own_logs() -> None:
+    """Print this project's INFO logs on stderr.
+
+    Only its own packages get the handler: a root handler would print every Lightning message
+    twice, since Lightning already attaches one to its own logger. Idempotent, for in-process
+    reruns of :func:`main`.
+    """
+    for name in _OWN_PACKAGES:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(getattr(handler, "datus_cli", False) for handler in logger.handlers):
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            handler.datus_cli = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``datus`` console script and ``python -m datus``.
 
@@ -90,7 +110,7 @@ def main(args: Sequence[str] | None = None) -> None:
     is in the output folder.
     """
     arguments = list(sys.argv[1:] if args is None else args)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _show_own_logs()
     if not arguments or arguments[0] in ("-h", "--help"):
         print(USAGE)
         return None
@@ -110,3 +130,14 @@ def main(args: Sequence[str] | None = None) -> None:
     else:
         print(f"datus: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def console_main() -> None:
+    """The console script: mistakes in options print one line naming the fix, exit status 2."""
+    from datus.errors import ConfigurationError
+
+    try:
+        main()
+    except ConfigurationError as error:
+        print(f"datus: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

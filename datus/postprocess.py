@@ -52,7 +52,9 @@ class ClusterSettings:
 
     def validate(self) -> None:
         if self.num_clusters < 1:
-            raise ValueError(f"--cluster.num_clusters must be >= 1, got {self.num_clusters}")
+            raise ValueError(
+                f"--cluster.num_clusters must be >= 1, got {self.num_clusters}; pass the number of pseudo classes, e.g. 6"
+            )
         if self.pca_components is not None and self.pca_components < 1:
             raise ValueError(f"--cluster.pca_components must be >= 1 or null, got {self.pca_components}")
 

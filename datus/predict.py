@@ -15,7 +15,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from callbacks.pipeline import ClusterPaintEvaluate
 from callbacks.progress import ImagesPerSecondBar
 from callbacks.writer import SegmentShardWriter
-from datamodules.images import ImageFolderDataModule
+from datamodules.images import ImageFolderDataModule, locate_images
+from datus.backbones import WeightsError
+from datus.errors import ConfigurationError
 from datus.io import write_text
 from datus.module import DatusModule
 
@@ -45,6 +47,15 @@ class DatusCLI(LightningCLI):
         parser.link_arguments("model.image_size", "data.image_size", apply_on="instantiate")
         parser.link_arguments("model.patch_size", "data.patch_size", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """Check the data folder and the clustering options before the backbone is built.
+
+        Lightning builds the model first (its patch size is linked to the data), and building
+        it may mean reading or downloading weights: a typo in a folder name must not wait for that.
+        """
+        locate_images(self.config.data.root, self.config.data.split, self.config.data.mask_dir)
+        ClusterPaintEvaluate(**self.config.cluster.as_dict())  # validates; the CLI builds the one used
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
         """Show images/s in the progress bar, unless it is disabled or the user brought their own."""
         wanted = config.get("enable_progress_bar") is not False
@@ -62,17 +73,20 @@ def run_predict(args: Sequence[str]) -> DatusCLI:
     gives for that combination is expected here.
     """
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = DatusCLI(
-        DatusModule,
-        ImageFolderDataModule,
-        run=False,
-        args=list(args),
-        save_config_callback=ConfigInOutputDir,
-        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-        trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False},
-        parser_kwargs={"prog": "datus predict", "default_env": False},
-        seed_everything_default=0,
-    )
+    try:
+        cli = DatusCLI(
+            DatusModule,
+            ImageFolderDataModule,
+            run=False,
+            args=list(args),
+            save_config_callback=ConfigInOutputDir,
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+            trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False},
+            parser_kwargs={"prog": "datus predict", "default_env": False},
+            seed_everything_default=0,
+        )
+    except (ValueError, FileNotFoundError, WeightsError) as error:  # raised by our checks of the options
+        raise ConfigurationError(str(error)) from error
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
     pipeline = next(c for c in cli.trainer.callbacks if isinstance(c, ClusterPaintEvaluate))
     if not pipeline.finished and cli.trainer.is_global_zero:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +13,13 @@ import pytest
 from PIL import Image
 
 from datus.cli import main
+from datus.errors import ConfigurationError
 from datus.io import read_label_png
-
 from tests.conftest import NUM_IMAGES, image_ids, predict
+from tests.generated import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_predict_writes_every_output(dataset: Path, finished_run: Path) -> None:
     ids = image_ids(dataset)
@@ -102,26 +109,46 @@ def test_cluster_sweep_and_evaluate_agree_with_the_run(dataset: Path, finished_r
     )
 
 
+def refuse(stage: str) -> object:
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{stage} before the configuration was checked")
+
+    return refused
+
+
 @pytest.mark.parametrize(
-    ("flags", "message"),
+    ("flags", "message", "first_model_work"),
     [
-        (["--cluster.num_clusters", "0"], "num_clusters must be >= 1"),
-        (["--model.image_size", "60"], "not a multiple of the patch size"),
-        (["--data.split", "nope"], "--data.root"),
+        (["--cluster.num_clusters", "0"], "--cluster.num_clusters must be >= 1", "build_backbone"),
+        (["--data.split", "nope"], "--data.root: no folder", "build_backbone"),
+        (["--data.root", "{empty}", "--data.split", "null"], "--data.root: no images", "build_backbone"),
+        (["--model.backbone", "no_such_vit"], "--model.backbone: unknown timm model", "load_frozen_weights"),
+        (["--model.image_size", "60"], "not a multiple of the patch size", "load_frozen_weights"),
     ],
 )
-def test_configuration_mistakes_fail_with_the_option_named(
-    dataset: Path, tmp_path: Path, flags: list[str], message: str
+def test_configuration_mistakes_fail_before_model_work(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str, first_model_work: str
 ) -> None:
-    with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as caught:
-        predict(dataset, tmp_path, *flags)
-    assert caught.type is SystemExit or message in str(caught.value)
-    assert not (tmp_path / "shards").exists()
+    """Data and clustering options are checked before the backbone is built, model options before weights load."""
+    monkeypatch.setattr(f"datus.module.{first_model_work}", refuse(first_model_work))
+    empty = tmp_path / "empty"
+    (empty / "nested").mkdir(parents=True)
+    (empty / "nested" / "notes.txt").write_text("not an image")
+    output_dir = tmp_path / "run"
+    with pytest.raises(ConfigurationError, match=message):
+        predict(dataset, output_dir, *(flag.format(empty=empty) for flag in flags))
+    assert not output_dir.exists()
 
 
-def test_unknown_backbone_is_named(dataset: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--model.backbone"):
-        predict(dataset, tmp_path, "--model.backbone", "no_such_vit")
+def test_console_prints_a_configuration_mistake_as_one_line(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "datus", "predict", "--config", TINY, "--data.root", str(tmp_path / "missing"),
+         "--output_dir", str(tmp_path / "run")],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert f"datus: error: --data.root: no folder {tmp_path / 'missing'}" in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,10 @@ from datus.module import DatusModule
 from datamodules.images import ImageFolderDataModule
 
 class ParseOnly(DatusCLI):
-    """Parses and validates a config but builds nothing."""
+    """Parses and validates a config but reads no data and builds nothing."""
+
+    def before_instantiate_classes(self) -> None:
+        return None
 
     def instantiate_classes(self) -> None:
         return None
