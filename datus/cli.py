@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,17 @@ commands:
 
 Run `datus <command> --help` for the options of one command.
 """
+
+
+@contextmanager
+def _missing_input_is_a_configuration_error() -> Iterator[None]:
+    """A missing input folder is the user's to fix: its message names it, no traceback needed."""
+    from datus.errors import ConfigurationError
+
+    try:
+        yield
+    except FileNotFoundError as error:
+        raise ConfigurationError(str(error)) from error
 
 
 def _prepare_parser() -> argparse.ArgumentParser:
@@ -45,10 +57,13 @@ def run_prepare(args: Sequence[str]) -> None:
     from datus.prepare import format_report, prepare_camvid, prepare_suim
 
     options = _prepare_parser().parse_args(args)
-    if options.dataset == "suim":
-        report = prepare_suim(options.raw_dir, options.out_dir, classes=options.classes, size_mismatch=options.size_mismatch)
-    else:
-        report = prepare_camvid(options.raw_dir, options.out_dir)
+    with _missing_input_is_a_configuration_error():
+        if options.dataset == "suim":
+            report = prepare_suim(
+                options.raw_dir, options.out_dir, classes=options.classes, size_mismatch=options.size_mismatch
+            )
+        else:
+            report = prepare_camvid(options.raw_dir, options.out_dir)
     print(format_report(report))
 
 
@@ -70,14 +85,15 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
     options = _evaluate_parser().parse_args(args)
     if options.num_classes < 1:
         raise SystemExit(f"datus evaluate: --num_classes must be >= 1, got {options.num_classes}")
-    metrics = evaluate_folders(
-        options.pred,
-        options.gt,
-        options.num_classes,
-        options.output_dir,
-        ignore_index=options.ignore_index,
-        num_clusters=options.num_clusters,
-    )
+    with _missing_input_is_a_configuration_error():
+        metrics = evaluate_folders(
+            options.pred,
+            options.gt,
+            options.num_classes,
+            options.output_dir,
+            ignore_index=options.ignore_index,
+            num_clusters=options.num_clusters,
+        )
     print(format_table(metrics))
     print(f"metrics written to {options.output_dir / 'metrics.json'}")
     return metrics

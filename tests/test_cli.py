@@ -140,14 +140,23 @@ def test_configuration_mistakes_fail_before_model_work(
     assert not output_dir.exists()
 
 
-def test_console_prints_a_configuration_mistake_as_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["predict", "--config", TINY, "--data.root", "{missing}", "--output_dir", "{out}"], "--data.root: no folder"),
+        (["evaluate", "--pred", "{missing}", "--gt", "{missing}", "--num_classes", "3", "--output_dir", "{out}"],
+         "pred_dir={missing} does not exist"),
+        (["prepare", "suim", "{missing}", "{out}"], "SUIM raw folder {missing} does not exist"),
+    ],
+)  # fmt: skip
+def test_console_prints_a_configuration_mistake_as_one_line(tmp_path: Path, command: list[str], expected: str) -> None:
+    names = {"missing": tmp_path / "missing", "out": tmp_path / "out"}
     completed = subprocess.run(
-        [sys.executable, "-m", "datus", "predict", "--config", TINY, "--data.root", str(tmp_path / "missing"),
-         "--output_dir", str(tmp_path / "run")],
+        [sys.executable, "-m", "datus", *(part.format(**names) for part in command)],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert completed.returncode == 2
-    assert f"datus: error: --data.root: no folder {tmp_path / 'missing'}" in completed.stderr
+    assert f"datus: error: {expected.format(**names)}" in completed.stderr
     assert "Traceback" not in completed.stderr
 
 
