@@ -27,12 +27,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from datamodules.images import load_rgb
-from datus.io import read_label_png
+from datus.io import CLASSES_FILE, MANIFEST_FILE, read_label_png
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FILE = "manifest.jsonl"
-CLASSES_FILE = "classes.json"
 
 
 @dataclass(frozen=True)

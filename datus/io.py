@@ -25,6 +25,12 @@ def _current_umask() -> int:
     return mask
 
 
+CLASSES_FILE = "classes.json"
+"""Class names and ids, beside a prepared dataset and in every run folder (runs are datasets too)."""
+
+MANIFEST_FILE = "manifest.jsonl"
+"""(image, mask) pairs of a finished run: what makes its folder a training dataset."""
+
 FILE_MODE = 0o666 & ~_current_umask()
 """Permissions of every output file: as an ordinary ``open()`` would give (mkstemp gives 0600).
 

@@ -27,12 +27,21 @@ from tqdm.auto import tqdm
 
 from datus.clustering import ClusterModel, fit_clusters
 from datamodules.images import load_rgb
-from datus.io import read_label_png, remove_stale_temporaries, write_json, write_npz, write_png, write_text
+from datus.io import (
+    CLASSES_FILE,
+    MANIFEST_FILE,
+    read_label_png,
+    remove_stale_temporaries,
+    write_json,
+    write_npz,
+    write_png,
+    write_text,
+)
 from datus.metrics import MatchedSegmentationMetric, format_table, save_confusion_png
 from datus.module import ImageRecord
 from datus.report import make_report
 from datus.painting import colour_table, colourise, label_dtype, overlay, upsample_nearest
-from datus.shards import MANIFEST_FILE, find_class_file, list_shards, read_image_paths, read_records, read_segment_table
+from datus.shards import find_class_file, list_shards, read_image_paths, read_records, read_segment_table
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +306,7 @@ def write_dataset_description(
         matched = mapping.get(str(cluster)) if mapping else None
         names.append(class_names[matched] if matched is not None and class_names else f"cluster {cluster}")
     write_json(
-        results_dir / "classes.json",
+        results_dir / CLASSES_FILE,
         {
             "num_clusters": num_clusters,
             "classes": names,

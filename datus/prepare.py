@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from datus.io import atomic_path, write_json, write_png
+from datus.io import CLASSES_FILE, atomic_path, write_json, write_png
 
 IGNORE_INDEX = 255
 """Mask value that evaluation ignores."""
@@ -467,7 +467,7 @@ def _write_dataset(
     finished; files in ``OUT`` that this run did not write are reported, because the data
     modules would read them as part of the dataset.
     """
-    (out_dir / "classes.json").unlink(missing_ok=True)
+    (out_dir / CLASSES_FILE).unlink(missing_ok=True)
     written: set[Path] = set()
     converted = 0
     per_split: dict[str, dict[str, int]] = {}
@@ -495,7 +495,7 @@ def _write_dataset(
                         f"{path}: in the output but not written by this run (left from an earlier "
                         f"one?); left in place, delete it if it does not belong"
                     )
-    write_json(out_dir / "classes.json", {**metadata, "splits": per_split, "problems": problems})
+    write_json(out_dir / CLASSES_FILE, {**metadata, "splits": per_split, "problems": problems})
     return PrepareReport(dataset=dataset, out_dir=out_dir, converted=converted, problems=problems)
 
 

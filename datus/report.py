@@ -26,10 +26,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from datamodules.images import load_rgb
-from datus.io import atomic_path, read_label_png
+from datus.io import CLASSES_FILE, MANIFEST_FILE, atomic_path, read_label_png
 from datus.module import ImageRecord
 from datus.painting import colour_table, colourise, palette
-from datus.shards import MANIFEST_FILE, find_class_file, list_shards, read_image_ids, read_records
+from datus.shards import find_class_file, list_shards, read_image_ids, read_records
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _find_records(shards: Sequence[Path], wanted: Sequence[str]) -> list[ImageRe
 def _run_facts(run_dir: Path, results_dir: Path) -> _RunFacts:
     settings = (_read_json(run_dir / "run.json") or {}).get("settings", {})
     metrics = _read_json(results_dir / "metrics.json")
-    described = _read_json(results_dir / "classes.json")
+    described = _read_json(results_dir / CLASSES_FILE)
     num_clusters = None
     if metrics:
         num_clusters = int(metrics["num_clusters"])

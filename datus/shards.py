@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datus.io import write_npz
+from datus.io import CLASSES_FILE, write_npz
 from datus.module import ImageRecord
 
 SHARD_DIR = "shards"
-MANIFEST_FILE = "manifest.jsonl"
 _SHARD_NAME = re.compile(r"rank(\d+)-(\d+)\.npz$")
 
 
@@ -139,7 +138,7 @@ def find_class_file(records: Sequence[ImageRecord]) -> Path | None:
     for record in records:
         if record.mask_path:
             for folder in list(Path(record.mask_path).parents)[:4]:
-                if (folder / "classes.json").is_file():
-                    return folder / "classes.json"
+                if (folder / CLASSES_FILE).is_file():
+                    return folder / CLASSES_FILE
             return None
     return None

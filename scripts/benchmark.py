@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from callbacks.pipeline import ClusterPaintEvaluate
 from callbacks.writer import SegmentShardWriter
 from datamodules.images import ImageFolderDataModule
+from datus.io import CLASSES_FILE
 from datus.module import DatusModule
 from datus.prepare import prepare_suim
 
@@ -64,9 +65,9 @@ def repeated_dataset(source: Path, repeat: int, destination: Path, max_images: i
             for path in sorted((source / "train" / kind).iterdir()):
                 if path.stem in stems:
                     (folder / path.name).symlink_to(path.resolve())
-    classes = source / "classes.json"
+    classes = source / CLASSES_FILE
     if classes.is_file():
-        (destination / "classes.json").write_text(classes.read_text())
+        (destination / CLASSES_FILE).write_text(classes.read_text())
     return destination
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.generated import predict as run_predict
-from tests.generated import write_classes, write_two_region_dataset
+from tests.generated import write_datus_layout
 
 TINY_VIT = "vit_tiny_patch16_224"
 """timm name of the tiny test backbone; with TINY_VIT_OVERRIDES it has 2 blocks of width 48."""
@@ -131,10 +131,7 @@ NUM_IMAGES = 7
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A DatUS-layout dataset: two-region images of varied sizes, masks, classes.json."""
-    root = tmp_path_factory.mktemp("data")
-    write_two_region_dataset(root / "train" / "images", NUM_IMAGES, root / "train" / "true_masks")
-    write_classes(root / "classes.json", ["blue", "red"])
-    return root
+    return write_datus_layout(tmp_path_factory.mktemp("data"), NUM_IMAGES, ["blue", "red"])
 
 
 def predict(dataset: Path, output_dir: Path, *extra: str) -> None:

@@ -55,6 +55,13 @@ def write_classes(path: Path, names: Sequence[str]) -> None:
     path.write_text(json.dumps({"classes": list(names), "ignore_index": 255}))
 
 
+def write_datus_layout(root: Path, count: int, class_names: Sequence[str]) -> Path:
+    """A DatUS-layout dataset of two-region images: ROOT/train/{images,true_masks} and classes.json."""
+    write_two_region_dataset(root / "train" / "images", count, root / "train" / "true_masks")
+    write_classes(root / "classes.json", class_names)
+    return root
+
+
 def predict(output_dir: Path, *flags: str) -> None:
     """The real ``datus predict`` in-process on configs/tiny.yaml, without a progress bar."""
     main(["predict", "--config", TINY, "--output_dir", str(output_dir), "--trainer.enable_progress_bar", "false", *flags])

@@ -18,8 +18,8 @@ import datus.report
 from datus.cli import main
 from datus.module import ImageRecord
 from datus.painting import palette
-from tests.generated import TINY, two_region_size, write_classes, write_two_region_dataset
 from datus.report import BANNER_HEIGHT, BANNER_RED, LINE_HEIGHT, MISSING_GREY, PAD, TITLE_HEIGHT, make_report
+from tests.generated import TINY, two_region_size, write_datus_layout, write_two_region_dataset
 
 NUM_IMAGES = 5  # two prediction batches of 4, so two shards
 THUMB = 160
@@ -33,10 +33,7 @@ def predict(output_dir: Path, *data_flags: str) -> None:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_two_region_dataset(root / "train" / "images", NUM_IMAGES, root / "train" / "true_masks")
-    write_classes(root / "classes.json", ["water", "fish"])
-    return root
+    return write_datus_layout(tmp_path_factory.mktemp("data"), NUM_IMAGES, ["water", "fish"])
 
 
 @pytest.fixture(scope="module")
