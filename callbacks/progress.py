@@ -1,26 +1,44 @@
-"""A prediction progress bar that shows images per second (Lightning's shows batches per second)."""
+"""A prediction progress bar in images, counting an image when its record is finished."""
 
 from __future__ import annotations
 
-import time
+import sys
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
+from tqdm.auto import tqdm
+
+from datus.records import PredictionBatch
 
 
-class ImagesPerSecondBar(TQDMProgressBar):
-    """Lightning's progress bar plus ``images/s`` and ``skipped`` counts in its postfix."""
+class ImagesProgressBar(ProgressBar):
+    """Images whose segments and embeddings are done (tqdm shows images/s), and skipped files.
 
-    def __init__(self, refresh_rate: int = 1) -> None:
-        super().__init__(refresh_rate=refresh_rate)
-        self._images = 0
+    The module finishes each batch one step late (Louvain overlaps the device), so the bar
+    counts the records it returns and reaches 100% only after the last batch is flushed at the
+    end of the epoch; place it after the writer in the callback list.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._bar: tqdm | None = None
         self._skipped = 0
-        self._started = time.perf_counter()
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_predict_start(trainer, pl_module)
-        self._images, self._skipped, self._started = 0, 0, time.perf_counter()
+        loaders = trainer.predict_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        total = sum(len(loader.dataset) for loader in loaders if hasattr(loader, "dataset"))
+        self._skipped = 0
+        if self._enabled and trainer.is_global_zero:
+            self._bar = tqdm(total=total, desc="predict", unit="image", file=sys.stderr, dynamic_ncols=True)
 
     def on_predict_batch_end(
         self,
@@ -31,11 +49,19 @@ class ImagesPerSecondBar(TQDMProgressBar):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._images += len(batch.get("image_id", ()))
-        self._skipped += len(batch.get("skipped", ()))
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        if self.predict_progress_bar is not None:
-            elapsed = max(time.perf_counter() - self._started, 1e-9)
-            self.predict_progress_bar.set_postfix(
-                {"images/s": f"{self._images / elapsed:.2f}", "skipped": self._skipped}, refresh=False
-            )
+        if isinstance(outputs, PredictionBatch):
+            self._advance(len(outputs.records) + len(outputs.skipped), len(outputs.skipped))
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._bar is not None:
+            self._advance(self._bar.total - self._bar.n, 0)
+            self._bar.close()
+            self._bar = None
+
+    def _advance(self, images: int, skipped: int) -> None:
+        if self._bar is None:
+            return
+        self._skipped += skipped
+        self._bar.update(images)
+        if self._skipped:
+            self._bar.set_postfix({"skipped": self._skipped}, refresh=False)

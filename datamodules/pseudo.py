@@ -26,8 +26,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from datamodules.images import load_rgb
-from datus.io import CLASSES_FILE, MANIFEST_FILE, read_label_png
+from datus.io import load_rgb, read_label_png
+from datus.run import CLASSES_FILE, MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class PseudoMaskDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
-        image = load_rgb(pair.image)
+        image, _ = load_rgb(pair.image)
         mask = read_label_png(pair.mask)
         if mask.shape != (image.height, image.width):
             raise ValueError(

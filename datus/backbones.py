@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from pathlib import Path
 import timm
 import torch
 from torch import Tensor, nn
+
+from datus.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,8 @@ OFFICIAL_DINO_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
 """Official DINO files per timm name. A sha256 is verified where the project has one recorded."""
 
 
-class WeightsError(RuntimeError):
-    """Weights could not be found, downloaded, verified or loaded."""
+class WeightsError(ConfigurationError):
+    """Weights could not be found, downloaded, verified or loaded; the message names the file and the fix."""
 
 
 def sha256_of(path: Path) -> str:
@@ -190,32 +191,42 @@ def _fetch_official(name: str, checkpoint: OfficialCheckpoint) -> Path:
     return destination
 
 
-def load_weights(model: nn.Module, backbone: str, weights: str) -> str:
-    """Load weights into ``model`` and return a description of their source.
+def describe_weights(backbone: str, weights: str) -> str:
+    """Where the weights of ``weights`` come from, without reading them (recorded in ``run.json``)."""
+    if weights == RANDOM_WEIGHTS:
+        return RANDOM_WEIGHTS
+    if weights != DEFAULT_WEIGHTS:
+        return str(Path(os.path.expanduser(weights)).resolve())
+    official = OFFICIAL_DINO_CHECKPOINTS.get(backbone)
+    return official.url if official is not None else f"timm:{backbone}"
+
+
+def load_weights(model: nn.Module, backbone: str, weights: str) -> None:
+    """Load weights into ``model``.
 
     Args:
         model: the timm model built for ``backbone``.
         backbone: the timm name (decides which official checkpoint applies).
         weights: a file path, ``"pretrained"`` (official DINO file or timm's source), or
-            ``"random"`` (no loading, loud warning).
+            ``"random"`` (no loading, one loud warning).
     """
     if weights == RANDOM_WEIGHTS:
-        message = (
-            f"RANDOM WEIGHTS: backbone {backbone} is untrained because --model.weights={RANDOM_WEIGHTS}. "
-            "Segments and pseudo masks from this run are meaningless; use it only for smoke tests."
+        log.warning(
+            "RANDOM WEIGHTS: backbone %s is untrained (weights=%r). Segments and pseudo masks of this run are "
+            "meaningless; use it only for smoke tests.",
+            backbone,
+            RANDOM_WEIGHTS,
         )
-        warnings.warn(message, stacklevel=2)
-        log.warning(message)
-        return RANDOM_WEIGHTS
+        return
     if weights != DEFAULT_WEIGHTS:
         path = Path(os.path.expanduser(weights))
         load_state_dict_strict(model, read_state_dict(path), str(path))
-        return str(path)
+        return
     official = OFFICIAL_DINO_CHECKPOINTS.get(backbone)
     if official is not None:
         path = _fetch_official(backbone, official)
         load_state_dict_strict(model, read_state_dict(path), official.url)
-        return official.url
+        return
     try:
         pretrained = timm.create_model(backbone, pretrained=True, num_classes=0)
     except Exception as error:
@@ -225,7 +236,6 @@ def load_weights(model: nn.Module, backbone: str, weights: str) -> str:
             f"key names), or --model.weights {RANDOM_WEIGHTS} for a smoke test."
         ) from error
     load_state_dict_strict(model, pretrained.state_dict(), f"timm:{backbone}")
-    return f"timm:{backbone}"
 
 
 def create_backbone(backbone: str, weights: str = DEFAULT_WEIGHTS, **overrides: object) -> tuple[nn.Module, str]:
@@ -235,14 +245,14 @@ def create_backbone(backbone: str, weights: str = DEFAULT_WEIGHTS, **overrides: 
         The model and a description of where its weights came from.
     """
     model = build_backbone(backbone, **overrides)
-    return model, load_frozen_weights(model, backbone, weights)
+    load_frozen_weights(model, backbone, weights)
+    return model, describe_weights(backbone, weights)
 
 
-def load_frozen_weights(model: nn.Module, backbone: str, weights: str) -> str:
+def load_frozen_weights(model: nn.Module, backbone: str, weights: str) -> None:
     """Load weights (see :func:`load_weights`), then freeze the model in eval mode."""
-    source = load_weights(model, backbone, weights)
+    load_weights(model, backbone, weights)
     model.eval().requires_grad_(False)
-    return source
 
 
 def build_backbone(backbone: str, **overrides: object) -> nn.Module:
@@ -254,7 +264,7 @@ def build_backbone(backbone: str, **overrides: object) -> nn.Module:
     ``timm.create_model`` (e.g. ``depth`` and ``embed_dim`` for tiny test networks).
     """
     if not timm.is_model(backbone):
-        raise ValueError(
+        raise ConfigurationError(
             f"--model.backbone: unknown timm model {backbone!r}. Use a timm ViT name such as "
             "'vit_small_patch8_224.dino' or 'vit_small_patch14_dinov2.lvd142m' "
             "(python -c \"import timm; print(timm.list_models('*dino*', pretrained=True))\")."
@@ -262,14 +272,14 @@ def build_backbone(backbone: str, **overrides: object) -> nn.Module:
     try:
         model = timm.create_model(backbone, pretrained=False, num_classes=0, dynamic_img_size=True, **overrides)
     except TypeError as error:  # CNNs and other non-ViT models reject dynamic_img_size
-        raise ValueError(
+        raise ConfigurationError(
             f"--model.backbone: {backbone!r} could not be built as a ViT ({error}); datus needs a timm "
             "ViT whose blocks have attn.qkv (DINO, DINOv2 and most timm ViTs do)."
         ) from error
     if not hasattr(model, "blocks") or not hasattr(model.blocks[-1], "attn") or not hasattr(
         model.blocks[-1].attn, "qkv"
     ):
-        raise ValueError(
+        raise ConfigurationError(
             f"--model.backbone: {backbone!r} has no fused qkv projection in its last block; datus needs "
             "a ViT whose blocks have attn.qkv (DINO, DINOv2 and most timm ViTs do)."
         )

@@ -1,8 +1,9 @@
 """The ``datus`` command: ``predict`` (a LightningCLI run), ``cluster``, ``evaluate``, ``prepare``.
 
-``main(args)`` is importable so tests run the real CLI in-process. Heavy imports happen inside
-the commands: Louvain worker processes are spawned and re-import the ``__main__`` module, so
-keeping this module light makes them start in a fraction of a second instead of seconds.
+``main(args)`` is importable so tests run the real CLI in-process. Each command imports only
+what it needs: ``cluster``, ``evaluate``, ``prepare`` and every ``--help`` but predict's load
+neither Lightning nor timm, and Louvain worker processes (which re-import ``__main__``) start
+in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -10,36 +11,155 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from datus import __version__
+from datus.errors import ConfigurationError
 
 USAGE = """usage: datus <command> [options]
 
 commands:
-  predict   discover segments, embed, cluster, paint and evaluate (LightningCLI; see datus predict --help)
-  cluster   re-cluster a finished run's shards with other K / engine / PCA, without the ViT
-  evaluate  score any folder of predicted label PNGs against ground truth
-  prepare   convert SUIM or CamVid from their published layouts to the DatUS layout
+  predict   discover segments, embed, cluster, paint and evaluate (see datus predict --help)
+  cluster   re-cluster a finished run's segments with other settings, without the ViT
+  evaluate  score any folder of predicted label maps against ground truth
+  prepare   convert a published dataset (SUIM, CamVid, ...) to the DatUS layout
 
-Run `datus <command> --help` for the options of one command.
+Run `datus <command> --help` for the options of one command; `datus --version` for the version.
 """
 
+_OWN_PACKAGES = ("datus", "datamodules", "callbacks")
 
-@contextmanager
-def _missing_input_is_a_configuration_error() -> Iterator[None]:
-    """A missing input folder is the user's to fix: its message names it, no traceback needed."""
-    from datus.errors import ConfigurationError
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse that reports a mistake as one ``datus: error:`` line instead of usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigurationError(f"{message} (see {self.prog} --help)")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message (tests and tools swap it)."""
+
+    datus_cli = True
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """``datus: message`` for information, ``datus: warning: message`` for warnings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        return f"datus: {level}{record.getMessage()}"
+
+
+def _show_own_logs() -> None:
+    """Print this project's INFO logs on stderr, once each.
+
+    Only its own packages get the handler: a root handler would print every Lightning message
+    twice, since Lightning already attaches one to its own logger. Idempotent, for in-process
+    reruns of :func:`main`.
+    """
+    for name in _OWN_PACKAGES:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(_ConsoleFormatter())
+            logger.addHandler(handler)
+
+
+def _cluster_parser(defaults: dict[str, dict[str, Any]]) -> CommandParser:
+    from datus.settings import ClusterSettings, EvaluationSettings, add_options
+
+    parser = CommandParser(
+        prog="datus cluster",
+        description="Re-cluster a finished run's segment embeddings, repaint and re-evaluate, without the ViT. "
+        "Defaults are the run's own settings (its config.yaml); each K gets RUN/clusters/k<K>/.",
+    )
+    parser.add_argument("--run", type=Path, required=True, help="the --output_dir of a datus predict run")
+    add_options(parser, ClusterSettings, "cluster", defaults.get("cluster", {}), many=frozenset({"num_clusters"}))
+    add_options(parser, EvaluationSettings, "eval", defaults.get("eval", {}))
+    return parser
+
+
+def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
+    """``datus cluster``: one results folder per K under ``RUN/clusters/k<K>/`` and a sweep table."""
+    from datus.collective import Collective
+    from datus.describe import format_sweep, sweep_row
+    from datus.io import write_json, write_text
+    from datus.postprocess import postprocess
+    from datus.run import CLUSTERS_DIR, Run
+    from datus.settings import ClusterSettings, EvaluationSettings, from_options
+
+    run_flag = _value_of("--run", args)
+    defaults = _saved_settings(Path(run_flag)) if run_flag else {}
+    options = _cluster_parser(defaults).parse_args(list(args))
+    run = Run(options.run)
+    if not run.is_datus_run() or not run.shards():
+        raise ConfigurationError(f"--run {options.run} is not a finished datus run (no run.json or shards/); give the --output_dir of datus predict")
+    cluster_values = from_options(options, ClusterSettings, "cluster")
+    evaluation = EvaluationSettings(**from_options(options, EvaluationSettings, "eval"))
+    sweep = [ClusterSettings(**{**cluster_values, "num_clusters": k}) for k in cluster_values["num_clusters"]]
+    rows = []
+    with run.lock():
+        run.remove_temporaries()
+        for settings in sweep:
+            results = run.cluster_results(settings.num_clusters)
+            outcome = postprocess(run, results, settings, evaluation, Collective.current())
+            print(outcome.console_text(), flush=True)
+            rows.append(sweep_row(settings.num_clusters, outcome.summary, outcome.metrics))
+        write_json(run.file(CLUSTERS_DIR) / "summary.json", rows)
+        table = format_sweep(rows)
+        write_text(run.file(CLUSTERS_DIR) / "summary.txt", table + "\n")
+    print(table)
+    return rows
+
+
+def _value_of(flag: str, args: Sequence[str]) -> str | None:
+    """The value of ``flag`` in raw arguments (``--flag V`` or ``--flag=V``), before parsing."""
+    for index, argument in enumerate(args):
+        if argument == flag and index + 1 < len(args):
+            return args[index + 1]
+        if argument.startswith(flag + "="):
+            return argument.split("=", 1)[1]
+    return None
+
+
+def _saved_settings(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The ``cluster`` and ``eval`` sections of a run's saved config.yaml (untrusted: only known keys)."""
+    import dataclasses
+
+    import yaml
+
+    from datus.run import CONFIG_FILE
+    from datus.settings import ClusterSettings, EvaluationSettings
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return {}
     try:
-        yield
-    except FileNotFoundError as error:
-        raise ConfigurationError(str(error)) from error
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigurationError(f"{path} is damaged ({error}); delete it to use the default settings") from error
+    sections = {}
+    for group, settings in (("cluster", ClusterSettings), ("eval", EvaluationSettings)):
+        section = saved.get(group) if isinstance(saved, dict) else None
+        names = {item.name for item in dataclasses.fields(settings)}
+        sections[group] = {key: value for key, value in (section or {}).items() if key in names}
+    return sections
 
 
-def _prepare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="datus prepare", description="Convert a published dataset to the DatUS layout.")
+def _prepare_parser() -> CommandParser:
+    parser = CommandParser(prog="datus prepare", description="Convert a published dataset to the DatUS layout.")
     parser.add_argument("dataset", choices=["suim", "camvid"])
     parser.add_argument("raw_dir", type=Path, help="the dataset as downloaded (SUIM: holds train_val/; CamVid: train/, trainannot/)")
     parser.add_argument("out_dir", type=Path)
@@ -57,18 +177,18 @@ def run_prepare(args: Sequence[str]) -> None:
     from datus.prepare import format_report, prepare_camvid, prepare_suim
 
     options = _prepare_parser().parse_args(args)
-    with _missing_input_is_a_configuration_error():
+    try:
         if options.dataset == "suim":
-            report = prepare_suim(
-                options.raw_dir, options.out_dir, classes=options.classes, size_mismatch=options.size_mismatch
-            )
+            report = prepare_suim(options.raw_dir, options.out_dir, classes=options.classes, size_mismatch=options.size_mismatch)
         else:
             report = prepare_camvid(options.raw_dir, options.out_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigurationError(str(error)) from error
     print(format_report(report))
 
 
-def _evaluate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="datus evaluate", description="Hungarian-matched mIoU of any predicted label PNGs.")
+def _evaluate_parser() -> CommandParser:
+    parser = CommandParser(prog="datus evaluate", description="Hungarian-matched mIoU of any predicted label maps.")
     parser.add_argument("--pred", type=Path, required=True, help="folder of predicted label PNGs")
     parser.add_argument("--gt", type=Path, required=True, help="folder of ground-truth label PNGs (same relative paths)")
     parser.add_argument("--num_classes", type=int, required=True)
@@ -84,8 +204,8 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
 
     options = _evaluate_parser().parse_args(args)
     if options.num_classes < 1:
-        raise SystemExit(f"datus evaluate: --num_classes must be >= 1, got {options.num_classes}")
-    with _missing_input_is_a_configuration_error():
+        raise ConfigurationError(f"--num_classes must be >= 1, got {options.num_classes}")
+    try:
         metrics = evaluate_folders(
             options.pred,
             options.gt,
@@ -94,29 +214,11 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
             ignore_index=options.ignore_index,
             num_clusters=options.num_clusters,
         )
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigurationError(str(error)) from error
     print(format_table(metrics))
     print(f"metrics written to {options.output_dir / 'metrics.json'}")
     return metrics
-
-
-_OWN_PACKAGES = ("datus", "datamodules", "callbacks")
-
-
-def _show_own_logs() -> None:
-    """Print this project's INFO logs on stderr.
-
-    Only its own packages get the handler: a root handler would print every Lightning message
-    twice, since Lightning already attaches one to its own logger. Idempotent, for in-process
-    reruns of :func:`main`.
-    """
-    for name in _OWN_PACKAGES:
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        if not any(getattr(handler, "datus_cli", False) for handler in logger.handlers):
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            handler.datus_cli = True  # type: ignore[attr-defined]
-            logger.addHandler(handler)
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -130,28 +232,26 @@ def main(args: Sequence[str] | None = None) -> None:
     if not arguments or arguments[0] in ("-h", "--help"):
         print(USAGE)
         return None
+    if arguments[0] == "--version":
+        print(f"datus {__version__}")
+        return None
     command, rest = arguments[0], arguments[1:]
     if command == "predict":
         from datus.predict import run_predict
 
         run_predict(rest)
     elif command == "cluster":
-        from datus.postprocess import run_cluster_command
-
-        run_cluster_command(rest)
+        run_cluster(rest)
     elif command == "evaluate":
         run_evaluate(rest)
     elif command == "prepare":
         run_prepare(rest)
     else:
-        print(f"datus: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-        raise SystemExit(2)
+        raise ConfigurationError(f"unknown command {command!r}; the commands are predict, cluster, evaluate, prepare (see datus --help)")
 
 
 def console_main() -> None:
-    """The console script: mistakes in options print one line naming the fix, exit status 2."""
-    from datus.errors import ConfigurationError
-
+    """The console script: mistakes print one line naming the fix, exit status 2."""
     try:
         main()
     except ConfigurationError as error:

@@ -1,9 +1,11 @@
 """CPU side of segment discovery: Louvain communities and their 8-connected components.
 
-Louvain (scikit-network) is sequential CPU code, so it runs in a pool of worker processes while
-the device carries on. This module imports only numpy, scipy and scikit-network, so workers
-start quickly, and everything crossing the process boundary is a small numpy array (the
-adjacency travels bit-packed: N*N/8 bytes per image).
+Louvain is sequential CPU code, so beside an accelerator it runs in a pool of worker processes
+while the device carries on. Two engines give the same partitions: ``fast`` (:mod:`datus.louvain`)
+and ``sknetwork`` (scikit-network's ``Louvain``, the reference it is tested against). This module
+imports only numpy and scipy (and the engine), so workers start quickly, and everything crossing
+the process boundary is a small numpy array (the adjacency travels bit-packed: N*N/8 bytes per
+image).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
-from sknetwork.clustering import Louvain
+
+LouvainEngine = Literal["fast", "sknetwork"]
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,20 @@ class SegmentPartition:
     cpu_seconds: tuple[float, float] = (0.0, 0.0)
 
 
-def louvain_communities(adjacency: np.ndarray | sparse.spmatrix, resolution: float = 1.0) -> np.ndarray:
-    """Community label per node by Louvain modularity maximisation (deterministic: no shuffling)."""
+def louvain_communities(adjacency: np.ndarray, resolution: float = 1.0, engine: LouvainEngine = "fast") -> np.ndarray:
+    """Community label per node by Louvain modularity maximisation (deterministic: no shuffling).
+
+    Args:
+        adjacency: N x N boolean adjacency (self-loops included).
+        resolution: modularity resolution.
+        engine: ``fast`` or ``sknetwork``; both give the same partition.
+    """
+    if engine == "fast":
+        from datus.louvain import louvain
+
+        return louvain(adjacency, resolution)
+    from sknetwork.clustering import Louvain
+
     graph = sparse.csr_matrix(adjacency, dtype=np.float64)
     return np.asarray(Louvain(resolution=resolution).fit_predict(graph), dtype=np.int64)
 
@@ -95,7 +111,7 @@ def unpack_adjacency(packed: np.ndarray, num_nodes: int) -> np.ndarray:
 
 
 def discover_segments(
-    packed_adjacency: np.ndarray, grid: tuple[int, int], resolution: float, min_patches: int
+    packed_adjacency: np.ndarray, grid: tuple[int, int], resolution: float, min_patches: int, engine: LouvainEngine
 ) -> SegmentPartition:
     """Stages 3-4 for one image: Louvain on the patch graph, then 8-connected components.
 
@@ -104,11 +120,12 @@ def discover_segments(
         grid: (h, w) patch grid, h*w = N.
         resolution: Louvain resolution (1.0 in the paper).
         min_patches: components of at most this many patches are noise (tau = 5 in the paper).
+        engine: the Louvain engine.
     """
     height, width = grid
     started = time.perf_counter()
     adjacency = unpack_adjacency(packed_adjacency, height * width)
-    communities = louvain_communities(adjacency, resolution).reshape(height, width)
+    communities = louvain_communities(adjacency, resolution, engine).reshape(height, width)
     louvain_done = time.perf_counter()
     partition = partition_from_communities(communities, min_patches)
     seconds = (louvain_done - started, time.perf_counter() - louvain_done)
@@ -126,11 +143,10 @@ class CommunityPool:
     With ``num_workers=0`` everything runs in the calling process (debugging, tiny inputs).
     """
 
-    def __init__(self, num_workers: int, resolution: float, min_patches: int) -> None:
+    def __init__(self, num_workers: int, resolution: float, min_patches: int, engine: LouvainEngine) -> None:
         if num_workers < 0:
             raise ValueError(f"--model.louvain_workers must be >= 0, got {num_workers}")
-        self.resolution = resolution
-        self.min_patches = min_patches
+        self.settings = (resolution, min_patches, engine)
         self._executor: ProcessPoolExecutor | None = None
         if num_workers > 0:
             self._executor = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
@@ -142,9 +158,9 @@ class CommunityPool:
         for adjacency in packed:
             if self._executor is None:
                 future: Future[SegmentPartition] = Future()
-                future.set_result(discover_segments(adjacency, grid, self.resolution, self.min_patches))
+                future.set_result(discover_segments(adjacency, grid, *self.settings))
             else:
-                future = self._executor.submit(discover_segments, adjacency, grid, self.resolution, self.min_patches)
+                future = self._executor.submit(discover_segments, adjacency, grid, *self.settings)
             futures.append(future)
         return futures
 

@@ -1,22 +1,30 @@
-"""Atomic file output: every file datus writes appears whole or not at all.
+"""File input and output that every stage shares: atomic writers and untrusted readers.
 
-A run can be killed at any moment; readers (and a resumed run) must never see a
-half-written PNG, JSON or shard. Each writer here writes to a temporary name in the
-destination folder and renames it into place (``os.replace`` is atomic on POSIX).
+Writers: a run can be killed at any moment, and readers (a resumed run included) must never
+see a half-written file. Each writer writes to a temporary file in the destination folder and
+renames it into place (``os.replace`` is atomic on POSIX). Temporary names have one fixed,
+short format (:data:`TEMPORARY_NAME`), independent of the destination's name, so that a long
+file name never makes its temporary too long, and so that datus can recognise, and only ever
+remove, temporaries it created itself (see :meth:`datus.run.Run.remove_temporaries`).
+
+Readers: every image and label map is input datus did not write. They raise
+:class:`UnreadableFile` naming the file, and decode large images at a reduced size when only
+a small version is needed, so that memory stays bounded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def _current_umask() -> int:
@@ -25,54 +33,48 @@ def _current_umask() -> int:
     return mask
 
 
-CLASSES_FILE = "classes.json"
-"""Class names and ids, beside a prepared dataset and in every run folder (runs are datasets too)."""
-
-MANIFEST_FILE = "manifest.jsonl"
-"""(image, mask) pairs of a finished run: what makes its folder a training dataset."""
-
 FILE_MODE = 0o666 & ~_current_umask()
-"""Permissions of every output file: as an ordinary ``open()`` would give (mkstemp gives 0600).
+"""Permissions of every output file: as an ordinary ``open()`` would give.
 
 Read once at import: ``os.umask`` can only be queried by setting it, which is not thread-safe.
 """
 
+TEMPORARY_PREFIX = ".datus-tmp-"
+TEMPORARY_NAME = re.compile(r"\.datus-tmp-[0-9a-f]{16}")
+"""Full-match pattern of the temporaries :func:`atomic_path` creates, and of nothing else."""
+
+MAX_IMAGE_PIXELS = 250_000_000
+"""Largest image datus decodes; large survey or aerial images are legitimate input (PIL stops at 89 MP)."""
+
+REDUCE_ABOVE_PIXELS = 4096 * 4096
+"""Images larger than this are decoded at a reduced scale when only a small version is needed."""
+
+REDUCED_MIN_SIDE = 1024
+"""Shorter side kept when an image is decoded at a reduced scale (then resized properly)."""
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+class UnreadableFile(ValueError):
+    """An input file could not be decoded; the message names it and says why."""
+
 
 @contextmanager
 def atomic_path(destination: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``destination``; rename it into place on success.
+    """Yield a fresh temporary path beside ``destination``; rename it into place on success.
 
-    The temporary name keeps the destination's suffix, so libraries that pick a format from
-    the extension (PIL, numpy) behave as they would with the final name.
+    Writers must choose the format explicitly (the temporary has no extension).
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        dir=destination.parent, prefix=f".{destination.stem}.", suffix=f".tmp{destination.suffix}"
-    )
-    os.close(handle)
-    os.chmod(temporary, FILE_MODE)
-    temporary_path = Path(temporary)
+    temporary = destination.parent / f"{TEMPORARY_PREFIX}{secrets.token_hex(8)}"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    os.close(descriptor)
     try:
-        yield temporary_path
-        os.replace(temporary_path, destination)
+        yield temporary
+        os.replace(temporary, destination)
     finally:
-        temporary_path.unlink(missing_ok=True)
-
-
-TEMPORARY_PATTERN = ".*.tmp*"
-"""Glob of the temporary files :func:`atomic_path` creates (left behind only by a killed run)."""
-
-
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporaries that a killed run left below ``folder``; returns how many.
-
-    Only call this when no other process writes into ``folder``.
-    """
-    stale = [path for path in Path(folder).rglob(TEMPORARY_PATTERN) if path.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return len(stale)
+        temporary.unlink(missing_ok=True)
 
 
 def _write_with(destination: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -82,10 +84,23 @@ def _write_with(destination: Path, write: Callable[[IO[bytes]], None]) -> None:
         os.fsync(stream.fileno())
 
 
+def json_text(payload: Any, indent: int | None = 2) -> str:
+    """JSON that reads as UTF-8; file names that are not valid UTF-8 are kept as escapes.
+
+    Paths of undecodable file names reach Python as lone surrogates, which UTF-8 cannot encode;
+    ``\\udcXX`` escapes keep them exact (``json.loads`` gives the same path back).
+    """
+    text = json.dumps(payload, indent=indent, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(payload, indent=indent, ensure_ascii=True)
+    return text
+
+
 def write_json(destination: Path, payload: Any) -> None:
-    """Write ``payload`` as indented UTF-8 JSON, atomically."""
-    text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
-    _write_with(destination, lambda stream: stream.write(text.encode("utf-8")))
+    """Write ``payload`` as indented JSON, atomically."""
+    write_text(destination, json_text(payload) + "\n")
 
 
 def write_text(destination: Path, text: str) -> None:
@@ -100,6 +115,11 @@ def write_png(destination: Path, array: np.ndarray, compress_level: int = 6) -> 
     default 6 for files about 20% larger; label maps compress well at the default.
     """
     image = Image.fromarray(np.ascontiguousarray(array))  # uint16 becomes a 16-bit greyscale PNG
+    write_image(destination, image, compress_level)
+
+
+def write_image(destination: Path, image: Image.Image, compress_level: int = 6) -> None:
+    """Write a PIL image as PNG, atomically."""
     _write_with(destination, lambda stream: image.save(stream, format="PNG", compress_level=compress_level))
 
 
@@ -108,12 +128,87 @@ def write_npz(destination: Path, arrays: dict[str, np.ndarray]) -> None:
     _write_with(destination, lambda stream: np.savez(stream, **arrays))
 
 
+def write_npy(destination: Path, array: np.ndarray) -> None:
+    """Write one ``.npy`` atomically (no pickled objects)."""
+    _write_with(destination, lambda stream: np.save(stream, array, allow_pickle=False))
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file datus wrote earlier; a damaged one names itself and the fix."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnreadableFile(f"{path} is damaged ({error}); delete it and run the command again") from error
+
+
 def read_label_png(path: Path) -> np.ndarray:
-    """Read a single-channel label PNG (8 or 16 bit) as an integer array, values untouched."""
-    with Image.open(path) as image:
-        if image.mode not in ("L", "P", "I;16", "I", "1"):
-            raise ValueError(
-                f"{path}: expected a single-channel label PNG (mode L, P or I;16), got mode "
-                f"{image.mode!r}. Convert RGB-coded masks first, e.g. with `datus prepare`."
-            )
-        return np.asarray(image).astype(np.int64)
+    """Read a single-channel label map (8 or 16 bit) as an int64 array, values untouched."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P", "I;16", "I", "1"):
+                raise UnreadableFile(
+                    f"{path}: expected a single-channel label map (mode L, P or I;16), got mode "
+                    f"{image.mode!r}. Convert RGB-coded masks first, e.g. with `datus prepare`."
+                )
+            return np.asarray(image).astype(np.int64)
+    except UnreadableFile:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise UnreadableFile(f"{path}: not a readable label map ({type(error).__name__}: {error})") from error
+
+
+def load_rgb(path: Path, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode any supported image as 8-bit RGB with its EXIF orientation applied.
+
+    Args:
+        path: the image file.
+        min_side: when only a version with this shorter side is needed (model input,
+            thumbnails), an image above :data:`REDUCE_ABOVE_PIXELS` is decoded at a reduced
+            scale whose shorter side stays at least ``max(min_side, REDUCED_MIN_SIDE)`` (JPEG
+            draft mode, then integer box reduction): a 250 MP photo then costs megabytes, not
+            gigabytes. Ordinary images are decoded in full, so their pixels never depend on it.
+
+    Returns:
+        The RGB image and the (height, width) of the full-size image after EXIF rotation.
+
+    Raises:
+        UnreadableFile: the file is missing, truncated, not an image, or too large.
+
+    16-bit greyscale is scaled to 8 bits by its full range (PIL's own conversion clips it);
+    palette and alpha images are flattened on black; CMYK is converted.
+    """
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            transposed = image.getexif().get(0x0112) in (5, 6, 7, 8)
+            full_size = (width, height) if transposed else (height, width)
+            if min_side is not None and width * height > REDUCE_ABOVE_PIXELS:
+                keep = max(min_side, REDUCED_MIN_SIDE)
+                image.draft("RGB", (keep, keep))
+                factor = min(image.size) // keep
+                image = image.reduce(factor) if factor > 1 else image
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image), full_size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as error:
+        raise UnreadableFile(f"{type(error).__name__}: {error}") from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image)
+        scale = 65535 if values.max(initial=0) > 255 else 255
+        grey = (np.clip(values, 0, scale).astype(np.uint32) * 255 + scale // 2) // scale
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min(initial=0)), float(values.max(initial=1))
+        grey = ((values - low) / max(high - low, 1e-12) * 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", image.size, (0, 0, 0))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")

@@ -5,7 +5,7 @@ classes one-to-one (Hungarian matching on the pooled cluster x class confusion m
 computed from the dataset-level matrix, never averaged over images: a per-image mean would let
 small images weigh as much as large ones and would re-match clusters per image.
 
-Two protocols are always reported side by side (see DESIGN.md, section 2, stage 8):
+Two protocols are always reported side by side (README, "Evaluation protocols"):
 
 - ``dense`` is the honest number: every labelled pixel counts, pixels without a prediction and
   pixels of clusters left unmatched (K > C) are errors.
@@ -13,24 +13,22 @@ Two protocols are always reported side by side (see DESIGN.md, section 2, stage 
   prediction and pixels of unmatched clusters are all left out, which inflates the scores.
 
 The maths lives in plain numpy functions (:func:`match_clusters`, :func:`protocol_scores`,
-:func:`protocol_report`) so that it can be tested and reused without torchmetrics; the
+:func:`protocol_report`, :func:`agreement_scores`) so that it can be tested and reused without
+torchmetrics; the
 :class:`MatchedSegmentationMetric` only accumulates counts and syncs them across processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torchmetrics
-from PIL import Image, ImageDraw, ImageFont
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
-
-from datus.io import atomic_path
 
 PROTOCOLS = ("dense", "paper")
 
@@ -73,6 +71,50 @@ def _mean(values: list[float | None]) -> float | None:
     """Mean over the defined entries, so that classes that never occur do not count as zeros."""
     defined = [value for value in values if value is not None]
     return float(sum(defined) / len(defined)) if defined else None
+
+
+def agreement_scores(contingency: np.ndarray) -> dict[str, float | None]:
+    """Normalised mutual information and adjusted Rand index of a cluster x class contingency table.
+
+    Matching-free companions of mIoU, computed from the pooled pixel counts exactly as
+    scikit-learn's ``normalized_mutual_info_score`` (arithmetic mean of the entropies) and
+    ``adjusted_rand_score`` compute them from the pixel labels. Pair counts use Python
+    integers: with 1e10 pixels they exceed int64.
+
+    Args:
+        contingency: rows = predicted labels, columns = true labels, pixel counts.
+
+    Returns:
+        ``{"nmi", "ari"}``, None when there are no pixels.
+    """
+    table = np.asarray(contingency, dtype=np.int64)
+    table = table[table.sum(axis=1) > 0][:, table.sum(axis=0) > 0]
+    total = int(table.sum())
+    if total == 0:
+        return {"nmi": None, "ari": None}
+    rows, cols = table.sum(axis=1), table.sum(axis=0)
+    if len(rows) == len(cols) == 1:
+        return {"nmi": 1.0, "ari": 1.0}
+
+    def entropy(counts: np.ndarray) -> float:
+        share = counts[counts > 0] / total
+        return float(-(share * np.log(share)).sum())
+
+    cells = np.nonzero(table)
+    joint = table[cells].astype(np.float64)
+    mutual = float((joint / total * (np.log(joint) + math.log(total) - np.log(rows[cells[0]] * cols[cells[1]].astype(np.float64)))).sum())
+    mutual = max(mutual, 0.0)
+    mean_entropy = (entropy(rows) + entropy(cols)) / 2
+    nmi = 0.0 if mutual == 0.0 else mutual / max(mean_entropy, np.finfo(np.float64).eps)
+
+    def pairs(values: np.ndarray) -> int:
+        return sum(int(v) * (int(v) - 1) // 2 for v in values.ravel().tolist())
+
+    index, row_pairs, col_pairs, all_pairs = pairs(table), pairs(rows), pairs(cols), total * (total - 1) // 2
+    expected = row_pairs * col_pairs / all_pairs if all_pairs else 0.0
+    maximum = (row_pairs + col_pairs) / 2
+    ari = 1.0 if maximum == expected else (index - expected) / (maximum - expected)
+    return {"nmi": float(min(nmi, 1.0)), "ari": float(ari)}
 
 
 def protocol_scores(
@@ -147,7 +189,8 @@ def protocol_report(confusion: np.ndarray, no_prediction: np.ndarray | None, dro
             them as false negatives (dense).
 
     Returns:
-        The :func:`protocol_scores` dict plus ``mapping`` (``{"<cluster>": class or None}``) and
+        The :func:`protocol_scores` dict, ``nmi`` and ``ari`` (:func:`agreement_scores` of the
+        scored pixels, "no prediction" being one more label), plus ``mapping`` (``{"<cluster>": class or None}``) and
         ``confusion`` (the matrix before matching, as nested lists of ints).
     """
     confusion = np.asarray(confusion, dtype=np.int64)
@@ -156,6 +199,8 @@ def protocol_report(confusion: np.ndarray, no_prediction: np.ndarray | None, dro
     if drop_unmatched:
         scored[mapping < 0] = 0
     report = protocol_scores(scored, mapping, no_prediction)
+    contingency = scored if no_prediction is None else np.vstack([scored, np.asarray(no_prediction)[None]])
+    report.update(agreement_scores(contingency))
     report["mapping"] = {str(cluster): (int(c) if c >= 0 else None) for cluster, c in enumerate(mapping.tolist())}
     report["confusion"] = confusion.tolist()
     return report
@@ -351,145 +396,8 @@ def format_table(metrics: dict[str, Any], class_names: Sequence[str] | None = No
         lines.append(
             f"{label}: mIoU {_percent(protocol['miou'])}  pixel acc {_percent(protocol['pixel_accuracy'])}  "
             f"mean F1 {_percent(protocol['mean_f1'])}  mean acc {_percent(protocol['mean_accuracy'])}  "
+            f"NMI {_percent(protocol.get('nmi'))}  ARI {_percent(protocol.get('ari'))}  "
             f"({protocol['num_pixels']} pixels)"
         )
     lines.append(f"K = {metrics['num_clusters']} clusters, C = {num_classes} classes")
     return "\n".join(lines) + "\n"
-
-
-def _mapping_array(mapping: Mapping[str, int | None] | Sequence[int] | np.ndarray, num_clusters: int) -> np.ndarray:
-    """Normalise a mapping given as the JSON dict or as an array to a length-K array (-1 = unmatched)."""
-    if isinstance(mapping, Mapping):
-        array = np.full(num_clusters, -1, dtype=np.int64)
-        for cluster, c in mapping.items():
-            array[int(cluster)] = -1 if c is None else int(c)
-        return array
-    array = np.asarray(mapping, dtype=np.int64)
-    if array.shape != (num_clusters,):
-        raise ValueError(f"mapping must have one entry per cluster ({num_clusters}), got shape {array.shape}")
-    return array
-
-
-# Anchors of the viridis colour map: perceptually ordered and readable in greyscale print.
-_COLOUR_ANCHORS = np.array(
-    [
-        [68, 1, 84],
-        [72, 40, 120],
-        [62, 74, 137],
-        [49, 104, 142],
-        [38, 130, 142],
-        [31, 158, 137],
-        [53, 183, 121],
-        [109, 205, 89],
-        [180, 222, 44],
-        [253, 231, 37],
-    ],
-    dtype=np.float64,
-)
-
-
-def _heat_colours(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to RGB uint8 colours (viridis, linearly interpolated)."""
-    positions = np.linspace(0.0, 1.0, len(_COLOUR_ANCHORS))
-    flat = np.clip(values, 0.0, 1.0).reshape(-1)
-    channels = [np.interp(flat, positions, _COLOUR_ANCHORS[:, i]) for i in range(3)]
-    return np.stack(channels, axis=-1).round().astype(np.uint8).reshape(*values.shape, 3)
-
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return int(right - left), int(bottom - top)
-
-
-def save_confusion_png(
-    confusion: np.ndarray,
-    mapping: Mapping[str, int | None] | Sequence[int] | np.ndarray,
-    path: Path,
-    class_names: Sequence[str] | None = None,
-    cell_size: int = 28,
-) -> None:
-    """Draw a cluster x class confusion matrix as a PNG heat map.
-
-    Rows are reordered so that the cluster matched to class c sits in row c (the matched cells form
-    the diagonal and are outlined); unmatched clusters follow, marked with ``*``. Each row is
-    normalised to sum to 1, because clusters differ in size by orders of magnitude and raw counts
-    would show only the biggest ones. Cells show the row percentage when it is at least 1.
-
-    Args:
-        confusion: K x C pixel counts (rows = clusters, columns = classes).
-        mapping: class per cluster (-1/None = unmatched), as an array or the ``metrics.json`` dict.
-        path: destination PNG, written atomically.
-        class_names: optional names for the column labels; class ids are used otherwise.
-        cell_size: side of one cell in pixels (at least 24 so that labels stay legible).
-    """
-    confusion = np.asarray(confusion, dtype=np.int64)
-    if confusion.ndim != 2:
-        raise ValueError(f"confusion must be a K x C matrix, got shape {confusion.shape}")
-    num_clusters, num_classes = confusion.shape
-    matched = _mapping_array(mapping, num_clusters)
-    names = [str(name) for name in class_names] if class_names is not None else [str(c) for c in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"class_names has {len(names)} entries but the matrix has {num_classes} columns")
-    cell = max(24, int(cell_size))
-
-    by_class = {int(c): k for k, c in enumerate(matched.tolist()) if c >= 0}
-    order = [by_class[c] for c in range(num_classes) if c in by_class]
-    order += [k for k in range(num_clusters) if matched[k] < 0]
-    rows = confusion[order].astype(np.float64)
-    totals = rows.sum(axis=1, keepdims=True)
-    normalised = np.divide(rows, totals, out=np.zeros_like(rows), where=totals > 0)
-
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    row_labels = [f"cluster {k}" + ("" if matched[k] >= 0 else " *") for k in order]
-    label_width = max(_text_size(measure, text, font)[0] for text in [*row_labels, "clusters"]) + 12
-    column_label_height = max(_text_size(measure, name, font)[0] for name in [*names, "classes"]) + 12
-    title = "rows: clusters (row-normalised %), columns: classes; outlined = matched, * = unmatched"
-    title_height = _text_size(measure, title, font)[1] + 12
-    legend_height = cell + 16
-    grid_width, grid_height = num_classes * cell, num_clusters * cell
-    width = max(label_width + grid_width + 8, _text_size(measure, title, font)[0] + 16, label_width + 200)
-    height = title_height + column_label_height + grid_height + legend_height + 8
-    origin_x, origin_y = label_width, title_height + column_label_height
-
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    colours = _heat_colours(normalised)
-    cells = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
-    image.paste(Image.fromarray(cells), (origin_x, origin_y))
-    draw = ImageDraw.Draw(image)
-    draw.text((8, 6), title, fill=(0, 0, 0), font=font)
-
-    for c, name in enumerate(names):
-        text_width, text_height = _text_size(draw, name, font)
-        label = Image.new("RGB", (text_width + 4, text_height + 6), (255, 255, 255))
-        ImageDraw.Draw(label).text((2, 1), name, fill=(0, 0, 0), font=font)
-        label = label.rotate(90, expand=True)
-        x = origin_x + c * cell + (cell - label.width) // 2
-        image.paste(label, (x, origin_y - label.height - 4))
-    for r, text in enumerate(row_labels):
-        text_width, text_height = _text_size(draw, text, font)
-        position = (label_width - text_width - 6, origin_y + r * cell + (cell - text_height) // 2 - 1)
-        draw.text(position, text, fill=(0, 0, 0), font=font)
-
-    for r in range(num_clusters):
-        for c in range(num_classes):
-            share = normalised[r, c]
-            x, y = origin_x + c * cell, origin_y + r * cell
-            if share >= 0.01:
-                text = f"{100 * share:.0f}"
-                text_width, text_height = _text_size(draw, text, font)
-                ink = (0, 0, 0) if share > 0.6 else (255, 255, 255)
-                draw.text((x + (cell - text_width) // 2, y + (cell - text_height) // 2 - 1), text, fill=ink, font=font)
-            if matched[order[r]] == c:
-                draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=(230, 30, 30), width=2)
-    draw.rectangle([origin_x - 1, origin_y - 1, origin_x + grid_width, origin_y + grid_height], outline=(0, 0, 0))
-
-    bar_y = origin_y + grid_height + 8
-    bar_width = 160
-    gradient = _heat_colours(np.linspace(0.0, 1.0, bar_width)[None, :].repeat(cell // 2, axis=0))
-    image.paste(Image.fromarray(gradient), (origin_x + 28, bar_y))
-    draw.text((origin_x, bar_y), "0%", fill=(0, 0, 0), font=font)
-    draw.text((origin_x + 32 + bar_width, bar_y), "100%", fill=(0, 0, 0), font=font)
-
-    with atomic_path(Path(path)) as temporary:
-        image.save(temporary, format="PNG")

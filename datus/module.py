@@ -3,12 +3,16 @@
 ``predict_step`` computes and returns compact per-image records; it writes nothing (the
 prediction writer does file I/O) and runs no collective (DDP ranks may see different numbers
 of batches in predict).
+
+Only valid segments go through the backbone a second time. Noise segments (at most tau
+patches) take the label of a donor chosen from what the discovery pass already computed: the
+valid segment of the same image whose mean key is most similar to theirs (the same keys whose
+products built the patch graph, so "most similar" means what the graph means by similar).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from concurrent.futures import Future
@@ -25,49 +29,27 @@ from datus.backbones import (
     DEFAULT_WEIGHTS,
     LastBlockKeys,
     build_backbone,
+    describe_weights,
     load_frozen_weights,
     normalization_of,
     patch_size_of,
 )
-from datus.communities import CommunityPool, SegmentPartition
-from datus.ops import CropRecipe, key_adjacency, masked_crops, pack_adjacency, packed_attention_mask, segment_masks
+from datus.communities import CommunityPool, LouvainEngine, SegmentPartition
+from datus.errors import ConfigurationError
+from datus.ops import (
+    CropRecipe,
+    donor_segments,
+    key_adjacency,
+    masked_crops,
+    pack_adjacency,
+    packed_attention_mask,
+    segment_masks,
+    valid_segment_maps,
+)
+from datus.records import ImageRecord, PredictionBatch
+from datus.workers import available_cores, louvain_workers_for
 
 log = logging.getLogger(__name__)
-
-def _available_cores() -> int:
-    """Cores this process may run on (the affinity mask, which container limits also set)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-PAPER_PRESET: dict[str, Any] = {"image_size": 224, "min_patches": 5, "crop_recipe": "paper", "resolution": 1.0}
-"""The original DatUS choices; the paper also used patch size 8 (checked, not overridden)."""
-
-
-@dataclass
-class ImageRecord:
-    """Everything later stages need about one image; small enough to stream to disk."""
-
-    image_id: str
-    image_path: str
-    mask_path: str
-    orig_size: tuple[int, int]
-    segment_map: np.ndarray  # h x w int32 segment ids
-    sizes: np.ndarray  # S int32 patch counts
-    is_noise: np.ndarray  # S bool
-    embeddings: np.ndarray  # S x D float16, L2-normalised segment CLS tokens (crop or packed)
-    cls_attention: np.ndarray  # h x w float16, last-block CLS attention (for pictures)
-
-
-@dataclass
-class PredictionBatch:
-    """What ``predict_step`` hands the writer: records plus the files the loader could not read."""
-
-    records: list[ImageRecord]
-    skipped: list[dict[str, str]]
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    backbone_passes: int = 0  # images (+ crops) through the ViT: the benchmark's yardstick count
 
 
 class StageTimer:
@@ -96,7 +78,10 @@ class PendingBatch:
 
     batch: dict[str, Any]
     timer: StageTimer
+    images: Tensor | None = None
+    keys: Tensor | None = None
     cls_attention: Tensor | None = None
+    image_embeddings: Tensor | None = None
     futures: list[Future[SegmentPartition]] = field(default_factory=list)
 
 
@@ -111,18 +96,17 @@ class DatusModule(L.LightningModule):
         image_size: side of the square model input; must be a multiple of the patch size.
         min_patches: segments of at most this many patches are noise (tau; paper: 5).
         resolution: Louvain resolution (paper: 1.0; higher gives more, smaller segments).
-        embedding: ``crop`` (the paper: one backbone pass per segment crop) or ``packed``
-            (one pass per image: each segment's own CLS token attends only to its patch
-            tokens, through a block-diagonal attention mask; far faster, no resizing).
+        louvain: ``fast`` (datus's engine, same partitions as scikit-network's at a fraction
+            of its cost) or ``sknetwork`` (scikit-network itself, the reference).
+        embedding: ``crop`` (the paper: one backbone pass per valid segment's crop) or
+            ``packed`` (one pass per image: each valid segment's own CLS token attends only to
+            its patch tokens, through a block-diagonal attention mask; no resizing).
         crop_recipe: ``fit`` keeps the whole segment (square around its box, padded) or
             ``paper`` (shorter side to 256, centre crop 224: cuts elongated segments).
         crop_batch_size: segment crops per backbone forward pass (bounds device memory).
         louvain_workers: CPU processes for Louvain; 0 runs it in the main process. ``auto``:
             none when the backbone runs on the CPU (workers would only take cores from its
-            threads: 1.8x slower end to end on 2 cores, measured), else half the cores
-            available to this rank.
-        preset: ``paper`` sets image size 224, tau 5, paper crops, resolution 1 (and requires
-            a patch-8 backbone), overriding the values above.
+            threads), else as many as keep up with the device, measured on the first batch.
         backbone_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth`` for tiny test
             networks).
     """
@@ -134,60 +118,56 @@ class DatusModule(L.LightningModule):
         image_size: int = 224,
         min_patches: int = 5,
         resolution: float = 1.0,
+        louvain: LouvainEngine = "fast",
         embedding: Literal["crop", "packed"] = "crop",
         crop_recipe: CropRecipe = "fit",
         crop_batch_size: int = 64,
         louvain_workers: int | Literal["auto"] = "auto",
-        preset: Literal["paper"] | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if preset == "paper":
-            image_size, min_patches = PAPER_PRESET["image_size"], PAPER_PRESET["min_patches"]
-            crop_recipe, resolution = PAPER_PRESET["crop_recipe"], PAPER_PRESET["resolution"]
+        if image_size < 1:
+            raise ConfigurationError(f"--model.image_size must be >= 1, got {image_size}")
         if min_patches < 0:
-            raise ValueError(f"--model.min_patches must be >= 0, got {min_patches}")
+            raise ConfigurationError(f"--model.min_patches must be >= 0, got {min_patches}")
         if resolution <= 0:
-            raise ValueError(f"--model.resolution must be > 0, got {resolution}")
+            raise ConfigurationError(f"--model.resolution must be > 0, got {resolution}")
         if crop_batch_size < 1:
-            raise ValueError(f"--model.crop_batch_size must be >= 1, got {crop_batch_size}")
+            raise ConfigurationError(f"--model.crop_batch_size must be >= 1, got {crop_batch_size}")
         if louvain_workers != "auto" and louvain_workers < 0:
-            raise ValueError(f"--model.louvain_workers must be 'auto' or >= 0, got {louvain_workers}")
+            raise ConfigurationError(f"--model.louvain_workers must be 'auto' or >= 0, got {louvain_workers}")
         self.save_hyperparameters()
         self.backbone_name = backbone
-        self.weights = weights
         self.image_size = image_size
         self.min_patches = min_patches
         self.resolution = resolution
+        self.louvain = louvain
         self.embedding = embedding
         self.crop_recipe: CropRecipe = crop_recipe
         self.crop_batch_size = crop_batch_size
         self.louvain_workers = louvain_workers
         self.backbone = build_backbone(backbone, **(backbone_kwargs or {}))  # weights last, after every check
         self.patch_size = patch_size_of(self.backbone)
-        if preset == "paper" and self.patch_size != 8:
-            raise ValueError(
-                f"--model.preset paper uses patch size 8; {backbone} has patch size {self.patch_size}. "
-                "Use a patch-8 backbone (e.g. vit_base_patch8_224.dino) or drop the preset."
-            )
         if image_size % self.patch_size:
-            raise ValueError(
+            raise ConfigurationError(
                 f"--model.image_size {image_size} is not a multiple of the patch size {self.patch_size} of "
                 f"{backbone}; use e.g. {image_size // self.patch_size * self.patch_size or self.patch_size}."
+            )
+        if embedding == "packed" and getattr(self.backbone, "num_prefix_tokens", 1) != 1:
+            raise ConfigurationError(
+                f"--model.embedding packed needs a backbone with a CLS token and no register tokens; {backbone} "
+                f"has {self.backbone.num_prefix_tokens} prefix tokens. Use --model.embedding crop."
             )
         self.grid = (image_size // self.patch_size, image_size // self.patch_size)
         mean, std = normalization_of(backbone)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        if embedding == "packed" and getattr(self.backbone, "num_prefix_tokens", 1) != 1:
-            raise ValueError(
-                f"--model.embedding packed needs a backbone with a CLS token and no register tokens; {backbone} "
-                f"has {self.backbone.num_prefix_tokens} prefix tokens. Use --model.embedding crop."
-            )
-        self.weights_source = load_frozen_weights(self.backbone, backbone, weights)
+        self.weights_source = describe_weights(backbone, weights)
+        load_frozen_weights(self.backbone, backbone, weights)
         self.keys = LastBlockKeys(self.backbone)
         self._pool: CommunityPool | None = None
         self._pending: PendingBatch | None = None
+        self._calibrate_workers = False
 
     @property
     def embedding_dim(self) -> int:
@@ -207,22 +187,21 @@ class DatusModule(L.LightningModule):
             "embedding_dim": self.embedding_dim,
         }
 
-    def louvain_worker_count(self) -> int:
-        """Resolve ``louvain_workers``; ``auto`` depends on where the backbone runs."""
-        if self.louvain_workers != "auto":
-            return self.louvain_workers
+    def _on_accelerator(self) -> bool:
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        if device.type == "cpu":
-            return 0
-        processes_on_node = self.trainer.num_devices if self._trainer is not None else 1
-        return max(1, _available_cores() // processes_on_node // 2)
+        return device.type != "cpu"
 
     def setup(self, stage: str) -> None:
         """Start the Louvain workers early: their start-up overlaps the data loader's."""
-        if self._pool is None:
-            workers = self.louvain_worker_count()
-            log.info("Louvain runs in %s", f"{workers} worker processes" if workers else "the main process")
-            self._pool = CommunityPool(workers, self.resolution, self.min_patches)
+        if self._pool is not None:
+            return
+        workers = 0 if self.louvain_workers == "auto" else self.louvain_workers
+        self._calibrate_workers = self.louvain_workers == "auto" and self._on_accelerator()
+        self._pool = CommunityPool(workers, self.resolution, self.min_patches, self.louvain)
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        precision = self.trainer.precision if self._trainer is not None else "32-true"
+        where = "measured on the first batch" if self._calibrate_workers else f"{workers} worker processes" if workers else "the main process"
+        log.info("%s on %s (%s); Louvain (%s) in %s", self.backbone_name, device, precision, self.louvain, where)
 
     def on_predict_end(self) -> None:
         self._pending = None
@@ -233,29 +212,48 @@ class DatusModule(L.LightningModule):
     def teardown(self, stage: str) -> None:
         self.on_predict_end()
 
+    def normalise(self, images: Tensor) -> Tensor:
+        """uint8 (or [0, 1] float) images to the backbone's normalised input, on the device."""
+        pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return (pixels - self.mean) / self.std
+
     def embed_segments(self, images: Tensor, partitions: list[SegmentPartition], timer: StageTimer | None = None) -> Tensor:
-        """Stage 5 with the configured embedding mode; sum(S_b) x D, image order then segment id."""
+        """Stage 5 for the valid segments of a batch; sum(V_b) x D, image order then segment id."""
+        valid_maps = torch.from_numpy(np.stack([valid_segment_maps(p.segment_map, p.is_noise) for p in partitions]))
+        valid_maps = valid_maps.to(images.device)
+        counts = torch.tensor([int((~p.is_noise).sum()) for p in partitions], device=images.device)
+        if int(counts.sum()) == 0:
+            return torch.zeros((0, self.embedding_dim), device=images.device)
         if self.embedding == "packed":
-            embeddings = self.embed_segments_packed(images, partitions)
+            embeddings = self.embed_segments_packed(images, valid_maps.flatten(1), counts)
             if timer is not None:
                 timer.lap("packed_embeddings")
             return embeddings
-        return self.embed_segments_cropped(images, partitions, timer)
+        return self.embed_segments_cropped(images, valid_maps, counts, timer)
 
-    def embed_segments_packed(self, images: Tensor, partitions: list[SegmentPartition]) -> Tensor:
+    def embed_segments_packed(self, images: Tensor, segment_ids: Tensor, counts: Tensor) -> Tensor:
         """One backbone pass per image; each segment's CLS token sees only its own patches.
 
-        Tokens are the image's patch embeddings with their positional embeddings, preceded by
-        one copy of the (position-embedded) CLS token per segment.
+        Tokens are one copy of the (position-embedded) CLS token per valid segment, followed by
+        the patch tokens of valid segments only (with their positional embeddings already
+        added, so dropping noise patches changes nothing for the others), padded per batch.
+
+        Args:
+            images: B x 3 x H x W normalised images.
+            segment_ids: B x N valid-segment id per patch, -1 for noise patches.
+            counts: B valid-segment counts.
         """
         model = self.backbone
-        counts = torch.tensor([len(p.sizes) for p in partitions], device=images.device)
-        segment_ids = torch.from_numpy(np.stack([p.segment_map.ravel() for p in partitions])).to(images.device)
-        slots = int(counts.max())
         tokens = model._pos_embed(model.patch_embed(images))
         cls, patches = tokens[:, :1], tokens[:, 1:]
-        packed = torch.cat([cls.expand(-1, slots, -1), patches], dim=1)
-        mask = packed_attention_mask(segment_ids.long(), counts, slots)
+        keep = segment_ids >= 0
+        length = int(keep.sum(1).max())
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :length]
+        kept = patches.gather(1, order[..., None].expand(-1, -1, patches.shape[-1]))
+        kept_ids = torch.where(keep.gather(1, order), segment_ids.gather(1, order), -1)
+        slots = int(counts.max())
+        packed = torch.cat([cls.expand(-1, slots, -1), kept], dim=1)
+        mask = packed_attention_mask(kept_ids, counts, slots)
         packed = model.norm_pre(packed)
         for block in model.blocks:
             packed = block(packed, attn_mask=mask)
@@ -264,20 +262,19 @@ class DatusModule(L.LightningModule):
         return F.normalize(cls_out[valid].float(), dim=-1)
 
     def embed_segments_cropped(
-        self, images: Tensor, partitions: list[SegmentPartition], timer: StageTimer | None = None
+        self, images: Tensor, valid_maps: Tensor, counts: Tensor, timer: StageTimer | None = None
     ) -> Tensor:
-        """Stage 5 as in the paper: L2-normalised CLS embedding of every segment's masked crop.
+        """Stage 5 as in the paper: L2-normalised CLS embedding of every valid segment's masked crop.
 
         Args:
             images: B x 3 x H x W normalised images.
-            partitions: one per image.
+            valid_maps: B x h x w valid-segment id per patch, -1 for noise.
+            counts: B valid-segment counts.
 
         Returns:
-            sum(S_b) x D embeddings, in image order then segment id.
+            sum(V_b) x D embeddings, in image order then segment id.
         """
-        segment_maps = torch.from_numpy(np.stack([p.segment_map for p in partitions])).to(images.device)
-        counts = torch.tensor([len(p.sizes) for p in partitions], device=images.device)
-        masks, image_index = segment_masks(segment_maps, counts)
+        masks, image_index = segment_masks(valid_maps, counts)
         pixels = images * self.std + self.mean
         embeddings = []
         for start in range(0, len(masks), self.crop_batch_size):
@@ -319,11 +316,13 @@ class DatusModule(L.LightningModule):
         if "image" not in batch:  # every file of the batch was unreadable
             return pending
         assert self._pool is not None
+        pending.images = self.normalise(batch["image"])
         with self.keys.capture():
-            self.backbone.forward_features(batch["image"])
-        keys, pending.cls_attention = self.keys.keys_and_attention()
+            features = self.backbone.forward_features(pending.images)
+        pending.keys, pending.cls_attention = self.keys.keys_and_attention()
+        pending.image_embeddings = F.normalize(features[:, 0].float(), dim=-1)
         timer.lap("backbone_forward")
-        adjacency = list(pack_adjacency(key_adjacency(keys)))
+        adjacency = list(pack_adjacency(key_adjacency(pending.keys)))
         timer.lap("affinity")
         pending.futures = self._pool.submit(adjacency, self.grid)
         timer.lap("louvain_and_components_wait")  # all of it without workers, else just the hand-over
@@ -332,20 +331,26 @@ class DatusModule(L.LightningModule):
     def _finish_batch(self, pending: PendingBatch) -> PredictionBatch:
         batch, timer = pending.batch, pending.timer
         skipped = batch.get("skipped", [])
-        if pending.cls_attention is None:
+        if pending.images is None or pending.keys is None:
             return PredictionBatch(records=[], skipped=skipped)
         timer.restart()
         partitions = [future.result() for future in pending.futures]
         timer.lap("louvain_and_components_wait")
         timer.seconds["louvain_cpu"] += sum(p.cpu_seconds[0] for p in partitions)
         timer.seconds["components_cpu"] += sum(p.cpu_seconds[1] for p in partitions)
-        images: Tensor = batch["image"]
-        embeddings = self.embed_segments(images, partitions, timer).to(torch.float16).cpu().numpy()
+        if self._calibrate_workers:
+            self._size_worker_pool(timer.seconds["louvain_cpu"] + timer.seconds["components_cpu"], timer)
+        segment_maps = torch.from_numpy(np.stack([p.segment_map for p in partitions])).to(self.device)
+        is_noise = [torch.from_numpy(p.is_noise).to(self.device) for p in partitions]
+        donors = donor_segments(pending.keys, segment_maps.flatten(1), is_noise)
+        timer.lap("noise_donors")
+        embeddings = self.embed_segments(pending.images, partitions, timer).to(torch.float16).cpu().numpy()
         timer.lap("embedding_transfer")
         attention = pending.cls_attention.reshape(-1, *self.grid).to(torch.float16).cpu().numpy()
+        image_embeddings = pending.image_embeddings.to(torch.float16).cpu().numpy()
         records, offset = [], 0
         for index, partition in enumerate(partitions):
-            count = len(partition.sizes)
+            count = int((~partition.is_noise).sum())
             height, width = batch["orig_size"][index].tolist()
             records.append(
                 ImageRecord(
@@ -356,10 +361,25 @@ class DatusModule(L.LightningModule):
                     segment_map=partition.segment_map,
                     sizes=partition.sizes,
                     is_noise=partition.is_noise,
+                    donors=donors[index],
                     embeddings=embeddings[offset : offset + count],
+                    image_embedding=image_embeddings[index],
                     cls_attention=attention[index],
                 )
             )
             offset += count
-        passes = len(images) + (len(embeddings) if self.embedding == "crop" else len(images))
+        embedding_passes = len(embeddings) if self.embedding == "crop" else len(partitions) * bool(len(embeddings))
+        passes = len(partitions) + embedding_passes
         return PredictionBatch(records, skipped, dict(timer.seconds), backbone_passes=passes)
+
+    def _size_worker_pool(self, louvain_seconds: float, timer: StageTimer) -> None:
+        """Beside an accelerator, start as many Louvain workers as the first batch showed are needed."""
+        self._calibrate_workers = False
+        workers = louvain_workers_for(louvain_seconds, timer.seconds["backbone_forward"], available_cores())
+        log.info(
+            "Louvain: %.1f ms of CPU per batch against %.1f ms of backbone; starting %d worker processes",
+            1000 * louvain_seconds, 1000 * timer.seconds["backbone_forward"], workers,
+        )
+        assert self._pool is not None
+        self._pool.close()
+        self._pool = CommunityPool(workers, self.resolution, self.min_patches, self.louvain)

@@ -9,6 +9,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
@@ -37,11 +38,58 @@ def pack_adjacency(adjacency: Tensor) -> np.ndarray:
     return np.packbits(adjacency.cpu().numpy(), axis=-1)
 
 
+def valid_segment_maps(segment_map: np.ndarray, is_noise: np.ndarray) -> np.ndarray:
+    """Renumber the valid segments of one image 0..V-1 (segment-id order); noise patches become -1."""
+    valid_ids = np.where(is_noise, -1, np.cumsum(~is_noise) - 1)
+    return valid_ids[segment_map].astype(np.int64)
+
+
+def donor_segments(keys: Tensor, segment_ids: Tensor, is_noise: list[Tensor]) -> list[np.ndarray]:
+    """For every segment of every image, the valid segment whose label it takes.
+
+    A valid segment is its own donor. A noise segment's donor is the valid segment of the same
+    image with the largest product of mean keys, ``mean(k_noise) . mean(k_valid)``, which is
+    also the mean over its patches of their key products with that segment's mean key: the
+    quantity whose sign built the patch graph. Ties go to the lowest segment id. Computed for
+    the whole batch at once, in float32.
+
+    Args:
+        keys: B x N x D patch keys.
+        segment_ids: B x N segment id of every patch (0..S_b-1).
+        is_noise: per image, S_b noise flags.
+
+    Returns:
+        Per image, S_b int32 donors as indices into its valid segments (0..V_b-1), all -1 when
+        the image has no valid segment.
+    """
+    slots = max(len(flags) for flags in is_noise)
+    with torch.autocast(device_type=keys.device.type, enabled=False):
+        one_hot = F.one_hot(segment_ids.long(), slots).to(torch.float32)  # B x N x S
+        sums = one_hot.transpose(1, 2) @ keys.float()
+        means = sums / one_hot.sum(1).clamp_min(1)[..., None]
+        similarity = means @ means.transpose(1, 2)  # B x S x S
+    valid = torch.zeros((len(is_noise), slots), dtype=torch.bool, device=keys.device)
+    for index, flags in enumerate(is_noise):
+        valid[index, : len(flags)] = ~flags
+    similarity = similarity.masked_fill(~valid[:, None, :], float("-inf"))
+    donor = similarity.argmax(-1)
+    own = torch.arange(slots, device=keys.device)[None].expand_as(donor)
+    donor = torch.where(valid, own, donor)
+    rank = (torch.cumsum(valid.to(torch.int64), 1) - 1).gather(1, donor)
+    result = []
+    for index, flags in enumerate(is_noise):
+        count = len(flags)
+        local = rank[index, :count] if bool(valid[index].any()) else torch.full((count,), -1, device=keys.device)
+        result.append(local.to(torch.int32).cpu().numpy())
+    return result
+
+
 def segment_masks(segment_maps: Tensor, num_segments: Tensor) -> tuple[Tensor, Tensor]:
     """One boolean patch mask per segment, for all images of a batch at once.
 
     Args:
-        segment_maps: B x h x w segment ids, 0..S_b-1 per image.
+        segment_maps: B x h x w segment ids, 0..S_b-1 per image (other values, such as -1
+            for noise, belong to no mask).
         num_segments: B segment counts S_b.
 
     Returns:

@@ -28,7 +28,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from datus.io import CLASSES_FILE, atomic_path, write_json, write_png
+from datus.io import atomic_path, write_json, write_png
+from datus.run import CLASSES_FILE
 
 IGNORE_INDEX = 255
 """Mask value that evaluation ignores."""

@@ -4,11 +4,13 @@ Numbers alone hide the failures that matter in unsupervised segmentation: masks 
 the attention blob instead of objects, segments that are all noise, a cluster that swallows
 the background. The report puts, for a small deterministic sample of images, the image next to
 its discovered segments, its pseudo mask, its ground truth and the ViT's CLS attention, under
-a title with the run's settings and scores and above the confusion matrix.
+a title with the run's settings and scores and above the confusion matrix and the label-free
+diagnostics.
 
-Colours match the files on disk: pseudo masks use :func:`datus.painting.colour_table` (after
+Colours match the files on disk: pseudo masks use :func:`datus.drawing.colour_table` (after
 evaluation a matched cluster has its class's colour) and ground truth uses the same class
-palette, so a correct pixel has the same colour in both columns.
+palette, so a correct pixel has the same colour in both columns. Segments are drawn as yellow
+outlines on the grey image, so they cannot be mistaken for classes.
 
 Only PIL and numpy draw; only the shards that hold the sampled images are read.
 """
@@ -23,17 +25,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from datamodules.images import load_rgb
-from datus.io import CLASSES_FILE, MANIFEST_FILE, atomic_path, read_label_png
-from datus.module import ImageRecord
-from datus.painting import colour_table, colourise, palette
-from datus.shards import find_class_file, list_shards, read_image_ids, read_records
+from datus.drawing import (
+    BACKGROUND,
+    IGNORE_BLACK,
+    INK,
+    colour_table,
+    colourise,
+    fit_text,
+    font_of,
+    heat_colours,
+    palette,
+    text_width,
+)
+from datus.io import UnreadableFile, load_rgb, read_json, read_label_png, write_image
+from datus.paint import outline_picture
+from datus.records import ImageRecord
+from datus.run import CLASSES_FILE, COLOUR, CONFUSION_FILE, MANIFEST_FILE, MASKS, METRICS_FILE, REPORT_FILE, Results, Run
+from datus.score import find_class_file
+from datus.shards import read_image_ids, read_records
 
 log = logging.getLogger(__name__)
-
-REPORT_FILE = "report.png"
 
 PAD = 8
 """Gap in pixels around the picture and between grid cells."""
@@ -45,22 +58,15 @@ LINE_HEIGHT = 18
 """Height of one line of small text: a legend line, the column headers, a row caption."""
 MAX_ASPECT = 4.0
 """Widest thumbnail, as a multiple of its height; a panorama is shrunk to fit, not stretched."""
+MAX_CONFUSION_SCALE = 3
+"""The confusion matrix is enlarged by up to this integer factor to span the grid."""
 
-BACKGROUND = (255, 255, 255)
-INK = (0, 0, 0)
 BANNER_RED = (200, 16, 16)
 """Fill of the random-weights banner (tests look for it)."""
 MISSING_GREY = (128, 128, 128)
 """Fill of a tile whose file is missing or unreadable (an input image moved since the run)."""
 NO_DATA_GREY = (215, 215, 215)
 """Fill of a ground-truth tile for an image that has no mask."""
-NOISE_GREY = (56, 56, 56)
-"""Colour of noise patches (segment id 0) in the segments column."""
-IGNORE_BLACK = (0, 0, 0)
-
-_HEAT_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
-_HEAT_COLOURS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
-"""Anchors of an inferno-like ramp: dark to bright is monotonic in lightness, so it reads in grey too."""
 
 
 @dataclass
@@ -74,99 +80,91 @@ class _RunFacts:
     num_classes: int
     mapping: dict[str, int | None] | None
     cluster_names: list[str] | None
+    class_names: list[str] | None
     miou: tuple[float | None, float | None] | None
 
 
-_LegendLine = list[tuple[tuple[int, int, int], str]]
-"""A heading (its colour unused) followed by (swatch colour, name) entries."""
+_Entry = tuple[tuple[int, int, int], str]
+"""A legend entry: swatch colour and name."""
 
 
 def make_report(
-    run_dir: Path,
-    results_dir: Path | None = None,
+    run: Run,
+    results: Results | None = None,
     num_samples: int = 8,
     seed: int = 0,
     thumb_height: int = 160,
+    diagnostics: Image.Image | None = None,
 ) -> Path:
-    """Draw ``results_dir/report.png`` for a finished run and return its path.
+    """Draw ``report.png`` in the results folder of a finished run and return its path.
 
     Layout, top to bottom: a title line (run folder, backbone, K, number of images, dense and
     paper mIoU when the run was scored); a red ``RANDOM WEIGHTS`` banner when the ViT was
-    untrained; a colour legend; then one row per sampled image with the columns image,
-    segments (noise dark grey), pseudo mask, ground truth (only when some sampled image has a
-    mask) and last-block CLS attention; finally ``confusion.png`` when it exists.
+    untrained; the colour legend (wrapped onto as many lines as it needs); then one row per
+    sampled image with the columns image, segments, pseudo mask, ground truth (only when some
+    sampled image has a mask) and last-block CLS attention; finally the confusion matrix
+    (enlarged) and the label-free diagnostics, when given.
 
     The sample is ``num_samples`` ids drawn with ``seed`` from the sorted ids of the manifest
     (or of the shards), shown in sorted order, so the same run always gives the same picture
     and two runs on the same data show the same images side by side.
 
     Args:
-        run_dir: folder of a ``datus predict`` run (holds ``run.json``, ``shards/``, ``segments/``).
-        results_dir: folder with masks, colours and metrics (``run_dir`` by default; a
+        run: a ``datus predict`` run (``run.json``, ``shards/``).
+        results: folder with masks, colours and metrics (the run folder by default; a
             ``clusters/k<K>`` folder of ``datus cluster`` also works).
         num_samples: images to show (fewer if the run has fewer).
         seed: seed of the sample.
         thumb_height: height in pixels of every thumbnail; widths keep the image's aspect.
-
-    Returns:
-        The path of the written ``report.png``.
+        diagnostics: a picture of the label-free diagnostics to place at the bottom.
 
     Raises:
-        FileNotFoundError: ``run_dir`` holds no shards.
+        FileNotFoundError: the run holds no shards.
         ValueError: ``num_samples`` is below 1 or ``thumb_height`` below 8 pixels.
     """
-    run_dir = Path(run_dir)
-    results_dir = Path(results_dir) if results_dir is not None else run_dir
+    results = results or run.results
     if num_samples < 1:
         raise ValueError(f"make_report: num_samples must be >= 1, got {num_samples}")
     if thumb_height < 8:
         raise ValueError(f"make_report: thumb_height must be >= 8 pixels, got {thumb_height}")
-    shards = list_shards(run_dir)
+    shards = run.shards()
     if not shards:
-        raise FileNotFoundError(f"{run_dir}: no shards found; run `datus predict` into this folder first.")
+        raise FileNotFoundError(f"{run.root}: no shards found; run `datus predict` into this folder first.")
 
-    all_ids = _listed_ids(results_dir) or read_image_ids(shards)
-    sample = _sample_ids(all_ids, num_samples, seed)
-    records = _find_records(shards, sample)
-    facts = _run_facts(run_dir, results_dir)
+    all_ids = _listed_ids(results) or read_image_ids(shards)
+    records = _find_records(shards, _sample_ids(all_ids, num_samples, seed))
+    facts = _run_facts(run, results, records)
     with_ground_truth = any(record.mask_path for record in records)
     class_count = _class_count(facts, records) if with_ground_truth else facts.num_classes
 
-    columns = ["image", "segments (grey: noise)", "pseudo mask"]
+    columns = ["image", "segments (outlined; dark: noise)", "pseudo mask"]
     if with_ground_truth:
         columns.append("ground truth")
     columns.append("CLS attention")
-    rows = [
-        _row_tiles(record, run_dir, results_dir, facts, class_count, with_ground_truth, thumb_height)
-        for record in records
-    ]
-    class_names = _dataset_class_names(records) if with_ground_truth else None
+    rows = [_row_tiles(record, results, facts, class_count, with_ground_truth, thumb_height) for record in records]
     picture = _compose(
-        title=_title(facts, len(all_ids), results_dir, run_dir),
+        title=_title(facts, len(all_ids), results, run),
         random_weights=facts.random_weights,
-        legend=_legend_lines(facts, class_count, with_ground_truth, class_names),
+        legend=_legend_groups(facts, class_count, with_ground_truth),
         columns=columns,
         records=records,
         rows=rows,
-        confusion=_open_rgb(results_dir / "confusion.png"),
+        bottom=[part for part in (_open_rgb(results.file(CONFUSION_FILE)), diagnostics) if part is not None],
     )
-
-    target = results_dir / REPORT_FILE
-    with atomic_path(target) as temporary:
-        picture.save(temporary, format="PNG")
+    target = results.file(REPORT_FILE)
+    write_image(target, picture)
     return target
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _listed_ids(results_dir: Path) -> list[str]:
+def _listed_ids(results: Results) -> list[str]:
     """Image ids of the results folder's manifest: the images that really got masks."""
-    path = results_dir / MANIFEST_FILE
+    path = results.file(MANIFEST_FILE)
     if not path.is_file():
         return []
-    return [json.loads(line)["image_id"] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line)["image_id"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, KeyError, TypeError, OSError):
+        return []
 
 
 def _sample_ids(ids: Sequence[str], num_samples: int, seed: int) -> list[str]:
@@ -197,65 +195,61 @@ def _find_records(shards: Sequence[Path], wanted: Sequence[str]) -> list[ImageRe
     return [found[image_id] for image_id in wanted if image_id in found]
 
 
-def _run_facts(run_dir: Path, results_dir: Path) -> _RunFacts:
-    settings = (_read_json(run_dir / "run.json") or {}).get("settings", {})
-    metrics = _read_json(results_dir / "metrics.json")
-    described = _read_json(results_dir / CLASSES_FILE)
-    num_clusters = None
-    if metrics:
-        num_clusters = int(metrics["num_clusters"])
-    elif described:
-        num_clusters = int(described["num_clusters"])
+def _optional_json(path: Path) -> Any:
+    try:
+        return read_json(path) if path.is_file() else None
+    except UnreadableFile:
+        return None
+
+
+def _run_facts(run: Run, results: Results, records: Sequence[ImageRecord]) -> _RunFacts:
+    identity = run.recorded_identity() or {}
+    model = identity.get("model") or {}
+    metrics = _optional_json(results.file(METRICS_FILE))
+    described = _optional_json(results.file(CLASSES_FILE))
+    num_clusters = int(metrics["num_clusters"]) if metrics else int(described["num_clusters"]) if described else None
     miou = None
     if metrics:
         protocols = metrics["protocols"]
         miou = (protocols["dense"].get("miou"), protocols["paper"].get("miou"))
+    class_names = metrics.get("class_names") if metrics else None
+    if class_names is None:
+        class_names = _dataset_class_names(records)
     return _RunFacts(
-        name=run_dir.resolve().name,
-        backbone=str(settings.get("backbone", "?")),
-        random_weights=settings.get("weights") == "random",
+        name=run.root.resolve().name,
+        backbone=str(model.get("backbone", "?")),
+        random_weights=model.get("weights") == "random",
         num_clusters=num_clusters,
         num_classes=int(metrics["num_classes"]) if metrics else 0,
         mapping=metrics["protocols"]["dense"]["mapping"] if metrics else None,
         cluster_names=list(described["classes"]) if described else None,
+        class_names=class_names,
         miou=miou,
     )
+
+
+def _dataset_class_names(records: Sequence[ImageRecord]) -> list[str] | None:
+    with_mask = next((record for record in records if record.mask_path), None)
+    class_file = find_class_file(with_mask.mask_path) if with_mask else None
+    described = _optional_json(class_file) if class_file is not None else None
+    return list(described["classes"]) if described and "classes" in described else None
 
 
 def _class_count(facts: _RunFacts, records: Sequence[ImageRecord]) -> int:
     """C for the ground-truth palette: the scored C, else the dataset's ``classes.json``, else the largest id seen."""
     if facts.num_classes:
         return facts.num_classes
-    class_file = find_class_file(records)
-    if class_file is not None:
-        return len(json.loads(class_file.read_text())["classes"])
+    if facts.class_names:
+        return len(facts.class_names)
     largest = 0
     for record in records:
         try:
             labels = read_label_png(Path(record.mask_path)) if record.mask_path else None
-        except (OSError, ValueError):
+        except UnreadableFile:
             labels = None
         if labels is not None and (labels != 255).any():
             largest = max(largest, int(labels[labels != 255].max()) + 1)
     return largest
-
-
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
-
-
-def _text_width(text: str, font: Any) -> int:
-    left, _, right, _ = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
-    return int(right - left)
-
-
-def _fit_text(text: str, font: Any, width: int) -> str:
-    """``text``, cut with ``...`` so that it fits ``width`` pixels (long image ids, many classes)."""
-    if _text_width(text, font) <= width:
-        return text
-    while text and _text_width(text + "...", font) > width:
-        text = text[:-1]
-    return text + "..."
 
 
 def _tile_size(orig_size: tuple[int, int], thumb_height: int) -> tuple[int, int]:
@@ -272,7 +266,7 @@ def _placeholder(size: tuple[int, int], fill: tuple[int, int, int], text: str) -
     """A flat tile with a centred word, so a gap in the grid says why it is there."""
     tile = Image.new("RGB", size, fill)
     draw = ImageDraw.Draw(tile)
-    font = _font(12)
+    font = font_of(12)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     ink = (255, 255, 255) if sum(fill) < 450 else INK
     position = ((size[0] - (right - left)) // 2 - left, (size[1] - (bottom - top)) // 2 - top)
@@ -286,35 +280,35 @@ def _labels_tile(colours: np.ndarray, size: tuple[int, int]) -> Image.Image:
 
 
 def _heat_tile(attention: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """CLS attention, min-max normalised per image (only its shape matters), bilinear, inferno-like."""
+    """CLS attention, min-max normalised per image (only its shape matters), bilinear, viridis."""
     values = attention.astype(np.float32)
     low, high = float(values.min()), float(values.max())
     values = (values - low) / (high - low) if high > low else np.zeros_like(values)
     smooth = np.asarray(Image.fromarray(values, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
-    smooth = np.clip(smooth, 0.0, 1.0)
-    rgb = np.stack([np.interp(smooth, _HEAT_STOPS, _HEAT_COLOURS[:, c]) for c in range(3)], axis=-1)
-    return Image.fromarray(rgb.round().astype(np.uint8))
+    return Image.fromarray(heat_colours(smooth))
 
 
-def _segments_tile(record: ImageRecord, run_dir: Path, size: tuple[int, int]) -> Image.Image:
-    """The segments PNG (0 = noise, 1..S valid); rebuilt from the record if the PNG is gone."""
-    path = run_dir / "segments" / f"{record.image_id}.png"
-    if path.is_file():
-        segments = read_label_png(path)
-    else:
-        segments = np.where(record.is_noise, 0, np.cumsum(~record.is_noise))[record.segment_map]
-    colours = palette(int(segments.max()) + 1)
-    colours[0] = NOISE_GREY
-    return _labels_tile(colours[segments], size)
+def _photo(record: ImageRecord, size: tuple[int, int]) -> Image.Image:
+    image, _ = load_rgb(Path(record.image_path), min_side=max(size))
+    return image.resize(size, Image.Resampling.BILINEAR)
 
 
-def _mask_tile(record: ImageRecord, results_dir: Path, facts: _RunFacts, size: tuple[int, int]) -> Image.Image:
-    """The colour mask as written, or the label mask coloured exactly as postprocess would."""
-    colour_path = results_dir / "color" / f"{record.image_id}.png"
+def _segments_tile(record: ImageRecord, size: tuple[int, int]) -> Image.Image:
+    """Segments as outlines on the grey photo (noise darkened), drawn from the record."""
+    try:
+        picture = np.asarray(_photo(record, size))
+    except UnreadableFile:
+        picture = np.full((size[1], size[0], 3), 160, dtype=np.uint8)
+    return Image.fromarray(outline_picture(record, picture))
+
+
+def _mask_tile(record: ImageRecord, results: Results, facts: _RunFacts, size: tuple[int, int]) -> Image.Image:
+    """The colour mask as written, or the label mask coloured exactly as painting would."""
+    colour_path = results.image_file(COLOUR, record.image_id)
     if colour_path.is_file():
         with Image.open(colour_path) as stored:
             return stored.convert("RGB").resize(size, Image.Resampling.NEAREST)
-    mask = read_label_png(results_dir / "masks" / f"{record.image_id}.png")
+    mask = read_label_png(results.image_file(MASKS, record.image_id))
     num_clusters = facts.num_clusters or int(mask.max()) + 1
     table = colour_table(num_clusters, facts.num_classes, facts.mapping)
     return _labels_tile(colourise(mask, table, ignore_index=-1), size)
@@ -331,13 +325,10 @@ def _ground_truth_tile(record: ImageRecord, facts: _RunFacts, class_count: int, 
 
 def _photo_tile(record: ImageRecord, size: tuple[int, int]) -> Image.Image:
     try:
-        return load_rgb(Path(record.image_path)).resize(size, Image.Resampling.BILINEAR)
-    except FileNotFoundError:
-        log.warning("report: input image %s is missing (moved since the run?)", record.image_path)
+        return _photo(record, size)
+    except UnreadableFile as error:
+        log.warning("report: cannot read %s (moved since the run?): %s", record.image_path, error)
         return _placeholder(size, MISSING_GREY, "missing")
-    except OSError as error:
-        log.warning("report: cannot read %s: %s", record.image_path, error)
-        return _placeholder(size, MISSING_GREY, "unreadable")
 
 
 def _guarded(draw: Callable[[], Image.Image], size: tuple[int, int], what: str) -> Image.Image:
@@ -354,8 +345,7 @@ def _guarded(draw: Callable[[], Image.Image], size: tuple[int, int], what: str) 
 
 def _row_tiles(
     record: ImageRecord,
-    run_dir: Path,
-    results_dir: Path,
+    results: Results,
     facts: _RunFacts,
     class_count: int,
     with_ground_truth: bool,
@@ -364,8 +354,8 @@ def _row_tiles(
     size = _tile_size(record.orig_size, thumb_height)
     tiles = [
         _photo_tile(record, size),
-        _guarded(lambda: _segments_tile(record, run_dir, size), size, "segments"),
-        _guarded(lambda: _mask_tile(record, results_dir, facts, size), size, "pseudo mask"),
+        _guarded(lambda: _segments_tile(record, size), size, "segments"),
+        _guarded(lambda: _mask_tile(record, results, facts, size), size, "pseudo mask"),
     ]
     if with_ground_truth:
         tiles.append(_guarded(lambda: _ground_truth_tile(record, facts, class_count, size), size, "ground truth"))
@@ -380,13 +370,13 @@ def _open_rgb(path: Path) -> Image.Image | None:
         return stored.convert("RGB")
 
 
-def _title(facts: _RunFacts, num_images: int, results_dir: Path, run_dir: Path) -> str:
+def _title(facts: _RunFacts, num_images: int, results: Results, run: Run) -> str:
     parts = [facts.name]
-    if results_dir.resolve() != run_dir.resolve():
+    if results.root.resolve() != run.root.resolve():
         try:
-            parts[0] += f" ({results_dir.resolve().relative_to(run_dir.resolve())})"
+            parts[0] += f" ({results.root.resolve().relative_to(run.root.resolve())})"
         except ValueError:
-            parts[0] += f" (results: {results_dir.resolve().name})"
+            parts[0] += f" (results: {results.root.resolve().name})"
     parts += [f"backbone {facts.backbone}", f"K {facts.num_clusters or '?'}", f"{num_images} images"]
     if facts.miou is not None:
         dense, paper = (f"{100 * value:.1f}" if value is not None else "n/a" for value in facts.miou)
@@ -394,63 +384,79 @@ def _title(facts: _RunFacts, num_images: int, results_dir: Path, run_dir: Path) 
     return "   |   ".join(parts)
 
 
-def _legend_lines(
-    facts: _RunFacts, class_count: int, with_ground_truth: bool, class_names: list[str] | None
-) -> list[_LegendLine]:
-    """Swatch-and-name entries: one line for the pseudo-mask colours, one for the ground-truth classes."""
-    lines = []
+def _legend_groups(facts: _RunFacts, class_count: int, with_ground_truth: bool) -> list[tuple[str, list[_Entry]]]:
+    """(heading, entries) for the pseudo-mask colours and for the ground-truth classes."""
+    groups = []
     if facts.num_clusters:
         table = colour_table(facts.num_clusters, facts.num_classes, facts.mapping)
         names = facts.cluster_names or [f"cluster {k}" for k in range(facts.num_clusters)]
-        entries = [
-            (_rgb(table[k]), f"{k}: {names[k]}" if k < len(names) else str(k)) for k in range(facts.num_clusters)
-        ]
-        lines.append([((255, 255, 255), "pseudo mask:"), *entries])
+        entries = [(_rgb(table[k]), f"{k}: {names[k]}" if k < len(names) else str(k)) for k in range(facts.num_clusters)]
+        groups.append(("pseudo mask:", entries))
     if with_ground_truth and class_count:
         colours = palette((facts.num_clusters or 0) + class_count)
-        names = class_names if class_names and len(class_names) == class_count else [str(c) for c in range(class_count)]
+        names = facts.class_names
+        if not names or len(names) != class_count:
+            names = [str(c) for c in range(class_count)]
         entries = [(_rgb(colours[c]), f"{c}: {names[c]}") for c in range(class_count)]
-        lines.append([((255, 255, 255), "ground truth:"), *entries, (IGNORE_BLACK, "255: ignored")])
-    return lines
+        groups.append(("ground truth:", [*entries, (IGNORE_BLACK, "255: ignored")]))
+    return groups
 
 
 def _rgb(colour: np.ndarray) -> tuple[int, int, int]:
     return int(colour[0]), int(colour[1]), int(colour[2])
 
 
-def _dataset_class_names(records: Sequence[ImageRecord]) -> list[str] | None:
-    class_file = find_class_file(records)
-    return list(json.loads(class_file.read_text())["classes"]) if class_file is not None else None
+def _wrap_legend(groups: list[tuple[str, list[_Entry]]], width: int, font: Any) -> list[tuple[str, list[_Entry]]]:
+    """Lines of (heading, entries) that fit ``width``; a group continues on further lines, never cut."""
+    heading_width = max((text_width(heading, font) for heading, _ in groups), default=0)
+    lines = []
+    for heading, entries in groups:
+        line: list[_Entry] = []
+        x = PAD + heading_width + PAD
+        for entry in entries:
+            needed = 16 + text_width(entry[1], font) + 2 * PAD
+            if line and x + needed > width - PAD:
+                lines.append((heading, line))
+                heading, line, x = "", [], PAD + heading_width + PAD
+            line.append(entry)
+            x += needed
+        lines.append((heading, line))
+    return lines
 
 
 def _compose(
     title: str,
     random_weights: bool,
-    legend: list[_LegendLine],
+    legend: list[tuple[str, list[_Entry]]],
     columns: list[str],
     records: Sequence[ImageRecord],
     rows: list[list[Image.Image]],
-    confusion: Image.Image | None,
+    bottom: list[Image.Image],
 ) -> Image.Image:
-    """Place title, banner, legend, column headers, rows and the confusion matrix on one canvas.
+    """Place title, banner, legend, column headers, rows and the bottom pictures on one canvas.
 
-    The canvas is as wide as the widest of grid, title, banner and confusion matrix, and exactly
-    as tall as its parts (tests recompute it from the layout constants above).
+    The canvas is as wide as the widest of grid, title and banner, and exactly as tall as its
+    parts (tests recompute it from the layout constants above). Bottom pictures (confusion
+    matrix, diagnostics) are enlarged by the same integer factor, at most
+    :data:`MAX_CONFUSION_SCALE`, so that side by side they span about the grid's width.
     """
-    title_font, small_font, banner_font = _font(16), _font(12), _font(15)
+    title_font, small_font, banner_font = font_of(16), font_of(12), font_of(15)
     banner = "RANDOM WEIGHTS: the ViT is untrained; segments and masks only show the pipeline working"
     cell_width = max((row[0].width for row in rows), default=PAD)
     grid_width = PAD + len(columns) * (cell_width + PAD)
-    width = max(grid_width, _text_width(title, title_font) + 2 * PAD)
+    width = max(grid_width, text_width(title, title_font) + 2 * PAD)
     if random_weights:
-        width = max(width, _text_width(banner, banner_font) + 2 * PAD)
-    if confusion is not None:
-        width = max(width, confusion.width + 2 * PAD)
+        width = max(width, text_width(banner, banner_font) + 2 * PAD)
+    natural = sum(part.width for part in bottom) + PAD * (len(bottom) + 1)
+    scale = max(1, min(MAX_CONFUSION_SCALE, width // max(natural, 1)))
+    bottom = [part.resize((part.width * scale, part.height * scale), Image.Resampling.NEAREST) for part in bottom]
+    width = max(width, sum(part.width for part in bottom) + PAD * (len(bottom) + 1))
+    lines = _wrap_legend(legend, width, small_font)
     rows_height = sum(LINE_HEIGHT + row[0].height + PAD for row in rows)
-    header_height = TITLE_HEIGHT + (BANNER_HEIGHT if random_weights else 0) + LINE_HEIGHT * (len(legend) + 1)
+    header_height = TITLE_HEIGHT + (BANNER_HEIGHT if random_weights else 0) + LINE_HEIGHT * (len(lines) + 1)
     height = PAD + header_height + rows_height
-    if confusion is not None:
-        height += confusion.height + PAD
+    if bottom:
+        height += max(part.height for part in bottom) + PAD
 
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -461,51 +467,35 @@ def _compose(
         draw.rectangle([0, y, width - 1, y + BANNER_HEIGHT - 3], fill=BANNER_RED)
         draw.text((PAD, y + 4), banner, fill=(255, 255, 255), font=banner_font)
         y += BANNER_HEIGHT
-    heading_width = max((_text_width(line[0][1], small_font) for line in legend), default=0)
-    for line in legend:
-        _draw_legend_line(draw, line, y, width, heading_width, small_font)
+    heading_width = max((text_width(heading, small_font) for heading, _ in legend), default=0)
+    for heading, entries in lines:
+        draw.text((PAD, y + 2), heading, fill=INK, font=small_font)
+        x = PAD + heading_width + PAD
+        for colour, name in entries:
+            draw.rectangle([x, y + 3, x + 11, y + 14], fill=colour, outline=(120, 120, 120))
+            draw.text((x + 16, y + 2), name, fill=INK, font=small_font)
+            x += 16 + text_width(name, small_font) + 2 * PAD
         y += LINE_HEIGHT
     for index, name in enumerate(columns):
         x = PAD + index * (cell_width + PAD)
-        if _text_width(name, small_font) > cell_width:
+        if text_width(name, small_font) > cell_width:
             name = name.split(" (")[0]  # small thumbnails: drop the note rather than cut the name
-        label = _fit_text(name, small_font, cell_width)
-        draw.text((x + (cell_width - _text_width(label, small_font)) // 2, y + 2), label, fill=INK, font=small_font)
+        label = fit_text(name, small_font, cell_width)
+        draw.text((x + (cell_width - text_width(label, small_font)) // 2, y + 2), label, fill=INK, font=small_font)
     y += LINE_HEIGHT
     for record, tiles in zip(records, rows):
-        valid = int((~record.is_noise).sum())
+        valid = record.num_valid
         caption = (
             f"{record.image_id}   {record.orig_size[1]}x{record.orig_size[0]} px   "
             f"{valid} segments + {len(record.is_noise) - valid} noise"
         )
-        draw.text((PAD, y + 2), _fit_text(caption, small_font, width - 2 * PAD), fill=(70, 70, 70), font=small_font)
+        draw.text((PAD, y + 2), fit_text(caption, small_font, width - 2 * PAD), fill=(70, 70, 70), font=small_font)
         y += LINE_HEIGHT
         for index, tile in enumerate(tiles):
             canvas.paste(tile, (PAD + index * (cell_width + PAD) + (cell_width - tile.width) // 2, y))
         y += tiles[0].height + PAD
-    if confusion is not None:
-        canvas.paste(confusion, (PAD, y))
-    return canvas
-
-
-def _draw_legend_line(
-    draw: ImageDraw.ImageDraw,
-    entries: _LegendLine,
-    y: int,
-    width: int,
-    heading_width: int,
-    font: Any,
-) -> None:
-    """A heading, then swatches with names; entries that do not fit end in ``...`` (K in the hundreds)."""
     x = PAD
-    (_, heading), *swatches = entries
-    draw.text((x, y + 2), heading, fill=INK, font=font)
-    x += heading_width + PAD
-    for colour, name in swatches:
-        needed = 12 + 4 + _text_width(name, font) + 2 * PAD
-        if x + needed > width - PAD:
-            draw.text((x, y + 2), "...", fill=INK, font=font)
-            return
-        draw.rectangle([x, y + 3, x + 11, y + 14], fill=colour, outline=(120, 120, 120))
-        draw.text((x + 16, y + 2), name, fill=INK, font=font)
-        x += needed
+    for part in bottom:
+        canvas.paste(part, (x, y))
+        x += part.width + PAD
+    return canvas

@@ -1,43 +1,34 @@
-"""Binary shards of per-image records: the hand-off between prediction and clustering.
+"""Binary shards of per-image records: the hand-off between prediction and the dataset stages.
 
-Each prediction batch of each rank becomes one ``.npz`` file (plain arrays, no pickle),
-written atomically, so a shard on disk is always complete: the set of image ids in the shards
-*is* the resume state. Clustering streams the shards back without running the ViT again.
+Each prediction batch of each rank becomes one ``.npz`` file (plain arrays, no pickle), written
+atomically, so a shard on disk is always complete: the set of image ids in the shards *is* the
+resume state. The dataset stages stream shards back without running the ViT again.
+
+A shard is read as untrusted input: every array's shape and range is checked against the
+others, and every image id must be a safe relative name, before anything is built from it.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Sequence
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from datus.io import CLASSES_FILE, write_npz
-from datus.module import ImageRecord
+from datus.errors import ConfigurationError
+from datus.io import write_npz
+from datus.records import ImageRecord
+from datus.run import check_image_id
 
-SHARD_DIR = "shards"
-_SHARD_NAME = re.compile(r"rank(\d+)-(\d+)\.npz$")
-
-
-def shard_path(run_dir: Path, rank: int, sequence: int) -> Path:
-    return run_dir / SHARD_DIR / f"rank{rank:03d}-{sequence:07d}.npz"
-
-
-def list_shards(run_dir: Path) -> list[Path]:
-    """All complete shards of a run, in a stable order (rank, then sequence)."""
-    folder = run_dir / SHARD_DIR
-    if not folder.is_dir():
-        return []
-    named = [(m, p) for p in folder.iterdir() if (m := _SHARD_NAME.match(p.name))]
-    return [p for m, p in sorted(named, key=lambda item: (int(item[0][1]), int(item[0][2])))]
+_PER_IMAGE = ("image_ids", "image_paths", "mask_paths", "orig_sizes", "segment_maps", "segment_counts",
+              "image_embeddings", "cls_attention")
+_PER_SEGMENT = ("sizes", "is_noise", "donors")
 
 
-def next_sequence(run_dir: Path, rank: int) -> int:
-    """First unused shard number for ``rank`` (a resumed run appends, never overwrites)."""
-    numbers = [int(m[2]) for p in list_shards(run_dir) if (m := _SHARD_NAME.match(p.name)) and int(m[1]) == rank]
-    return max(numbers, default=-1) + 1
+class ShardError(ConfigurationError):
+    """A shard is damaged or was not written by datus; the message names it and the fix."""
 
 
 def write_shard(path: Path, records: Sequence[ImageRecord]) -> None:
@@ -49,96 +40,148 @@ def write_shard(path: Path, records: Sequence[ImageRecord]) -> None:
             "mask_paths": np.array([r.mask_path for r in records], dtype=str),
             "orig_sizes": np.array([r.orig_size for r in records], dtype=np.int64).reshape(-1, 2),
             "segment_maps": np.stack([r.segment_map for r in records]).astype(np.int32),
-            "cls_attention": np.stack([r.cls_attention for r in records]).astype(np.float16),
             "segment_counts": np.array([len(r.sizes) for r in records], dtype=np.int64),
+            "image_embeddings": np.stack([r.image_embedding for r in records]).astype(np.float16),
+            "cls_attention": np.stack([r.cls_attention for r in records]).astype(np.float16),
             "sizes": np.concatenate([r.sizes for r in records]).astype(np.int32),
             "is_noise": np.concatenate([r.is_noise for r in records]).astype(bool),
+            "donors": np.concatenate([r.donors for r in records]).astype(np.int32),
             "embeddings": np.concatenate([r.embeddings for r in records]).astype(np.float16),
         },
     )
 
 
+def _load(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in keys if key not in data.files]
+            if missing:
+                raise ShardError(_damaged(path, f"it lacks {', '.join(missing)}"))
+            return {key: data[key] for key in keys}
+    except ShardError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ShardError(_damaged(path, f"{type(error).__name__}: {error}")) from error
+
+
+def _damaged(path: Path, reason: str) -> str:
+    return (
+        f"{path} is damaged or was not written by datus ({reason}); delete it and run `datus predict` again with "
+        "the same --output_dir: its images are predicted again"
+    )
+
+
 def read_records(path: Path) -> list[ImageRecord]:
-    """The records of one shard, in the order they were written."""
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {key: data[key] for key in data.files}
-    ends = np.cumsum(arrays["segment_counts"])
-    starts = ends - arrays["segment_counts"]
-    return [
-        ImageRecord(
-            image_id=str(arrays["image_ids"][i]),
-            image_path=str(arrays["image_paths"][i]),
-            mask_path=str(arrays["mask_paths"][i]),
-            orig_size=(int(arrays["orig_sizes"][i, 0]), int(arrays["orig_sizes"][i, 1])),
-            segment_map=arrays["segment_maps"][i],
-            sizes=arrays["sizes"][starts[i] : ends[i]],
-            is_noise=arrays["is_noise"][starts[i] : ends[i]],
-            embeddings=arrays["embeddings"][starts[i] : ends[i]],
-            cls_attention=arrays["cls_attention"][i],
+    """The records of one shard, in the order they were written, after checking every array."""
+    arrays = _load(path, (*_PER_IMAGE, *_PER_SEGMENT, "embeddings"))
+    _check(path, arrays)
+    counts = arrays["segment_counts"]
+    ends = np.cumsum(counts)
+    valid_counts = [int((~arrays["is_noise"][end - count : end]).sum()) for count, end in zip(counts, ends)]
+    valid_ends = np.cumsum(valid_counts)
+    records = []
+    for i, (count, end, valid_end) in enumerate(zip(counts, ends, valid_ends)):
+        start, valid_start = end - count, valid_end - valid_counts[i]
+        records.append(
+            ImageRecord(
+                image_id=check_image_id(str(arrays["image_ids"][i]), path),
+                image_path=str(arrays["image_paths"][i]),
+                mask_path=str(arrays["mask_paths"][i]),
+                orig_size=(int(arrays["orig_sizes"][i, 0]), int(arrays["orig_sizes"][i, 1])),
+                segment_map=arrays["segment_maps"][i],
+                sizes=arrays["sizes"][start:end],
+                is_noise=arrays["is_noise"][start:end],
+                donors=arrays["donors"][start:end],
+                embeddings=arrays["embeddings"][valid_start:valid_end],
+                image_embedding=arrays["image_embeddings"][i],
+                cls_attention=arrays["cls_attention"][i],
+            )
         )
-        for i in range(len(ends))
-    ]
+    return records
 
 
-def iter_records(shards: Sequence[Path]) -> Iterator[ImageRecord]:
-    for shard in shards:
-        yield from read_records(shard)
+def _check(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Refuse arrays whose shapes or values do not fit together (a crafted or damaged shard)."""
+
+    def refuse(reason: str) -> None:
+        raise ShardError(_damaged(path, reason))
+
+    images = len(arrays["image_ids"])
+    for key in _PER_IMAGE:
+        if len(arrays[key]) != images:
+            refuse(f"{key} has {len(arrays[key])} entries for {images} images")
+    for key in ("image_ids", "image_paths", "mask_paths"):
+        if arrays[key].dtype.kind != "U":
+            refuse(f"{key} is not text")
+    counts, maps = arrays["segment_counts"], arrays["segment_maps"]
+    if images == 0 or maps.ndim != 3 or arrays["orig_sizes"].shape != (images, 2) or counts.dtype.kind not in "iu":
+        refuse("no images, or image arrays of the wrong shape")
+    if (counts < 1).any() or (arrays["orig_sizes"] < 1).any():
+        refuse("an image without segments or without pixels")
+    segments = int(counts.sum())
+    for key in _PER_SEGMENT:
+        if arrays[key].shape != (segments,):
+            refuse(f"{key} has {arrays[key].shape} entries for {segments} segments")
+    embeddings, image_embeddings = arrays["embeddings"], arrays["image_embeddings"]
+    if embeddings.ndim != 2 or image_embeddings.ndim != 2 or embeddings.shape[1] != image_embeddings.shape[1]:
+        refuse("embeddings of the wrong shape")
+    if embeddings.shape[0] != int((~arrays["is_noise"].astype(bool)).sum()):
+        refuse(f"{embeddings.shape[0]} embeddings for {int((~arrays['is_noise']).sum())} valid segments")
+    if arrays["cls_attention"].shape != maps.shape:
+        refuse("cls_attention does not match the segment maps")
+    ends = np.cumsum(counts)
+    for i, (count, end) in enumerate(zip(counts, ends)):
+        segment_map = maps[i]
+        if segment_map.min() < 0 or segment_map.max() >= count:
+            refuse(f"image {i}'s segment map has ids outside 0..{count - 1}")
+        noise = arrays["is_noise"][end - count : end]
+        donors = arrays["donors"][end - count : end]
+        valid = int((~noise).sum())
+        if (valid and ((donors < 0) | (donors >= valid)).any()) or (not valid and (donors != -1).any()):
+            refuse(f"image {i}'s donors lie outside its {valid} valid segments")
+
+
+def read_image_ids(shards: Sequence[Path]) -> list[str]:
+    """Ids of every image recorded in ``shards`` (reads only the small id arrays)."""
+    return [check_image_id(str(i), shard) for shard in shards for i in _load(shard, ("image_ids",))["image_ids"]]
 
 
 def read_image_paths(shards: Sequence[Path]) -> list[tuple[str, str]]:
     """(image id, image path) of every recorded image (reads only those two small arrays)."""
     pairs: list[tuple[str, str]] = []
     for shard in shards:
-        with np.load(shard, allow_pickle=False) as data:
-            pairs.extend((str(i), str(p)) for i, p in zip(data["image_ids"], data["image_paths"]))
+        arrays = _load(shard, ("image_ids", "image_paths"))
+        pairs.extend((check_image_id(str(i), shard), str(p)) for i, p in zip(arrays["image_ids"], arrays["image_paths"]))
     return pairs
-
-
-def read_image_ids(shards: Sequence[Path]) -> list[str]:
-    """Ids of every image recorded in ``shards`` (reads only the small id arrays)."""
-    ids: list[str] = []
-    for shard in shards:
-        with np.load(shard, allow_pickle=False) as data:
-            ids.extend(str(i) for i in data["image_ids"])
-    return ids
 
 
 @dataclass
 class SegmentTable:
-    """All segments of a set of shards, flattened: the input of clustering."""
+    """The valid segments of a set of shards, flattened: the input of clustering."""
 
-    embeddings: np.ndarray  # S x D float16
-    is_noise: np.ndarray  # S bool
+    embeddings: np.ndarray  # V x D float16
     num_images: int
 
 
 def read_segment_table(shards: Sequence[Path]) -> SegmentTable:
-    """The segment embeddings of ``shards``, ordered by image id then segment id.
+    """The valid-segment embeddings of ``shards``, ordered by image id then segment id.
 
     The order does not depend on how images were spread over ranks and batches, so a fit on
     the table gives the same clusters for a 1-rank and an N-rank run of the same images.
     """
-    pieces: list[tuple[str, np.ndarray, np.ndarray]] = []
+    pieces: list[tuple[str, np.ndarray]] = []
     for shard in shards:
-        with np.load(shard, allow_pickle=False) as data:
-            ends = np.cumsum(data["segment_counts"])
-            embeddings, noise = data["embeddings"], data["is_noise"]
-            for image_id, start, end in zip(data["image_ids"], ends - data["segment_counts"], ends):
-                pieces.append((str(image_id), embeddings[start:end], noise[start:end]))
+        pieces.extend((record.image_id, record.embeddings) for record in read_records(shard))
     if not pieces:
-        return SegmentTable(np.zeros((0, 0), np.float16), np.zeros(0, bool), 0)
+        return SegmentTable(np.zeros((0, 0), np.float16), 0)
     pieces.sort(key=lambda piece: piece[0])
-    return SegmentTable(
-        np.concatenate([p[1] for p in pieces]), np.concatenate([p[2] for p in pieces]), len(pieces)
-    )
+    return SegmentTable(np.concatenate([p[1] for p in pieces]), len(pieces))
 
 
-def find_class_file(records: Sequence[ImageRecord]) -> Path | None:
-    """``classes.json`` of a DatUS-layout dataset: the masks live in ROOT/<split>/true_masks."""
-    for record in records:
-        if record.mask_path:
-            for folder in list(Path(record.mask_path).parents)[:4]:
-                if (folder / CLASSES_FILE).is_file():
-                    return folder / CLASSES_FILE
-            return None
+def first_mask_path(shards: Sequence[Path]) -> str | None:
+    """The first ground-truth path recorded in ``shards`` (reads only the small path arrays)."""
+    for shard in shards:
+        for path in _load(shard, ("mask_paths",))["mask_paths"]:
+            if str(path):
+                return str(path)
     return None

@@ -13,6 +13,8 @@ from datus.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
+SHARED_DATA = REPO.parent / "shared" / "data"
+"""Real samples (SUIM, CamVid) beside the repository on this project's machines; tests skip without them."""
 
 
 def two_region_size(index: int) -> tuple[int, int]:
@@ -65,3 +67,11 @@ def write_datus_layout(root: Path, count: int, class_names: Sequence[str]) -> Pa
 def predict(output_dir: Path, *flags: str) -> None:
     """The real ``datus predict`` in-process on configs/tiny.yaml, without a progress bar."""
     main(["predict", "--config", TINY, "--output_dir", str(output_dir), "--trainer.enable_progress_bar", "false", *flags])
+
+
+def records_of(run_dir: Path) -> list:
+    """Every record of a run folder, shard by shard."""
+    from datus.run import Run
+    from datus.shards import read_records
+
+    return [record for shard in Run(run_dir).shards() for record in read_records(shard)]

@@ -16,33 +16,26 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.images import (
-    ImageDataset,
-    ImageFolderDataModule,
-    collate_with_skips,
-    image_id_for,
-    list_images,
-    load_rgb,
-)
+from datamodules.images import ImageDataset, ImageFolderDataModule, collate_with_skips, list_images
 from datus.backbones import normalization_of
+from datus.errors import ConfigurationError
+from datus.io import load_rgb
+from datus.run import image_id_for
+from tests.generated import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BACKBONE = "vit_small_patch8_224.dino"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 MakeImage = Callable[..., Path]
 
 
 def make_dataset(entries: list[Any], image_size: int = 16, min_side: int = 8) -> ImageDataset:
-    """An ImageDataset with ImageNet normalisation."""
-    return ImageDataset(entries, image_size, IMAGENET_MEAN, IMAGENET_STD, min_side)
+    return ImageDataset(entries, image_size, min_side)
 
 
 def rgb(path: Path) -> np.ndarray:
     """``load_rgb`` as an H x W x 3 uint8 array (and a check that the mode really is RGB)."""
-    image = load_rgb(path)
-    assert image.mode == "RGB"
+    image, size = load_rgb(path)
+    assert image.mode == "RGB" and size == (image.height, image.width)
     return np.asarray(image)
 
 
@@ -169,7 +162,7 @@ def test_datus_layout_pairs_masks_by_stem(tmp_path: Path, make_image: MakeImage)
     make_image(masks / "d_r_1.png", "L")
     make_image(masks / "n_l_3.png", "L")
     make_image(masks / "d_r_2.bmp", "L")  # not a .png mask: not paired
-    module = ImageFolderDataModule(tmp_path, split="train", backbone=BACKBONE, num_workers=0)
+    module = ImageFolderDataModule(tmp_path, split="train", num_workers=0)
     pairs = {entry.image_id: entry.mask_path for entry in module.entries}
     assert pairs == {"d_r_1": masks / "d_r_1.png", "d_r_2": None, "n_l_3": masks / "n_l_3.png"}
     items = {item["image_id"]: item["mask_path"] for item in module.predict_dataloader().dataset}
@@ -294,14 +287,14 @@ def test_collate_of_only_skips_has_no_images(mixed_folder: Path) -> None:
 
 
 def test_predict_dataloader_iterates_everything(mixed_folder: Path) -> None:
-    """A full pass (batch 3, no workers) sees every file once: good ones as normalised S x S tensors."""
-    module = ImageFolderDataModule(mixed_folder, backbone=BACKBONE, image_size=24, patch_size=8, batch_size=3,
+    """A full pass (batch 3, no workers) sees every file once: good ones as uint8 S x S tensors."""
+    module = ImageFolderDataModule(mixed_folder, image_size=24, patch_size=8, batch_size=3,
                                    num_workers=0)
     seen, skipped = [], []
     for batch in module.predict_dataloader():
         skipped += [Path(skip["path"]).name for skip in batch["skipped"]]
         if "image" in batch:
-            assert batch["image"].dtype == torch.float32
+            assert batch["image"].dtype == torch.uint8
             assert batch["image"].shape == (len(batch["image_id"]), 3, 24, 24)
             assert batch["image"].shape[0] + len(batch["skipped"]) <= 3
             seen += batch["image_id"]
@@ -309,27 +302,29 @@ def test_predict_dataloader_iterates_everything(mixed_folder: Path) -> None:
     assert sorted(seen) == sorted(set(MIXED_IDS) - {"broken", "empty", "tiny"})
 
 
-def test_normalisation_uses_the_backbone_mean_and_std(tmp_path: Path) -> None:
-    """A pixel of the batch equals (value / 255 - mean) / std with the backbone's mean and std, per channel."""
+def test_batches_are_uint8_and_the_module_normalises_with_the_backbone_mean_and_std(tmp_path: Path) -> None:
+    """The loader ships pixel values untouched; the module turns them into (value / 255 - mean) / std."""
+    from datus.module import DatusModule
+
     mean, std = normalization_of(BACKBONE)
     Image.new("RGB", (40, 30), (200, 100, 30)).save(tmp_path / "flat.png")
     pixels = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "noise.png")
-    module = ImageFolderDataModule(tmp_path, backbone=BACKBONE, image_size=16, batch_size=2, num_workers=0)
+    module = ImageFolderDataModule(tmp_path, image_size=16, batch_size=2, num_workers=0)
     (batch,) = list(module.predict_dataloader())
     images = dict(zip(batch["image_id"], batch["image"]))
+    assert torch.equal(images["noise"], torch.from_numpy(pixels).permute(2, 0, 1))  # 16x16 at size 16: no resampling
+    model = DatusModule(BACKBONE, weights="random", image_size=16, backbone_kwargs={"depth": 1})
+    normalised = model.normalise(batch["image"])
     for channel, value in enumerate((200, 100, 30)):
         expected = (value / 255 - mean[channel]) / std[channel]
-        torch.testing.assert_close(images["flat"][channel], torch.full((16, 16), expected), atol=1e-5, rtol=0)
-    row, column = 7, 11  # a 16x16 file at image_size 16 is not resampled
-    expected = [(pixels[row, column, c] / 255 - mean[c]) / std[c] for c in range(3)]
-    torch.testing.assert_close(images["noise"][:, row, column], torch.tensor(expected, dtype=torch.float32),
-                               atol=1e-5, rtol=0)
+        flat = normalised[batch["image_id"].index("flat"), channel]
+        torch.testing.assert_close(flat, torch.full((16, 16), expected), atol=1e-5, rtol=0)
 
 
 def test_exclude_image_ids_removes_them(mixed_folder: Path) -> None:
     """Ids given to exclude_image_ids (resume) are left out of the loader; unknown ids are harmless."""
-    module = ImageFolderDataModule(mixed_folder, backbone=BACKBONE, batch_size=4, num_workers=0)
+    module = ImageFolderDataModule(mixed_folder, batch_size=4, num_workers=0)
     module.exclude_image_ids(["rgb", "sub/dir/nested", "broken", "not-there"])
     pending = [entry.image_id for entry in module.pending_entries]
     assert sorted(pending) == sorted(set(MIXED_IDS) - {"rgb", "sub/dir/nested", "broken"})
@@ -342,23 +337,23 @@ def test_exclude_image_ids_removes_them(mixed_folder: Path) -> None:
 
 
 def test_missing_root_names_the_flag(tmp_path: Path) -> None:
-    """A root that does not exist raises FileNotFoundError naming --data.root and the folder."""
-    with pytest.raises(FileNotFoundError, match=r"--data\.root.*nowhere"):
-        ImageFolderDataModule(tmp_path / "nowhere", backbone=BACKBONE)
+    """A root that does not exist is refused naming --data.root and the folder."""
+    with pytest.raises(ConfigurationError, match=r"--data\.root.*nowhere"):
+        ImageFolderDataModule(tmp_path / "nowhere")
 
 
 def test_missing_split_folder_explains_the_layout(tmp_path: Path) -> None:
     """With split=train but no ROOT/train/images, the error says where images must be."""
     (tmp_path / "train").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"--data\.root.*ROOT/train/images"):
-        ImageFolderDataModule(tmp_path, split="train", backbone=BACKBONE)
+    with pytest.raises(ConfigurationError, match=r"--data\.root.*ROOT/train/images"):
+        ImageFolderDataModule(tmp_path, split="train")
 
 
 def test_folder_without_images_is_an_error(tmp_path: Path) -> None:
-    """A folder with no image files (only notes) raises FileNotFoundError naming --data.root."""
+    """A folder with no image files (only notes) is refused naming --data.root."""
     (tmp_path / "notes.txt").write_text("no images here")
-    with pytest.raises(FileNotFoundError, match=r"--data\.root: no images"):
-        ImageFolderDataModule(tmp_path, backbone=BACKBONE)
+    with pytest.raises(ConfigurationError, match=r"--data\.root: no images"):
+        ImageFolderDataModule(tmp_path)
 
 
 @pytest.mark.parametrize(("option", "value"), [("batch_size", 0), ("batch_size", -2), ("num_workers", -1)])
@@ -366,14 +361,14 @@ def test_bad_loader_options_name_the_flag(tmp_path: Path, make_image: MakeImage,
     """Non-positive batch sizes and negative worker counts raise ValueError naming the flag."""
     make_image(tmp_path / "a.png", "RGB")
     with pytest.raises(ValueError, match=rf"--data\.{option}.*{value}"):
-        ImageFolderDataModule(tmp_path, backbone=BACKBONE, **{option: value})
+        ImageFolderDataModule(tmp_path, **{option: value})
 
 
 def test_missing_mask_dir_names_the_flag(tmp_path: Path, make_image: MakeImage) -> None:
-    """A plain folder with a mask_dir that does not exist raises FileNotFoundError naming --data.mask_dir."""
+    """A plain folder with a mask_dir that does not exist is refused naming --data.mask_dir."""
     make_image(tmp_path / "images" / "a.png", "RGB")
-    with pytest.raises(FileNotFoundError, match=r"--data\.mask_dir"):
-        ImageFolderDataModule(tmp_path / "images", mask_dir=tmp_path / "masks", backbone=BACKBONE)
+    with pytest.raises(ConfigurationError, match=r"--data\.mask_dir"):
+        ImageFolderDataModule(tmp_path / "images", mask_dir=tmp_path / "masks")
 
 
 # ----------------------------------------------------------------------------- real samples
@@ -387,7 +382,7 @@ def test_missing_mask_dir_names_the_flag(tmp_path: Path, make_image: MakeImage) 
 def test_real_samples_list_and_load(folder: str, count: int, size: tuple[int, int] | None) -> None:
     """The SUIM and CamVid samples list completely and two of their images load at model size."""
     root = SHARED_DATA / folder
-    module = ImageFolderDataModule(root, backbone=BACKBONE, image_size=32, batch_size=2, num_workers=0)
+    module = ImageFolderDataModule(root, image_size=32, batch_size=2, num_workers=0)
     assert len(module.entries) == count
     assert len(set(entry.image_id for entry in module.entries)) == count
     assert all("/" not in entry.image_id for entry in module.entries)
@@ -401,3 +396,57 @@ def test_real_samples_list_and_load(folder: str, count: int, size: tuple[int, in
         if size is not None:
             assert item["orig_size"].tolist() == list(size)
     assert os.path.commonpath([dataset.entries[0].path, root]) == str(root)
+
+
+# ----------------------------------------------------------------------------- hostile folders
+
+
+def test_the_run_folder_and_other_datus_runs_below_the_root_are_never_read(tmp_path: Path, make_image: MakeImage) -> None:
+    """An --output_dir inside --data.root, and an older run folder there, hold masks and pictures, not data."""
+    make_image(tmp_path / "photo.jpg")
+    for run in ("out", "old/run"):
+        make_image(tmp_path / run / "masks" / "photo.png", "L")
+        make_image(tmp_path / run / "report.png")
+    (tmp_path / "old" / "run" / "run.json").write_text('{"datus_version": "0.1.0", "identity": {}}')
+    (tmp_path / "not-a-run").mkdir()
+    make_image(tmp_path / "not-a-run" / "kept.png")
+    ids = [entry.image_id for entry in list_images(tmp_path, exclude=tmp_path / "out")]
+    assert ids == ["not-a-run/kept", "photo"]
+
+
+def test_any_legal_file_name_gets_a_short_unique_writable_id(tmp_path: Path, make_image: MakeImage) -> None:
+    """240-byte stems (with a sibling that differs only at the end) and undecodable bytes."""
+    stem = "x" * 236
+    make_image(tmp_path / f"{stem}aaaa.png")
+    make_image(tmp_path / f"{stem}bbbb.png")
+    make_image(Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9 \xff.png")))
+    entries = list_images(tmp_path)
+    ids = [entry.image_id for entry in entries]
+    assert len(set(ids)) == 3
+    for image_id in ids:
+        assert len(image_id.encode("utf-8")) <= 200 and image_id.isprintable()
+        out = tmp_path / "out" / "masks" / f"{image_id}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (2, 2)).save(out, format="PNG")  # fits the file system, with room for a suffix
+    dataset = make_dataset(entries)
+    assert all("error" not in dataset[index] for index in range(3))
+
+
+def test_a_huge_image_is_decoded_reduced_but_keeps_its_true_size(tmp_path: Path) -> None:
+    """A 24 MP JPEG is decoded at a fraction of its size for a 16 px input; its mask size stays the full size."""
+    pixels = np.random.default_rng(0).integers(0, 256, (3000, 8000, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "huge.jpg", quality=70)
+    image, size = load_rgb(tmp_path / "huge.jpg", min_side=16)
+    assert size == (3000, 8000)
+    assert 1024 <= min(image.size) < 3000
+    item = make_dataset(list_images(tmp_path))[0]
+    assert item["orig_size"].tolist() == [3000, 8000] and item["image"].shape == (3, 16, 16)
+
+
+def test_worker_counts_above_the_cores_are_lowered(tmp_path: Path, make_image: MakeImage, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    make_image(tmp_path / "a.png")
+    monkeypatch.setattr("datamodules.images.available_cores", lambda: 2)
+    assert ImageFolderDataModule(tmp_path, num_workers=8).num_workers == 2
+    assert "more than the 2 cores" in caplog.text
+    assert ImageFolderDataModule(tmp_path).num_workers == 1

@@ -66,17 +66,25 @@ def alone(module: DatusModule, image: torch.Tensor, patch_mask: np.ndarray) -> t
     return F.normalize(model.norm(x)[0, 0], dim=-1)
 
 
-def test_packed_embeddings_equal_segments_alone(module: DatusModule) -> None:
+def test_packed_embeddings_equal_valid_segments_alone(module: DatusModule) -> None:
+    """Valid segments only (segment 4 of image 0 is a one-patch noise segment: no slot, no influence)."""
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, 32, 32, generator=generator)
     maps = [
-        np.array([[0, 0, 1, 1], [0, 2, 2, 1], [3, 3, 2, 1], [3, 3, 1, 1]]),
+        np.array([[0, 0, 1, 1], [0, 2, 2, 1], [3, 3, 2, 1], [3, 3, 1, 4]]),
         np.array([[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]]),
     ]
+    partitions = [partition(m) for m in maps]
+    assert partitions[0].is_noise.tolist() == [False, False, False, False, True]
     with torch.no_grad():
-        packed = module.embed_segments_packed(images, [partition(m) for m in maps])
+        packed = module.embed_segments(images, partitions)
         reference = torch.stack(
-            [alone(module, images[b], maps[b] == s) for b in range(2) for s in range(int(maps[b].max()) + 1)]
+            [
+                alone(module, images[b], maps[b] == s)
+                for b in range(2)
+                for s in range(int(maps[b].max()) + 1)
+                if not partitions[b].is_noise[s]
+            ]
         )
     assert packed.shape == (6, 48)
     assert torch.allclose(packed, reference, atol=1e-5)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from datus.cli import main
 from datus.io import read_label_png
-from datus.painting import overlay
+from datus.drawing import overlay
 
 from tests.generated import TINY
 
@@ -53,7 +53,7 @@ def messy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     main(
         [
             "predict", "--config", TINY, "--data.root", str(images), "--data.mask_dir", str(masks),
-            "--cluster.num_classes", "2", "--output_dir", str(output_dir),
+            "--eval.num_classes", "2", "--output_dir", str(output_dir),
             "--trainer.enable_progress_bar", "false",
         ]
     )  # fmt: skip
@@ -100,7 +100,7 @@ def test_outputs_never_leave_the_output_folder(messy: tuple[Path, Path]) -> None
     _, output_dir = messy
     for path in output_dir.rglob("*"):
         assert path.resolve().is_relative_to(output_dir.resolve())
-    assert not list(output_dir.rglob(".*.tmp*"))  # no temporary file was left behind
+    assert not list(output_dir.rglob(".datus-tmp-*"))  # no temporary file was left behind
 
 
 def test_overlay_is_an_integer_blend() -> None:

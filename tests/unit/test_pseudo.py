@@ -25,6 +25,7 @@ from callbacks.writer import SegmentShardWriter
 from datamodules.images import ImageFolderDataModule
 from datamodules.pseudo import PseudoMaskDataModule
 from datus.cli import main
+from datus.settings import ClusterSettings
 from datus.io import read_label_png
 from datus.module import DatusModule
 from tests.generated import REPO, TINY, write_classes, write_two_region_dataset
@@ -228,19 +229,16 @@ def test_python_api_recipe_from_the_readme(images: Path, tmp_path: Path) -> None
     data = ImageFolderDataModule(
         images / "images",
         mask_dir=images / "masks",
-        backbone=model.backbone_name,
         image_size=model.image_size,
         patch_size=model.patch_size,
         num_workers=0,
     )
+    pipeline = ClusterPaintEvaluate(output_dir, ClusterSettings(num_clusters=3))
     trainer = L.Trainer(
-        callbacks=[SegmentShardWriter(output_dir), ClusterPaintEvaluate(output_dir, num_clusters=3)],
-        logger=False,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
+        callbacks=[SegmentShardWriter(output_dir), pipeline], logger=False, accelerator="cpu", enable_progress_bar=False
     )
     trainer.predict(model, datamodule=data, return_predictions=False)
+    assert pipeline.outcome is not None and pipeline.outcome.summary["images_predicted_now"] == NUM_IMAGES
     ids = manifest_ids(output_dir)
     assert len(ids) == NUM_IMAGES
     for image_id in ids:
@@ -250,3 +248,9 @@ def test_python_api_recipe_from_the_readme(images: Path, tmp_path: Path) -> None
     assert metrics["num_images"] == NUM_IMAGES and metrics["num_classes"] == 2
     assert 0 <= metrics["protocols"]["dense"]["miou"] <= 1
     assert PseudoMaskDataModule(output_dir).num_classes == 3
+
+    again = ClusterPaintEvaluate(output_dir, ClusterSettings(num_clusters=4))  # nothing left to predict: same path
+    trainer = L.Trainer(callbacks=[SegmentShardWriter(output_dir), again], logger=False, accelerator="cpu", enable_progress_bar=False)
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    assert again.outcome is not None and again.outcome.summary["images_predicted_now"] == 0
+    assert PseudoMaskDataModule(output_dir).num_classes == 4

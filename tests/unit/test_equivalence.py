@@ -2,7 +2,9 @@
 
 The reference is written here independently: keys computed from the last block's weights by
 hand, one image at a time, numpy products, scikit-network Louvain and scipy's labelling of each
-community. Real SUIM images, a fixed random-weight ViT saved to a file.
+community, and the noise donors as numpy mean-key products. The pipeline runs datus's own
+Louvain engine, so this also checks it against scikit-network end to end. Real SUIM images, a
+fixed random-weight ViT saved to a file.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from sknetwork.clustering import Louvain
 
 from callbacks.writer import SegmentShardWriter
 from datamodules.images import ImageFolderDataModule
+from datus.backbones import normalization_of
 from datus.module import DatusModule
-from datus.shards import iter_records, list_shards
+from datus.records import ImageRecord
+from datus.run import Run
+from datus.shards import read_records
+from tests.generated import SHARED_DATA
 
-SUIM_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "suim-sample" / "train_val" / "images"
+SUIM_IMAGES = SHARED_DATA / "suim-sample" / "train_val" / "images"
 TINY_VIT = {"depth": 2, "embed_dim": 48, "num_heads": 2, "patch_size": 8}
 IMAGE_SIZE = 96
 MIN_PATCHES = 5
@@ -48,8 +54,11 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def reference_partition(model: torch.nn.Module, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """One image: hand-computed keys, k k^T > 0, Louvain, 8-connected pieces, tau filter."""
+def reference_partition(model: torch.nn.Module, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image: hand-computed keys, k k^T > 0, Louvain, 8-connected pieces, tau filter.
+
+    Returns the segment map, the per-patch noise flags and the keys.
+    """
     captured: dict[str, torch.Tensor] = {}
     last = model.blocks[-1]
     handle = last.norm1.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
@@ -69,7 +78,7 @@ def reference_partition(model: torch.nn.Module, image: torch.Tensor) -> tuple[np
         segments[pieces > 0] = pieces[pieces > 0] + next_id
         next_id += count
     sizes = np.bincount(segments.ravel())
-    return segments, sizes[segments] <= MIN_PATCHES
+    return segments, sizes[segments] <= MIN_PATCHES, keys
 
 
 def canonical(labels: np.ndarray) -> np.ndarray:
@@ -90,25 +99,40 @@ def test_batched_pipeline_matches_plain_reference(
         louvain_workers=workers,
         backbone_kwargs=TINY_VIT,
     )
-    data = ImageFolderDataModule(
-        image_dir, backbone="vit_tiny_patch16_224", image_size=IMAGE_SIZE, patch_size=8, batch_size=batch_size, num_workers=0
-    )
+    data = ImageFolderDataModule(image_dir, image_size=IMAGE_SIZE, patch_size=8, batch_size=batch_size, num_workers=0)
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[SegmentShardWriter(tmp_path)]
     )
     trainer.predict(module, datamodule=data, return_predictions=False)
-    records = {r.image_id: r for r in iter_records(list_shards(tmp_path))}
+    records = {r.image_id: r for shard in Run(tmp_path).shards() for r in read_records(shard)}
     assert len(records) == 5
 
     reference_model = timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True, **TINY_VIT)
     reference_model.load_state_dict(torch.load(weights_file, weights_only=True))
     reference_model.eval()
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in normalization_of("vit_tiny_patch16_224"))
     dataset = data.predict_dataloader().dataset
     for index in range(len(dataset)):
         item = dataset[index]
-        segments, noise = reference_partition(reference_model, item["image"])
+        segments, noise, keys = reference_partition(reference_model, (item["image"] / 255 - mean) / std)
         record = records[item["image_id"]]
         assert np.array_equal(canonical(record.segment_map), canonical(segments)), item["image_id"]
         assert np.array_equal(record.is_noise[record.segment_map], noise), item["image_id"]
-        assert record.embeddings.shape == (len(record.sizes), 48)
+        assert record.embeddings.shape == (record.num_valid, 48)
         assert np.allclose(np.linalg.norm(record.embeddings.astype(np.float32), axis=1), 1, atol=1e-2)
+        check_donors(record, keys)
+
+
+def check_donors(record: ImageRecord, keys: np.ndarray) -> None:
+    """Each noise segment's donor is the valid segment with the largest mean-key product (numpy, per segment)."""
+    flat = record.segment_map.ravel()
+    means = np.stack([keys[flat == segment].mean(0) for segment in range(len(record.sizes))])
+    valid = np.flatnonzero(~record.is_noise)
+    for segment in range(len(record.sizes)):
+        if not len(valid):
+            assert record.donors[segment] == -1
+            continue
+        products = means[valid] @ means[segment]
+        expected = segment if not record.is_noise[segment] else valid[int(np.argmax(products))]
+        donor = valid[record.donors[segment]]
+        assert donor == expected or np.isclose(products[record.donors[segment]], products.max(), rtol=1e-4)

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from datus.io import read_label_png
-from datus.shards import iter_records, list_shards
+from datus.run import Run
 
 from tests.conftest import image_ids
-from tests.generated import TINY
+from tests.generated import REPO, TINY, records_of
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_two_process_ddp_equals_single_process(dataset: Path, finished_run: Path, tmp_path: Path) -> None:
@@ -29,12 +28,12 @@ def test_two_process_ddp_equals_single_process(dataset: Path, finished_run: Path
     finished = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
-    ranks = {path.name[:7] for path in list_shards(tmp_path)}
+    ranks = {path.name[:7] for path in Run(tmp_path).shards()}
     assert ranks == {"rank000", "rank001"}  # both processes wrote their own shards
-    distributed = [r.image_id for r in iter_records(list_shards(tmp_path))]
+    distributed = [r.image_id for r in records_of(tmp_path)]
     assert sorted(distributed) == image_ids(dataset)  # every image exactly once
-    single = {r.image_id: r for r in iter_records(list_shards(finished_run))}
-    for record in iter_records(list_shards(tmp_path)):
+    single = {r.image_id: r for r in records_of(finished_run)}
+    for record in records_of(tmp_path):
         reference = single[record.image_id]
         assert np.array_equal(record.segment_map, reference.segment_map)
         assert np.allclose(record.embeddings.astype(np.float32), reference.embeddings.astype(np.float32), atol=2e-3)

@@ -23,7 +23,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from threadpoolctl import threadpool_limits
 
-from datus.clustering import ClusterModel, Engine, Init, _Group, _lloyd, fit_clusters
+from datus.clustering import ClusterModel, fit_clusters
+from datus.clustering.torch_engine import lloyd
+from datus.collective import Collective
+from datus.errors import ConfigurationError
+from datus.settings import ClusterSettings
 
 NUM_BLOBS = 6
 DIM = 32
@@ -75,7 +79,7 @@ def anisotropic() -> np.ndarray:
     return ((rng.normal(size=(500, DIM)) * scales) @ rotation + 5.0).astype(np.float32)
 
 
-def _runs(init: Init) -> int:
+def _runs(init: str) -> int:
     return RANDOM_INIT_RUNS if init == "random" else 1
 
 
@@ -86,9 +90,9 @@ def _label_map(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("engine", ["sklearn", "torch"])
 @pytest.mark.parametrize("init", ["k-means++", "random"])
-def test_recovers_blobs(blobs: tuple[np.ndarray, np.ndarray], engine: Engine, init: Init) -> None:
+def test_recovers_blobs(blobs: tuple[np.ndarray, np.ndarray], engine: str, init: str) -> None:
     points, truth = blobs
-    model = fit_clusters(points, NUM_BLOBS, engine=engine, init=init, n_init=_runs(init), seed=0)
+    model = fit_clusters(points, ClusterSettings(num_clusters=NUM_BLOBS, engine=engine, init=init, seed=0), n_init=_runs(init))
     assert adjusted_rand_score(truth, model.assign(points)) == 1.0
     assert model.centroids.shape == (NUM_BLOBS, DIM) and model.centroids.dtype == np.float32
     assert (model.engine, model.init, model.pca_mean, model.pca_components) == (engine, init, None, None)
@@ -97,7 +101,7 @@ def test_recovers_blobs(blobs: tuple[np.ndarray, np.ndarray], engine: Engine, in
 
 def test_minibatch_recovers_blobs(blobs: tuple[np.ndarray, np.ndarray]) -> None:
     points, truth = blobs
-    model = fit_clusters(points, NUM_BLOBS, engine="sklearn", minibatch=True, batch_size=256, seed=0)
+    model = fit_clusters(points, ClusterSettings(num_clusters=NUM_BLOBS, engine="sklearn", minibatch=True, seed=0), batch_size=256)
     assert adjusted_rand_score(truth, model.assign(points)) == 1.0
 
 
@@ -108,9 +112,7 @@ def test_sklearn_engine_is_scikit_learn_pipeline(blobs: tuple[np.ndarray, np.nda
     from sklearn.decomposition import PCA
 
     points, _ = blobs
-    model = fit_clusters(
-        points, NUM_BLOBS, engine="sklearn", init="random", pca_components=8, seed=3, minibatch=minibatch, n_init=2
-    )
+    model = fit_clusters(points, ClusterSettings(num_clusters=NUM_BLOBS, engine="sklearn", init="random", pca_components=8, seed=3, minibatch=minibatch), n_init=2)
     pca = PCA(n_components=8, svd_solver="covariance_eigh").fit(points)
     reduced = pca.transform(points)
     settings = {"n_clusters": NUM_BLOBS, "init": "random", "n_init": 2, "random_state": 3, "tol": 1e-4}
@@ -125,7 +127,7 @@ def test_torch_matches_sklearn_kmeans(blobs: tuple[np.ndarray, np.ndarray]) -> N
     from sklearn.cluster import KMeans
 
     points, _ = blobs
-    model = fit_clusters(points, NUM_BLOBS, engine="torch", seed=0)
+    model = fit_clusters(points, ClusterSettings(num_clusters=NUM_BLOBS, engine="torch", seed=0))
     reference = KMeans(n_clusters=NUM_BLOBS, n_init=1, random_state=0).fit(points)
     labels = model.assign(points)
     assert adjusted_rand_score(reference.labels_, labels) == 1.0
@@ -137,35 +139,33 @@ def test_torch_matches_sklearn_kmeans(blobs: tuple[np.ndarray, np.ndarray]) -> N
 def test_torch_pca_spans_sklearn_subspace(anisotropic: np.ndarray) -> None:
     from sklearn.decomposition import PCA
 
-    model = fit_clusters(anisotropic, 4, engine="torch", pca_components=8, seed=0)
+    model = fit_clusters(anisotropic, ClusterSettings(num_clusters=4, engine="torch", pca_components=8, seed=0))
     pca = PCA(n_components=8).fit(anisotropic)
     assert model.pca_components is not None and model.pca_mean is not None
     np.testing.assert_allclose(model.pca_mean, pca.mean_, atol=1e-4)
     projector = model.pca_components.T @ model.pca_components
     np.testing.assert_allclose(projector, pca.components_.T @ pca.components_, atol=1e-4)
-    ours, theirs = model.transform(anisotropic), pca.transform(anisotropic)
-    signs = np.sign(np.sum(ours * theirs, axis=0))
-    np.testing.assert_allclose(ours, theirs * signs, atol=1e-3)
 
 
 @pytest.mark.parametrize("engine", ["sklearn", "torch"])
-def test_transform_has_requested_components(anisotropic: np.ndarray, engine: Engine) -> None:
-    model = fit_clusters(anisotropic, 3, engine=engine, pca_components=5, seed=0)
+def test_distances_are_squared_distances_to_centroids_after_pca(anisotropic: np.ndarray, engine: str) -> None:
+    model = fit_clusters(anisotropic, ClusterSettings(num_clusters=3, engine=engine, pca_components=5, seed=0))
     assert model.pca_components is not None and model.pca_components.shape == (5, DIM)
     assert model.centroids.shape == (3, 5) and (model.input_dim, model.output_dim) == (DIM, 5)
-    projected = model.transform(anisotropic)
-    assert isinstance(projected, np.ndarray) and projected.shape == (len(anisotropic), 5)
-    projected_tensor = model.transform(torch.from_numpy(anisotropic).to(torch.float16))
-    assert isinstance(projected_tensor, torch.Tensor) and projected_tensor.dtype == torch.float32
-    np.testing.assert_allclose(projected_tensor.numpy(), projected, atol=0.05)
+    assert model.pca_mean is not None
+    projected = (anisotropic[:20] - model.pca_mean) @ model.pca_components.T
+    expected = ((projected[:, None, :] - model.centroids[None]) ** 2).sum(-1)
+    distances = model.distances(anisotropic[:20])
+    np.testing.assert_allclose(distances, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(distances.argmin(1), model.assign(anisotropic[:20]))
 
 
 @pytest.mark.parametrize("engine", ["sklearn", "torch"])
 @pytest.mark.parametrize("init", ["k-means++", "random"])
-def test_same_seed_same_model(blobs: tuple[np.ndarray, np.ndarray], engine: Engine, init: Init) -> None:
+def test_same_seed_same_model(blobs: tuple[np.ndarray, np.ndarray], engine: str, init: str) -> None:
     points, _ = blobs
     first, second = (
-        fit_clusters(points, NUM_BLOBS, engine=engine, init=init, pca_components=8, n_init=3, seed=7) for _ in range(2)
+        fit_clusters(points, ClusterSettings(num_clusters=NUM_BLOBS, engine=engine, init=init, pca_components=8, seed=7), n_init=3) for _ in range(2)
     )
     np.testing.assert_array_equal(first.centroids, second.centroids)
     np.testing.assert_array_equal(first.pca_components, second.pca_components)
@@ -176,7 +176,7 @@ def test_same_seed_same_model(blobs: tuple[np.ndarray, np.ndarray], engine: Engi
 @pytest.mark.parametrize("pca_components", [None, 8])
 def test_save_load_round_trip(blobs: tuple[np.ndarray, np.ndarray], tmp_path: Path, pca_components: int | None) -> None:
     points, _ = blobs
-    model = fit_clusters(points, NUM_BLOBS, engine="torch", pca_components=pca_components, seed=0)
+    model = fit_clusters(points, ClusterSettings(num_clusters=NUM_BLOBS, engine="torch", pca_components=pca_components, seed=0))
     model.save(tmp_path / "k6")
     loaded = ClusterModel.load(tmp_path / "k6")
     np.testing.assert_array_equal(loaded.centroids, model.centroids)
@@ -195,8 +195,8 @@ def test_save_load_round_trip(blobs: tuple[np.ndarray, np.ndarray], tmp_path: Pa
 
 def test_save_without_pca_removes_stale_pca_files(blobs: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
     points, _ = blobs
-    fit_clusters(points, NUM_BLOBS, engine="torch", pca_components=8).save(tmp_path)
-    fit_clusters(points, NUM_BLOBS, engine="torch").save(tmp_path)
+    fit_clusters(points, ClusterSettings(num_clusters=NUM_BLOBS, engine="torch", pca_components=8)).save(tmp_path)
+    fit_clusters(points, ClusterSettings(num_clusters=NUM_BLOBS, engine="torch")).save(tmp_path)
     assert ClusterModel.load(tmp_path).pca_mean is None
     assert sorted(path.name for path in tmp_path.iterdir()) == ["centroids.npy", "model.json"]
 
@@ -209,7 +209,7 @@ def test_load_without_model_raises(tmp_path: Path) -> None:
 @pytest.mark.parametrize("pca_components", [None, 8])
 def test_assign_float16(blobs: tuple[np.ndarray, np.ndarray], pca_components: int | None) -> None:
     points, truth = blobs
-    model = fit_clusters(points, NUM_BLOBS, engine="torch", pca_components=pca_components, seed=0)
+    model = fit_clusters(points, ClusterSettings(num_clusters=NUM_BLOBS, engine="torch", pca_components=pca_components, seed=0))
     labels = model.assign(points)
     half = model.assign(points.astype(np.float16))
     assert half.dtype == np.int64
@@ -217,7 +217,7 @@ def test_assign_float16(blobs: tuple[np.ndarray, np.ndarray], pca_components: in
     half_tensor = model.assign(torch.from_numpy(points).half())
     assert isinstance(half_tensor, torch.Tensor) and half_tensor.dtype == torch.int64
     np.testing.assert_array_equal(half_tensor.numpy(), labels)
-    fitted_on_half = fit_clusters(torch.from_numpy(points).half(), NUM_BLOBS, engine="torch", seed=0)
+    fitted_on_half = fit_clusters(torch.from_numpy(points).half(), ClusterSettings(num_clusters=NUM_BLOBS, engine="torch", seed=0))
     assert adjusted_rand_score(truth, fitted_on_half.assign(points)) == 1.0
 
 
@@ -227,7 +227,7 @@ def test_empty_cluster_is_reseeded_with_farthest_point(blobs: tuple[np.ndarray, 
     points, truth = blobs
     start = np.stack([points[truth == blob].mean(0) for blob in range(NUM_BLOBS - 1)] + [np.full(DIM, 10.0)])
     start_tensor = torch.from_numpy(start.astype(np.float32))
-    centroids, inertia, _ = _lloyd(torch.from_numpy(points), start_tensor, 50, 0.0, _Group(0, 1))
+    centroids, inertia, _ = lloyd(torch.from_numpy(points), start_tensor, 50, 0.0, Collective.current())
     assert torch.isfinite(centroids).all() and math.isfinite(inertia)
     nearest = torch.cdist(torch.from_numpy(points), centroids).argmin(1).numpy()
     assert adjusted_rand_score(truth, nearest) == 1.0
@@ -235,9 +235,9 @@ def test_empty_cluster_is_reseeded_with_farthest_point(blobs: tuple[np.ndarray, 
 
 @pytest.mark.filterwarnings("ignore:Number of distinct clusters")
 @pytest.mark.parametrize("engine", ["sklearn", "torch"])
-def test_more_clusters_than_distinct_points_stays_finite(engine: Engine) -> None:
+def test_more_clusters_than_distinct_points_stays_finite(engine: str) -> None:
     points = np.repeat(np.eye(3, DIM, dtype=np.float32), 4, axis=0)
-    model = fit_clusters(points, 5, engine=engine, seed=0)
+    model = fit_clusters(points, ClusterSettings(num_clusters=5, engine=engine, seed=0))
     assert np.isfinite(model.centroids).all()
     assert model.inertia == pytest.approx(0.0, abs=1e-6)
 
@@ -248,44 +248,50 @@ def _with_nan(points: np.ndarray) -> np.ndarray:
     return broken
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_clusters": 0}, "--cluster.num_clusters must be >= 1, got 0"),
+        ({"pca_components": 0}, "--cluster.pca_components must be >= 1 or null"),
+        ({"init": "kmeans"}, "--cluster.init must be one of"),
+        ({"engine": "faiss"}, "--cluster.engine must be one of"),
+        ({"seed": -1}, "--cluster.seed must be in"),
+        ({"engine": "torch", "minibatch": True}, "--cluster.minibatch true needs --cluster.engine sklearn"),
+    ],
+)
+def test_invalid_settings_name_the_option(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        ClusterSettings(**{"num_clusters": NUM_BLOBS, **change})  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("engine", ["sklearn", "torch"])
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"num_clusters": 0}, "num_clusters must be >= 1, got 0"),
         ({"num_clusters": NUM_POINTS + 1}, f"num_clusters={NUM_POINTS + 1} exceeds the number of embeddings"),
         ({"pca_components": DIM + 1}, f"pca_components={DIM + 1} exceeds the embedding dimension {DIM}"),
-        ({"pca_components": 0}, "pca_components must be >= 1 or None"),
         ({"embeddings": np.zeros((0, DIM), np.float32)}, "embeddings is empty"),
         ({"embeddings": "nan"}, "1 NaN or inf values"),
-        ({"init": "kmeans"}, "init must be one of"),
-        ({"seed": -1}, "seed must be in"),
         ({"embeddings": np.zeros((4, 2, 2), np.float32)}, "2-D"),
         ({"embeddings": np.zeros((10, DIM), np.int64)}, "floating point"),
     ],
 )
 def test_invalid_input_raises(
-    blobs: tuple[np.ndarray, np.ndarray], engine: Engine, change: dict[str, object], message: str
+    blobs: tuple[np.ndarray, np.ndarray], engine: str, change: dict[str, object], message: str
 ) -> None:
     points, _ = blobs
-    arguments: dict[str, object] = {"embeddings": points, "num_clusters": NUM_BLOBS, "engine": engine, **change}
-    if isinstance(arguments["embeddings"], str):
-        arguments["embeddings"] = _with_nan(points)
+    change = dict(change)
+    embeddings = change.pop("embeddings", points)
+    if isinstance(embeddings, str):
+        embeddings = _with_nan(points)
+    settings = ClusterSettings(**{"num_clusters": NUM_BLOBS, "engine": engine, **change})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=message):
-        fit_clusters(**arguments)  # type: ignore[arg-type]
-
-
-def test_engine_specific_arguments_raise(blobs: tuple[np.ndarray, np.ndarray]) -> None:
-    points, _ = blobs
-    with pytest.raises(ValueError, match="minibatch=True needs engine='sklearn'"):
-        fit_clusters(points, NUM_BLOBS, engine="torch", minibatch=True)
-    with pytest.raises(ValueError, match="engine must be one of"):
-        fit_clusters(points, NUM_BLOBS, engine="faiss")  # type: ignore[arg-type]
+        fit_clusters(embeddings, settings)
 
 
 def test_assign_rejects_bad_input(blobs: tuple[np.ndarray, np.ndarray]) -> None:
     points, _ = blobs
-    model = fit_clusters(points, NUM_BLOBS, engine="torch", seed=0)
+    model = fit_clusters(points, ClusterSettings(num_clusters=NUM_BLOBS, engine="torch", seed=0))
     with pytest.raises(ValueError, match=rf"shape \(N, {DIM}\)"):
         model.assign(points[:, :8])
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -311,14 +317,14 @@ def _ddp_worker(rank: int, port: int, points: np.ndarray, out_dir: Path) -> None
     )
     try:
         own = points[:RANK0_ROWS] if rank == 0 else points[RANK0_ROWS:]
-        fit_clusters(torch.from_numpy(own), NUM_BLOBS, engine="torch", pca_components=8, seed=0).save(
+        fit_clusters(torch.from_numpy(own), ClusterSettings(num_clusters=NUM_BLOBS, engine="torch", pca_components=8, seed=0)).save(
             out_dir / f"split_rank{rank}"
         )
         lonely = np.zeros((0, 0), np.float32) if rank == 0 else points
-        fit_clusters(lonely, NUM_BLOBS, engine="torch", seed=0).save(out_dir / f"lonely_rank{rank}")
+        fit_clusters(lonely, ClusterSettings(num_clusters=NUM_BLOBS, engine="torch", seed=0)).save(out_dir / f"lonely_rank{rank}")
         broken = _with_nan(own) if rank == 0 else own
         try:
-            fit_clusters(torch.from_numpy(broken), NUM_BLOBS, engine="torch", seed=0)
+            fit_clusters(torch.from_numpy(broken), ClusterSettings(num_clusters=NUM_BLOBS, engine="torch", seed=0))
         except ValueError as error:
             (out_dir / f"error_rank{rank}.txt").write_text(str(error))
     finally:
@@ -333,7 +339,7 @@ def test_ddp_ranks_agree_with_single_process(blobs: tuple[np.ndarray, np.ndarray
     points, truth = blobs
     mp.spawn(_ddp_worker, args=(_free_port(), points, tmp_path), nprocs=2, join=True)
 
-    single = fit_clusters(points, NUM_BLOBS, engine="torch", pca_components=8, seed=0)
+    single = fit_clusters(points, ClusterSettings(num_clusters=NUM_BLOBS, engine="torch", pca_components=8, seed=0))
     split = [ClusterModel.load(tmp_path / f"split_rank{rank}") for rank in range(2)]
     np.testing.assert_array_equal(split[0].centroids, split[1].centroids)
     np.testing.assert_array_equal(split[0].pca_components, split[1].pca_components)

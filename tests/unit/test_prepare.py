@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from datus.prepare import (
+from tests.generated import SHARED_DATA
     PrepareReport,
     decode_suim_mask,
     format_report,
@@ -23,7 +24,7 @@ from datus.prepare import (
     prepare_suim,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 SUIM_RAW = DATA / "suim-sample"
 CAMVID_RAW = DATA / "camvid-sample"
 

@@ -16,9 +16,11 @@ from PIL import Image
 
 import datus.report
 from datus.cli import main
-from datus.module import ImageRecord
-from datus.painting import palette
-from datus.report import BANNER_HEIGHT, BANNER_RED, LINE_HEIGHT, MISSING_GREY, PAD, TITLE_HEIGHT, make_report
+from datus.drawing import palette
+from datus.records import ImageRecord
+from datus.report import BANNER_HEIGHT, BANNER_RED, LINE_HEIGHT, MAX_CONFUSION_SCALE, MISSING_GREY, PAD, TITLE_HEIGHT
+from datus.report import make_report as draw_report
+from datus.run import Run
 from tests.generated import TINY, two_region_size, write_datus_layout, write_two_region_dataset
 
 NUM_IMAGES = 5  # two prediction batches of 4, so two shards
@@ -61,6 +63,10 @@ def copied_run(scored_run: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def make_report(run_dir: Path, **options: object) -> Path:
+    return draw_report(Run(run_dir), **options)  # type: ignore[arg-type]
+
+
 def pixels(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
@@ -79,8 +85,9 @@ def expected_size(
     height += rows * (LINE_HEIGHT + THUMB + PAD)
     if confusion is not None:
         with Image.open(confusion) as matrix:
-            width = max(width, matrix.width + 2 * PAD)
-            height += matrix.height + PAD
+            scale = max(1, min(MAX_CONFUSION_SCALE, width // (matrix.width + 2 * PAD)))
+            width = max(width, matrix.width * scale + 2 * PAD)
+            height += matrix.height * scale + PAD
     return width, height
 
 
@@ -107,8 +114,10 @@ def test_report_has_the_grid_header_and_confusion_and_is_deterministic(scored_ru
     assert make_report(scored_run, num_samples=NUM_IMAGES, thumb_height=THUMB).read_bytes() == first
 
     make_report(scored_run, num_samples=2, seed=3, thumb_height=THUMB)
-    with Image.open(path) as picture:
-        assert picture.height == expected_size(2, 5, 1, 2, True, scored_run / "confusion.png")[1]
+    with Image.open(path) as picture, Image.open(scored_run / "confusion.png") as matrix:
+        scale = max(1, min(MAX_CONFUSION_SCALE, picture.width // (matrix.width + 2 * PAD)))
+        header = PAD + TITLE_HEIGHT + BANNER_HEIGHT + LINE_HEIGHT * 3
+        assert picture.height == header + 2 * (LINE_HEIGHT + THUMB + PAD) + matrix.height * scale + PAD
 
 
 def test_ground_truth_and_masks_share_the_class_colours(scored_run: Path) -> None:
@@ -132,7 +141,7 @@ def test_random_weights_banner_follows_run_json(copied_run: Path) -> None:
     assert count_colour(random_weights, BANNER_RED) >= random_weights.shape[1] * (BANNER_HEIGHT - 6)
 
     described = json.loads((copied_run / "run.json").read_text())
-    described["settings"]["weights"] = "pretrained"
+    described["identity"]["model"]["weights"] = "pretrained"
     (copied_run / "run.json").write_text(json.dumps(described))
     trained = pixels(make_report(copied_run, thumb_height=THUMB))
     assert count_colour(trained, BANNER_RED) == 0

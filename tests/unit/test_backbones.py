@@ -8,6 +8,7 @@ ViTs, so the whole module runs in seconds.
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -344,11 +345,14 @@ def test_timm_pretrained_weights_are_loaded(monkeypatch: pytest.MonkeyPatch, sav
     assert source == f"timm:{TINY}"
 
 
-def test_random_weights_warn_loudly() -> None:
-    """``weights="random"`` works but warns with RANDOM WEIGHTS and reports its source as random."""
-    with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
+def test_random_weights_warn_loudly_once(caplog: pytest.LogCaptureFixture) -> None:
+    """``weights="random"`` works but says RANDOM WEIGHTS, once, without naming a CLI flag."""
+    with caplog.at_level(logging.WARNING, logger="datus"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second copy as a Python warning
         _, source = load_tiny("random")
     assert source == "random"
+    messages = [record.getMessage() for record in caplog.records if "RANDOM WEIGHTS" in record.getMessage()]
+    assert len(messages) == 1 and "--model" not in messages[0]
 
 
 def test_normalization_of_dino_is_imagenet() -> None:
@@ -455,8 +459,7 @@ def test_non_square_input(tiny_vit: Callable[..., nn.Module]) -> None:
 
 def test_register_tokens_are_excluded() -> None:
     """DINOv2 with 4 registers: the 1 + 4 prefix tokens are not patches (N = h*w only)."""
-    with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
-        model, _ = create_backbone("vit_small_patch14_reg4_dinov2", "random", depth=1, embed_dim=48, num_heads=2)
+    model, _ = create_backbone("vit_small_patch14_reg4_dinov2", "random", depth=1, embed_dim=48, num_heads=2)
     hook = LastBlockKeys(model)
     images = torch.randn(2, 3, 56, 70)  # 4 x 5 patches of 14 px
     with hook.capture():

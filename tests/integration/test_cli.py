@@ -16,21 +16,20 @@ from datus.cli import main
 from datus.errors import ConfigurationError
 from datus.io import read_label_png
 from tests.conftest import NUM_IMAGES, image_ids, predict
-from tests.generated import TINY
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.generated import REPO, TINY
 
 
 def test_predict_writes_every_output(dataset: Path, finished_run: Path) -> None:
     ids = image_ids(dataset)
     assert len(ids) == NUM_IMAGES
     assert (finished_run / "config.yaml").is_file() and (finished_run / "run.json").is_file()
-    settings = json.loads((finished_run / "run.json").read_text())["settings"]
-    assert settings["weights"] == "random" and settings["patch_size"] == 8
+    identity = json.loads((finished_run / "run.json").read_text())["identity"]
+    assert identity["model"]["weights"] == "random" and identity["model"]["patch_size"] == 8
+    assert identity["data"]["images"] == str((dataset / "train" / "images").resolve())
     for image_id in ids:
         image = Image.open(dataset / "train" / "images" / f"{image_id}.jpg")
         segments = read_label_png(finished_run / "segments" / f"{image_id}.png")
-        assert segments.shape == (8, 8)  # 64 px input, 8 px patches
+        assert segments.shape == (image.height, image.width)  # the 8 x 8 patch grid, shown at the image's size
         mask = read_label_png(finished_run / "masks" / f"{image_id}.png")
         assert mask.shape == (image.height, image.width) and mask.max() < 3
         assert (finished_run / "color" / f"{image_id}.png").is_file()
@@ -74,7 +73,7 @@ def test_rerun_with_other_settings_is_refused(dataset: Path, finished_run: Path)
 
 
 def test_cluster_sweep_and_evaluate_agree_with_the_run(dataset: Path, finished_run: Path, tmp_path: Path) -> None:
-    main(["cluster", "--run", str(finished_run), "--k", "2", "3", "--no_colour"])
+    main(["cluster", "--run", str(finished_run), "--cluster.num_clusters", "2", "3", "--cluster.colour", "false"])
     for k in (2, 3):
         metrics = json.loads((finished_run / "clusters" / f"k{k}" / "metrics.json").read_text())
         assert metrics["num_clusters"] == k
@@ -166,7 +165,7 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_recluster_with_the_torch_engine(finished_run: Path) -> None:
-    main(["cluster", "--run", str(finished_run), "--k", "4", "--engine", "torch", "--no_colour"])
+    main(["cluster", "--run", str(finished_run), "--cluster.num_clusters", "4", "--cluster.engine", "torch"])
     metrics = json.loads((finished_run / "clusters" / "k4" / "metrics.json").read_text())
     assert metrics["num_clusters"] == 4 and metrics["num_images"] == NUM_IMAGES
     assert json.loads((finished_run / "clusters" / "k4" / "settings.json").read_text())["settings"]["engine"] == "torch"

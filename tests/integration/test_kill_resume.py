@@ -18,9 +18,8 @@ from PIL import Image
 from datus.cli import main
 from datus.io import read_label_png
 
-from tests.generated import TINY
+from tests.generated import REPO, TINY
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 24
 
 

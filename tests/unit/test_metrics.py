@@ -22,13 +22,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from datus.drawing import save_confusion_png
 from datus.metrics import (
     MatchedSegmentationMetric,
+    agreement_scores,
     format_table,
     match_clusters,
     metrics_from_confusion,
     protocol_scores,
-    save_confusion_png,
 )
 
 IGNORE = 255
@@ -338,6 +341,32 @@ def test_pure_functions() -> None:
     empty = metrics_from_confusion(np.zeros((2, 3, 2), dtype=np.int64))
     assert empty["protocols"]["dense"]["miou"] is None
     assert empty["protocols"]["paper"]["pixel_accuracy"] is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nmi_and_ari_equal_scikit_learn_on_the_same_pixels(seed: int) -> None:
+    """Both protocols' NMI/ARI against scikit-learn on the pixel labels each protocol keeps."""
+    preds, target, noise = random_case(6, 4, seed=seed, size=3000)
+    result = run_metric(preds, target, noise, 6, 4)
+    keep = target != IGNORE
+    dense = result["protocols"]["dense"]
+    assert dense["nmi"] == pytest.approx(normalized_mutual_info_score(target[keep], preds[keep]), abs=1e-9)
+    assert dense["ari"] == pytest.approx(adjusted_rand_score(target[keep], preds[keep]), abs=1e-9)
+    paper = result["protocols"]["paper"]
+    mapping = paper["mapping"]
+    matched = np.array([mapping[str(p)] is not None if p != IGNORE else False for p in preds])
+    kept = keep & ~noise & matched
+    assert paper["nmi"] == pytest.approx(normalized_mutual_info_score(target[kept], preds[kept]), abs=1e-9)
+    assert paper["ari"] == pytest.approx(adjusted_rand_score(target[kept], preds[kept]), abs=1e-9)
+
+
+def test_agreement_scores_of_perfect_and_of_one_label() -> None:
+    perfect = agreement_scores(np.array([[0, 9], [4, 0]]))
+    assert perfect["nmi"] == pytest.approx(1.0) and perfect["ari"] == pytest.approx(1.0)
+    assert agreement_scores(np.zeros((2, 2))) == {"nmi": None, "ari": None}
+    one_cluster = agreement_scores(np.array([[5, 5]]))
+    assert one_cluster["nmi"] == pytest.approx(normalized_mutual_info_score([0] * 5 + [1] * 5, [0] * 10))
+    assert one_cluster["ari"] == pytest.approx(0.0)
 
 
 def test_format_table_and_confusion_png(tmp_path: Path) -> None:

@@ -15,8 +15,18 @@ from datus.communities import (
     partition_from_communities,
     split_into_components,
 )
-from datus.ops import crop_regions, key_adjacency, mask_boxes, masked_crops, pack_adjacency, segment_masks
-from datus.painting import colourise, label_dtype, palette, upsample_nearest
+from datus.drawing import colourise, palette
+from datus.ops import (
+    crop_regions,
+    donor_segments,
+    key_adjacency,
+    mask_boxes,
+    masked_crops,
+    pack_adjacency,
+    segment_masks,
+    valid_segment_maps,
+)
+from datus.paint import label_dtype, upsample_nearest
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -102,7 +112,7 @@ def test_discover_segments_on_a_two_region_image() -> None:
     grid[:, 3:] = 1
     keys = np.where(grid.ravel()[:, None] == 0, 1.0, -1.0) * np.ones((36, 4))
     packed = np.packbits(keys @ keys.T > 0, axis=-1)
-    partition = discover_segments(packed, (6, 6), resolution=1.0, min_patches=5)
+    partition = discover_segments(packed, (6, 6), resolution=1.0, min_patches=5, engine="sknetwork")
     assert same_partition(partition.segment_map, grid)
     assert partition.sizes.tolist() == [18, 18] and not partition.is_noise.any()
 
@@ -111,7 +121,7 @@ def test_pool_with_workers_matches_inline() -> None:
     rng = np.random.default_rng(1)
     keys = rng.normal(size=(3, 64, 8))
     packed = [np.packbits(k @ k.T > 0, axis=-1) for k in keys]
-    inline_pool, worker_pool = CommunityPool(0, 1.0, 5), CommunityPool(2, 1.0, 5)
+    inline_pool, worker_pool = CommunityPool(0, 1.0, 5, "sknetwork"), CommunityPool(2, 1.0, 5, "sknetwork")
     try:
         inline = [f.result() for f in inline_pool.submit(packed, (8, 8))]
         workers = [f.result() for f in worker_pool.submit(packed, (8, 8))]
@@ -119,6 +129,30 @@ def test_pool_with_workers_matches_inline() -> None:
         worker_pool.close()
     for a, b in zip(inline, workers):
         assert np.array_equal(a.segment_map, b.segment_map) and np.array_equal(a.is_noise, b.is_noise)
+
+
+def test_valid_segments_are_renumbered_and_noise_is_minus_one() -> None:
+    segment_map = np.array([[0, 0, 1], [2, 2, 3]])
+    valid = valid_segment_maps(segment_map, np.array([False, True, False, True]))
+    assert valid.tolist() == [[0, 0, -1], [1, 1, -1]]
+
+
+def test_noise_segments_take_the_valid_segment_with_the_most_similar_mean_key() -> None:
+    """Image 0: two valid segments with opposite keys and two noise patches nearer one or the other.
+
+    Image 1 has no valid segment: every donor is -1 (the image's own embedding labels it).
+    """
+    keys = torch.zeros(2, 6, 2)
+    keys[0] = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0], [-1.0, 0.1], [-0.2, 1.0], [0.3, 1.0]])
+    segment_ids = torch.tensor([[0, 0, 1, 1, 2, 3], [0, 0, 0, 1, 1, 1]])
+    is_noise = [torch.tensor([False, False, True, True]), torch.tensor([True, True])]
+    donors = donor_segments(keys, segment_ids, is_noise)
+    # segment 2's key (-0.2, 1) is closer to segment 1's mean (-1, 0.05); segment 3's to segment 0's
+    assert donors[0].tolist() == [0, 1, 1, 0]
+    assert donors[1].tolist() == [-1, -1]
+    means = np.array([[1.0, 0.05], [-1.0, 0.05]])
+    expected = [int(np.argmax(means @ k)) for k in keys[0, 4:].numpy()]
+    assert donors[0][2:].tolist() == expected
 
 
 def test_segment_masks_and_boxes_for_a_batch() -> None:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from datus.predict import DatusCLI
-from datus.module import DatusModule
 from datamodules.images import ImageFolderDataModule
+from datus.module import DatusModule
+from datus.predict import DatusCLI
+from tests.generated import REPO
+
 
 class ParseOnly(DatusCLI):
     """Parses and validates a config but reads no data and builds nothing."""
@@ -20,7 +22,7 @@ class ParseOnly(DatusCLI):
         return None
 
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -32,7 +34,7 @@ def test_config_parses(config: Path, tmp_path: Path) -> None:
         args=["--config", str(config), "--output_dir", str(tmp_path), "--data.root", str(tmp_path)],
         parser_kwargs={"default_env": False},
     )
-    assert cli.config["output_dir"] == tmp_path
+    assert cli.config["output_dir"] == str(tmp_path)
     assert cli.config["cluster"]["num_clusters"] >= 1
 
 

@@ -1,0 +1,128 @@
+"""What a finished run says about itself: dataset files, summary, skipped files, console lines.
+
+A results folder is a segmentation dataset: ``manifest.jsonl`` pairs every input image with its
+mask and ``classes.json`` names the K pseudo classes. ``summary.json`` and the console summary
+report only what this invocation did, next to what earlier ones did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datus.io import UnreadableFile, json_text, read_json, write_json, write_text
+from datus.metrics import format_table
+from datus.run import CLASSES_FILE, MANIFEST_FILE, MASKS, SKIPPED_FILE, SUMMARY_FILE, Results, Run
+from datus.shards import read_image_paths
+
+
+@dataclass
+class PredictionLog:
+    """What the prediction loop of this invocation did, summed over ranks (``logs/predict-rank*.json``)."""
+
+    images_written: int = 0
+    images_resumed: int = 0
+    backbone_passes: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, run: Run) -> PredictionLog:
+        merged = cls()
+        for path in run.log_files():
+            try:
+                entry = read_json(path)
+                merged.images_written += int(entry["images_written"])
+                merged.images_resumed = max(merged.images_resumed, int(entry["images_resumed"]))
+                merged.backbone_passes += int(entry["backbone_passes"])
+                merged.skipped.extend({"path": str(s["path"]), "reason": str(s["reason"])} for s in entry["skipped"])
+                for stage, value in entry["stage_seconds"].items():
+                    merged.stage_seconds[stage] = merged.stage_seconds.get(stage, 0.0) + float(value)
+            except (UnreadableFile, KeyError, TypeError, ValueError):
+                continue  # a damaged log only loses timing information
+        return merged
+
+
+def write_dataset_files(
+    run: Run, results: Results, num_clusters: int, mapping: dict[str, int | None] | None, class_names: Sequence[str] | None
+) -> None:
+    """Make the results folder a dataset: ``classes.json`` and a manifest of (image, mask) pairs.
+
+    The manifest has one JSON object per line: ``image`` (absolute path of the input image, which
+    stays where it is), ``mask`` (path relative to the results folder) and ``image_id``. Masks are
+    dense, so the ignore value never occurs in them; it is declared outside the cluster ids
+    (255 for uint8 masks, 65535 for uint16) for training code that pads or augments.
+    """
+    names = []
+    for cluster in range(num_clusters):
+        matched = mapping.get(str(cluster)) if mapping else None
+        names.append(class_names[matched] if matched is not None and class_names else f"cluster {cluster}")
+    write_json(
+        results.file(CLASSES_FILE),
+        {
+            "num_clusters": num_clusters,
+            "classes": names,
+            "class_ids": list(range(num_clusters)),
+            "matched_class": [mapping.get(str(c)) if mapping else None for c in range(num_clusters)],
+            "ignore_index": 255 if num_clusters <= 255 else 65535,
+        },
+    )
+    lines = []
+    for image_id, path in sorted(read_image_paths(run.shards())):
+        mask = results.image_file(MASKS, image_id).relative_to(results.root).as_posix()
+        entry = {"image_id": image_id, "image": str(Path(path).absolute()), "mask": mask}
+        lines.append(json_text(entry, indent=None))
+    write_text(results.file(MANIFEST_FILE), "\n".join(lines) + "\n")
+
+
+def write_summary(
+    run: Run, results: Results, facts: dict[str, Any], skipped: list[dict[str, str]]
+) -> dict[str, Any]:
+    """``summary.json`` of the results folder and the run's ``skipped.json`` (always written)."""
+    write_json(run.file(SKIPPED_FILE), skipped)
+    summary = {**facts, "skipped": skipped, "results_dir": str(results.root)}
+    write_json(results.file(SUMMARY_FILE), summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any], metrics: dict[str, Any] | None, class_names: list[str] | None) -> str:
+    """The end-of-run console text: what was done now, what earlier, where the outputs are."""
+    predicted = summary.get("images_predicted_now")
+    done = f"{summary['images_in_run']} images"
+    if predicted is not None:
+        done += f" ({predicted} predicted now, {summary['images_from_earlier_runs']} from an earlier run)"
+    lines = [
+        f"datus: {done}, {len(summary['skipped'])} skipped",
+        f"segments: {summary['segments']} valid + {summary['noise_segments']} noise, K = {summary['num_clusters']}",
+        "seconds: " + ", ".join(f"{stage} {value:.2f}" for stage, value in summary["stage_seconds"].items()),
+    ]
+    for skip in summary["skipped"][:10]:
+        lines.append(f"  skipped {skip['path']}: {skip['reason']}")
+    if len(summary["skipped"]) > 10:
+        lines.append(f"  ... {len(summary['skipped']) - 10} more in skipped.json")
+    if metrics:
+        lines.append(format_table(metrics, class_names).rstrip())
+    lines.append(f"outputs: {summary['results_dir']}")
+    return "\n".join(lines)
+
+
+SWEEP_COLUMNS = ("dense_miou", "dense_pixel_accuracy", "dense_nmi", "paper_miou", "paper_pixel_accuracy")
+
+
+def sweep_row(num_clusters: int, summary: dict[str, Any], metrics: dict[str, Any] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"k": num_clusters, "segments": summary["segments"], "results_dir": summary["results_dir"]}
+    for name, protocol in (metrics or {}).get("protocols", {}).items():
+        for key in ("miou", "pixel_accuracy", "nmi", "ari"):
+            row[f"{name}_{key}"] = protocol.get(key)
+    return row
+
+
+def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per K: the main scores of both protocols, as percentages."""
+    lines = ["    K " + "".join(f"{c:>22}" for c in SWEEP_COLUMNS)]
+    for row in rows:
+        cells = "".join(f"{100 * row[c]:>21.2f}%" if row.get(c) is not None else f"{'-':>22}" for c in SWEEP_COLUMNS)
+        lines.append(f"{row['k']:>5} {cells}")
+    return "\n".join(lines)

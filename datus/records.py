@@ -1,0 +1,76 @@
+"""What prediction hands to the rest of the pipeline: one small record per image.
+
+Records are plain numpy data, light to import (the offline commands read them without loading
+Lightning or timm) and small enough to stream to disk per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ImageRecord:
+    """Everything the dataset-level stages need about one image.
+
+    Segments are the 8-connected pieces of the Louvain communities, valid or noise. Only valid
+    segments are embedded; every noise segment borrows the label of a *donor*: the valid
+    segment of the same image whose mean key is most similar to its own (the keys that built
+    the patch graph). An image without any valid segment is labelled as a whole through its
+    own CLS embedding from the discovery pass.
+
+    Attributes:
+        image_id: relative path of the image without extension; names every output file.
+        image_path: the input file (kept as found, for the manifest and overlays).
+        mask_path: its ground-truth label map, or "" when it has none.
+        orig_size: (height, width) of the image after EXIF rotation.
+        segment_map: h x w int32 segment ids 0..S-1, numbered by first appearance in raster order.
+        sizes: S patch counts.
+        is_noise: S flags; a segment of at most ``min_patches`` patches is noise.
+        donors: S int32, for each segment the index (0..V-1, in segment-id order of the valid
+            segments) of the valid segment whose label it takes (its own for a valid segment);
+            -1 everywhere when the image has no valid segment.
+        embeddings: V x D float16, L2-normalised embeddings of the valid segments.
+        image_embedding: D float16, L2-normalised CLS token of the discovery pass.
+        cls_attention: h x w float16, last-block CLS attention (for pictures).
+    """
+
+    image_id: str
+    image_path: str
+    mask_path: str
+    orig_size: tuple[int, int]
+    segment_map: np.ndarray
+    sizes: np.ndarray
+    is_noise: np.ndarray
+    donors: np.ndarray
+    embeddings: np.ndarray
+    image_embedding: np.ndarray
+    cls_attention: np.ndarray
+
+    @property
+    def num_valid(self) -> int:
+        return int(len(self.embeddings))
+
+    def visible_segment_map(self) -> np.ndarray:
+        """The user-facing segment map: 0 = noise, valid segments numbered 1..V in raster order."""
+        visible = np.where(self.is_noise, 0, np.cumsum(~self.is_noise))
+        return visible[self.segment_map]
+
+    def segment_labels(self, valid_labels: np.ndarray, image_label: int) -> np.ndarray:
+        """A label per segment from the labels of the valid segments (or the image's, when it has none)."""
+        if self.num_valid == 0:
+            return np.full(len(self.sizes), image_label, dtype=np.int64)
+        return np.asarray(valid_labels, dtype=np.int64)[self.donors]
+
+
+@dataclass
+class PredictionBatch:
+    """What ``predict_step`` hands the writer: records plus the files the loader could not read."""
+
+    records: list[ImageRecord]
+    skipped: list[dict[str, str]]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    backbone_passes: int = 0
+    """Images and crops through the ViT: the benchmark's yardstick count."""

@@ -1,0 +1,323 @@
+"""The run folder: the one owner of its layout, identity, finished images, output paths and lock.
+
+Every path datus writes below ``--output_dir`` is spelled in this module and nowhere else, and
+every path built from data (an image id read from a shard, a manifest or a folder listing) is
+checked here to stay inside the folder. A run folder is a dataset too (``manifest.jsonl`` and
+``classes.json``), so its layout is a public contract; ``ARCHITECTURE.md`` describes it.
+
+What the folder guarantees:
+
+- ``run.json`` records what the records were made from (model settings and input data); a
+  rerun with other settings is refused instead of mixing two runs.
+- A folder that is not empty and holds no ``run.json`` is not datus's: it is refused, so datus
+  never overwrites, or deletes, files it did not write.
+- Temporaries of killed runs are removed only when they match datus's own temporary name
+  exactly and lie in the folders datus writes.
+- One process at a time: ``run.lock`` is held with ``flock``, which the kernel releases when a
+  process dies, so a crashed run never leaves the folder locked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from datus import __version__
+from datus.errors import ConfigurationError
+from datus.io import TEMPORARY_NAME, UnreadableFile, read_json, write_json
+
+RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
+CONFIG_FILE = "config.yaml"
+SHARDS_DIR = "shards"
+LOGS_DIR = "logs"
+CLUSTERS_DIR = "clusters"
+SKIPPED_FILE = "skipped.json"
+
+MASKS = "masks"
+SEGMENTS = "segments"
+COLOUR = "color"
+OVERLAY = "overlay"
+IMAGE_FOLDERS = (MASKS, SEGMENTS, COLOUR, OVERLAY)
+"""Folders with one PNG per image, named by image id."""
+
+METRICS_FILE = "metrics.json"
+METRICS_TABLE = "metrics.txt"
+CONFUSION_FILE = "confusion.png"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.png"
+LEGEND_FILE = "legend.png"
+MANIFEST_FILE = "manifest.jsonl"
+CLASSES_FILE = "classes.json"
+"""Class names and ids, beside a prepared dataset and in every results folder (runs are datasets too)."""
+PAINTED_FILE = "painted.json"
+GALLERY_DIR = "gallery"
+
+_SHARD_NAME = re.compile(r"rank(\d{3})-(\d{7})\.npz")
+_UNSAFE_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\:*?\"<>|\ud800-\udfff]")
+_MAX_NAME_BYTES = 200
+"""Longest id component in bytes: with ``.png`` and a suffix it stays under the 255 of any file system."""
+
+
+def image_id_for(relative_path: Path) -> str:
+    """A stable id that is a safe relative file name: the relative path without its extension.
+
+    Folders are kept, so outputs mirror the input tree. Characters that are illegal on common
+    file systems, control characters and undecodable bytes become ``_``; a component longer
+    than :data:`_MAX_NAME_BYTES` bytes is cut and given a hash of its full name, so that any
+    legal input name maps to an output name every file system accepts. The manifest keeps the
+    original path.
+    """
+    parts = []
+    for part in relative_path.with_suffix("").parts:
+        safe = _UNSAFE_CHARACTERS.sub("_", part)
+        if safe in ("", ".", ".."):
+            safe = "_"
+        if len(safe.encode("utf-8")) > _MAX_NAME_BYTES:
+            digest = hashlib.sha1(part.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+            safe = safe.encode("utf-8")[: _MAX_NAME_BYTES - 11].decode("utf-8", "ignore") + "~" + digest
+        parts.append(safe)
+    return "/".join(parts)
+
+
+def check_image_id(image_id: str, source: Path | str) -> str:
+    """Refuse an id read from a file unless it is a relative path that stays in its folder.
+
+    Run files are untrusted input: an id like ``../../x`` or ``/etc/x`` would make datus write
+    outside the run folder.
+    """
+    parts = image_id.split("/")
+    bad = (
+        not image_id
+        or image_id.startswith("/")
+        or any(part in ("", ".", "..") for part in parts)
+        or _UNSAFE_CHARACTERS.search(image_id) is not None
+        or any(len(part.encode("utf-8")) > _MAX_NAME_BYTES for part in parts)
+    )
+    if bad:
+        raise ConfigurationError(
+            f"{source} holds the image id {image_id[:120]!r}, which is not a safe relative name; the file was "
+            "not written by datus or is damaged. Delete it and run again."
+        )
+    return image_id
+
+
+@dataclass(frozen=True)
+class Results:
+    """A folder of painted outputs: the run folder itself, or ``clusters/k<K>/`` for ``datus cluster``."""
+
+    root: Path
+
+    def image_file(self, folder: str, image_id: str) -> Path:
+        """``root/<folder>/<id>.png`` for a checked id, refused if it would resolve outside ``root``."""
+        if folder not in IMAGE_FOLDERS:
+            raise ValueError(f"unknown image folder {folder!r}")
+        path = self.root / folder / f"{image_id}.png"
+        resolved_root = self.root.resolve()
+        if not path.resolve().is_relative_to(resolved_root):
+            raise ConfigurationError(
+                f"{path} resolves outside {self.root} (a symbolic link in the run folder?); remove the link"
+            )
+        return path
+
+    def file(self, name: str) -> Path:
+        """A dataset-level file of these results (``metrics.json``, ``report.png``, ...)."""
+        return self.root / name
+
+
+class Run:
+    """The folder of one ``datus predict`` run (``--output_dir``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser()
+        self.results = Results(self.root)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.root)!r})"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / SHARDS_DIR
+
+    def file(self, name: str) -> Path:
+        return self.root / name
+
+    def log_file(self, rank: int) -> Path:
+        return self.root / LOGS_DIR / f"predict-rank{rank:03d}.json"
+
+    def log_files(self) -> list[Path]:
+        return sorted((self.root / LOGS_DIR).glob("predict-rank[0-9][0-9][0-9].json"))
+
+    def cluster_dir(self, num_clusters: int) -> Path:
+        """Where the fit for K lives (centroids, assignments; results too for ``datus cluster``)."""
+        return self.root / CLUSTERS_DIR / f"k{num_clusters}"
+
+    def cluster_results(self, num_clusters: int) -> Results:
+        return Results(self.cluster_dir(num_clusters))
+
+    def shard_path(self, rank: int, sequence: int) -> Path:
+        return self.shards_dir / f"rank{rank:03d}-{sequence:07d}.npz"
+
+    def shards(self) -> list[Path]:
+        """All complete shards, in a stable order (rank, then sequence)."""
+        if not self.shards_dir.is_dir():
+            return []
+        named = [(match, path) for path in self.shards_dir.iterdir() if (match := _SHARD_NAME.fullmatch(path.name))]
+        return [path for _, path in sorted(named, key=lambda item: (int(item[0][1]), int(item[0][2])))]
+
+    def next_sequence(self, rank: int) -> int:
+        """First unused shard number of ``rank``: a resumed run appends, never overwrites."""
+        numbers = [int(m[2]) for p in self.shards() if (m := _SHARD_NAME.fullmatch(p.name)) and int(m[1]) == rank]
+        return max(numbers, default=-1) + 1
+
+    def is_datus_run(self) -> bool:
+        """Whether the folder holds a ``run.json`` that datus wrote."""
+        path = self.root / RUN_FILE
+        if not path.is_file():
+            return False
+        try:
+            content = read_json(path)
+        except UnreadableFile:
+            return False
+        return isinstance(content, dict) and "datus_version" in content
+
+    def check_writable(self) -> None:
+        """Refuse a folder that datus did not create: it would overwrite or mix with its files."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigurationError(f"--output_dir {self.root} is a file; give a folder (it is created if missing)")
+        entries = [entry for entry in self.root.iterdir() if entry.name != LOCK_FILE] if self.root.is_dir() else []
+        if entries and not self.is_datus_run():
+            raise ConfigurationError(
+                f"--output_dir {self.root} is not empty and is not a datus run folder (no {RUN_FILE}); datus "
+                "writes masks/, segments/ and more there and would mix with or overwrite your files. Give a new "
+                "or empty folder."
+            )
+
+    def recorded_identity(self) -> dict[str, Any] | None:
+        """What ``run.json`` says the records were made from, or None for a new run."""
+        if not (self.root / RUN_FILE).is_file():
+            return None
+        content = read_json(self.root / RUN_FILE)
+        if not isinstance(content, dict) or not isinstance(content.get("identity"), dict):
+            raise ConfigurationError(
+                f"{self.root / RUN_FILE} is not a run file of this datus version; use a new --output_dir"
+            )
+        return content["identity"]
+
+    def claim(self, identity: dict[str, Any]) -> None:
+        """Start or resume the run: refuse other settings or data, then record ``identity``.
+
+        Args:
+            identity: ``{"model": ..., "data": ...}``; the data part may be None when the data
+                module cannot describe itself (then only the model is compared).
+        """
+        self.check_writable()
+        recorded = self.recorded_identity()
+        if recorded is not None:
+            differences = []
+            for part in ("model", "data"):
+                old, new = recorded.get(part) or {}, identity.get(part) or {}
+                for key in sorted(old.keys() | new.keys()):
+                    if old.get(key) != new.get(key):
+                        differences.append(f"{part} {key}: was {old.get(key)!r}, now {new.get(key)!r}")
+            if differences:
+                raise ConfigurationError(
+                    f"--output_dir {self.root} holds a run made from other settings or data "
+                    f"({'; '.join(differences)}). Resuming would mix them: use a new --output_dir, or delete the "
+                    "old one to start over."
+                )
+        write_json(self.root / RUN_FILE, {"datus_version": __version__, "identity": identity})
+
+    def finished_ids(self) -> set[str]:
+        """Ids of every image recorded in the shards: the resume state."""
+        from datus.shards import read_image_ids
+
+        return set(read_image_ids(self.shards()))
+
+    def remove_temporaries(self) -> int:
+        """Delete temporaries that a killed run left in this run's folders; returns how many.
+
+        Only files whose name is exactly datus's temporary format are removed, only in the
+        folders datus writes, and only when the folder is a datus run. Call it only while
+        holding :meth:`lock`.
+        """
+        if not self.is_datus_run():
+            return 0
+        removed = 0
+        for folder in self._written_folders():
+            for path in folder.iterdir() if folder.is_dir() else ():
+                if TEMPORARY_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def _written_folders(self) -> Iterator[Path]:
+        yield self.root
+        for name in (SHARDS_DIR, LOGS_DIR):
+            yield self.root / name
+        trees = [self.root / name for name in IMAGE_FOLDERS] + [self.root / CLUSTERS_DIR, self.root / GALLERY_DIR]
+        for tree in trees:
+            if tree.is_dir() and not tree.is_symlink():
+                for folder, subfolders, _ in os.walk(tree):
+                    yield Path(folder)
+
+    def acquire(self) -> None:
+        """Hold the run folder for this process; another process is refused, not merged.
+
+        Re-entrant within a process (the writer and the post-processing callback both hold it
+        for one run): the lock is released when every :meth:`acquire` has been released.
+        """
+        key = self.root.resolve()
+        if key in _HELD:
+            stream, count = _HELD[key]
+            _HELD[key] = (stream, count + 1)
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        stream = open(self.root / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            stream.seek(0)
+            holder = stream.read().strip() or "another process"
+            stream.close()
+            raise ConfigurationError(
+                f"--output_dir {self.root} is in use by {holder}; wait for it to finish or give another "
+                "--output_dir (two runs in one folder would mix their files)"
+            ) from None
+        stream.seek(0)
+        stream.truncate()
+        stream.write(f"datus process {os.getpid()}")
+        stream.flush()
+        _HELD[key] = (stream, 1)
+
+    def release(self) -> None:
+        """Undo one :meth:`acquire`; harmless when this process does not hold the folder."""
+        key = self.root.resolve()
+        if key not in _HELD:
+            return
+        stream, count = _HELD.pop(key)
+        if count > 1:
+            _HELD[key] = (stream, count - 1)
+            return
+        fcntl.flock(stream, fcntl.LOCK_UN)
+        stream.close()
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """:meth:`acquire` for the duration of a ``with`` block."""
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+_HELD: dict[Path, tuple[IO[str], int]] = {}
+"""Run folders this process holds, with their open lock file and how many holders share it."""

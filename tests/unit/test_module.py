@@ -1,0 +1,74 @@
+"""DatusModule configuration: the checks made before any model work, and Louvain worker sizing."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from datus.errors import ConfigurationError
+from datus.module import DatusModule
+from datus.workers import louvain_workers_for
+
+TINY_VIT = {"depth": 1, "embed_dim": 48, "num_heads": 2}
+
+
+def build(**settings: object) -> DatusModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        settings = {"louvain_workers": 0, **settings}
+        return DatusModule(backbone="vit_tiny_patch16_224", weights="random", **settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"min_patches": -1}, "--model.min_patches"),
+        ({"resolution": 0.0}, "--model.resolution"),
+        ({"crop_batch_size": 0}, "--model.crop_batch_size"),
+        ({"image_size": 70}, "not a multiple of the patch size"),
+        ({"louvain_workers": -1}, "--model.louvain_workers"),
+        ({"image_size": 0}, "--model.image_size"),
+    ],
+)
+def test_bad_settings_name_the_option(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        build(backbone_kwargs={**TINY_VIT, "patch_size": 8}, **settings)
+
+
+def fake_trainer(device: str) -> SimpleNamespace:
+    return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), precision="32-true")
+
+
+def test_auto_louvain_workers_stay_off_a_cpu_backbone() -> None:
+    """On a CPU run the workers would compete with the backbone's threads for the same cores."""
+    module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
+    module._trainer = fake_trainer("cpu")  # type: ignore[assignment]
+    module.setup("predict")
+    try:
+        assert module._pool is not None and module._pool._executor is None
+        assert not module._calibrate_workers
+    finally:
+        module.teardown("predict")
+
+
+def test_auto_louvain_workers_beside_an_accelerator_are_measured_first() -> None:
+    module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
+    module._trainer = fake_trainer("cuda")  # type: ignore[assignment]
+    module.setup("predict")
+    try:
+        assert module._calibrate_workers and module._pool is not None and module._pool._executor is None
+    finally:
+        module.teardown("predict")
+
+
+@pytest.mark.parametrize(
+    ("louvain_seconds", "backbone_seconds", "cores", "expected"),
+    [(0.10, 0.01, 16, 10), (0.10, 1.0, 16, 1), (1.0, 0.001, 8, 7), (0.0, 0.01, 4, 1)],
+)
+def test_worker_count_keeps_louvain_below_the_device_time(
+    louvain_seconds: float, backbone_seconds: float, cores: int, expected: int
+) -> None:
+    assert louvain_workers_for(louvain_seconds, backbone_seconds, cores) == expected
