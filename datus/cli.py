@@ -38,32 +38,72 @@ def _missing_input_is_a_configuration_error() -> Iterator[None]:
         raise ConfigurationError(str(error)) from error
 
 
+_PREPARE_ONLY = {
+    "classes": ("suim",),
+    "size_mismatch": ("suim",),
+}
+"""Options of `datus prepare` that apply to some datasets only."""
+
+
 def _prepare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="datus prepare", description="Convert a published dataset to the DatUS layout.")
+    parser = argparse.ArgumentParser(
+        prog="datus prepare",
+        description="Convert a published dataset to the DatUS layout. All or nothing: OUT is written only "
+        "when the whole conversion succeeded.",
+    )
     parser.add_argument("dataset", choices=["suim", "camvid"])
-    parser.add_argument("raw_dir", type=Path, help="the dataset as downloaded (SUIM: holds train_val/; CamVid: train/, trainannot/)")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--classes", choices=["coarse", "all"], default="coarse", help="SUIM only: DatUS 6-class grouping or all 8")
+    parser.add_argument(
+        "raw_dir",
+        type=Path,
+        help="the dataset as downloaded (SUIM: holds train_val/; CamVid: train/, trainannot/)",
+    )
+    parser.add_argument("out_dir", type=Path, help="new (or empty) folder for the DatUS layout")
+    parser.add_argument(
+        "--classes", choices=["coarse", "all"], default=None, help="SUIM only: DatUS 6-class grouping (default) or all 8"
+    )
     parser.add_argument(
         "--size_mismatch",
         choices=["crop", "error"],
-        default="crop",
-        help="SUIM only: a mask taller/wider than its image is cropped to its top-left (crop) or refused (error)",
+        default=None,
+        help="SUIM only: a mask taller/wider than its image is cropped to its top-left (crop, default) or refused "
+        "(error)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier `datus prepare` output in OUT, once the new conversion has succeeded",
+    )
+    parser.add_argument(
+        "--skip_damaged",
+        action="store_true",
+        help="leave out (and list) pairs with a truncated or undecodable file instead of refusing",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="threads decoding and writing files (default: up to 8)")
     return parser
 
 
 def run_prepare(args: Sequence[str]) -> None:
+    from datus.errors import ConfigurationError
     from datus.prepare import format_report, prepare_camvid, prepare_suim
 
     options = _prepare_parser().parse_args(args)
+    for option, datasets in _PREPARE_ONLY.items():
+        if getattr(options, option) is not None and options.dataset not in datasets:
+            raise ConfigurationError(
+                f"--{option} applies to {', '.join(datasets)} only, not {options.dataset}; drop it"
+            )
+    common = {"overwrite": options.overwrite, "skip_damaged": options.skip_damaged, "workers": options.workers}
     with _missing_input_is_a_configuration_error():
         if options.dataset == "suim":
             report = prepare_suim(
-                options.raw_dir, options.out_dir, classes=options.classes, size_mismatch=options.size_mismatch
+                options.raw_dir,
+                options.out_dir,
+                classes=options.classes or "coarse",
+                size_mismatch=options.size_mismatch or "crop",
+                **common,
             )
         else:
-            report = prepare_camvid(options.raw_dir, options.out_dir)
+            report = prepare_camvid(options.raw_dir, options.out_dir, **common)
     print(format_report(report))
 
 

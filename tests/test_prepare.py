@@ -8,6 +8,8 @@ the samples do not have.
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datus.errors import ConfigurationError
 from datus.prepare import (
     PrepareReport,
     decode_suim_mask,
@@ -329,19 +332,48 @@ def test_suim_mask_must_match_the_exif_oriented_image(tmp_path: Path) -> None:
     assert prepare_suim(raw, tmp_path / "out").problems == []
 
 
-def test_rerun_is_idempotent_and_reports_leftovers(tmp_path: Path) -> None:
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path below ``root`` (hidden ones included) with its bytes; None for folders."""
+    return {
+        path.relative_to(root).as_posix(): (None if path.is_dir() else path.read_bytes())
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def test_rerun_is_refused_without_overwrite_and_replaces_with_it(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     _save_image(raw / "train_val" / "images" / "a.jpg", (4, 2))
     _save_mask(raw / "train_val" / "masks" / "a.bmp", OFF_COLOURS)
     out = tmp_path / "out"
     first = prepare_suim(raw, out)
-    snapshot = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
-    second = prepare_suim(raw, out)
-    assert second == first
-    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == snapshot
+    snapshot = _tree(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"out.*already exists and is not empty.*--overwrite"):
+        prepare_suim(raw, out)
+    assert _tree(tmp_path) == snapshot
+    assert prepare_suim(raw, out, overwrite=True) == first
+    assert _tree(tmp_path) == snapshot, "a replaced conversion must equal the first and leave nothing beside it"
+    # A file inside the dataset's own folders is replaced with the rest ...
     (out / "train" / "images" / "old.jpg").write_bytes(b"left over")
-    third = prepare_suim(raw, out)
-    assert len(third.problems) == 1 and "old.jpg" in third.problems[0] and "earlier" in third.problems[0]
+    prepare_suim(raw, out, overwrite=True)
+    assert _tree(tmp_path) == snapshot
+    # ... but --overwrite never deletes what a conversion would not have written.
+    (out / "runs").mkdir()
+    (out / "runs" / "metrics.json").write_text("{}")
+    snapshot = _tree(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"holds runs.*will not delete"):
+        prepare_suim(raw, out, overwrite=True)
+    assert _tree(tmp_path) == snapshot
+
+
+def test_empty_out_dir_is_used_and_a_file_is_refused(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train_val" / "images" / "a.jpg", (4, 2))
+    _save_mask(raw / "train_val" / "masks" / "a.bmp", OFF_COLOURS)
+    (tmp_path / "empty").mkdir()
+    assert prepare_suim(raw, tmp_path / "empty").converted == 1
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigurationError, match="is a file"):
+        prepare_suim(raw, tmp_path / "file")
 
 
 def test_unrecognised_layouts_raise_helpful_errors(tmp_path: Path) -> None:
@@ -416,3 +448,137 @@ def test_format_report_is_short_and_points_to_the_full_list(tmp_path: Path) -> N
     assert "file0.bmp" in summary and "file29.bmp" not in summary
     assert "18 more" in summary and "classes.json" in summary
     assert "no problems" in format_report(PrepareReport("camvid", tmp_path, 1, []))
+
+
+# ----------------------------------------------------------------------------- all or nothing
+
+
+def _suim_raw(raw: Path, stems: tuple[str, ...] = ("a", "b", "c"), size: tuple[int, int] = (64, 48)) -> None:
+    for stem in stems:
+        _save_image(raw / "train_val" / "images" / f"{stem}.jpg", size)
+        _save_mask(raw / "train_val" / "masks" / f"{stem}.bmp", _flat_mask(size, (0, 0, 255)))
+
+
+def _cut(path: Path, keep: float) -> None:
+    """Truncate a file to a fraction of its bytes, as an interrupted download would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGE = {
+    "truncated-mask": ("masks", "b.bmp", 0.5, "truncated"),  # header fine: found while writing
+    "empty-mask": ("masks", "b.bmp", 0.0, "not a readable image"),  # found before writing
+    "truncated-image": ("images", "b.jpg", 0.5, "truncated"),
+}
+
+
+@pytest.mark.parametrize("out_state", ["missing", "missing-parents", "empty", "earlier-conversion"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_file_refuses_and_leaves_out_exactly_as_before(tmp_path: Path, damage: str, out_state: str) -> None:
+    raw = tmp_path / "raw"
+    _suim_raw(raw)
+    out = tmp_path / "new" / "deeper" / "out" if out_state == "missing-parents" else tmp_path / "out"
+    if out_state == "empty":
+        out.mkdir()
+    elif out_state == "earlier-conversion":
+        prepare_suim(raw, out, classes="all")  # other ids than this run's: a partial rewrite would show
+    folder, name, keep, reason = DAMAGE[damage]
+    _cut(raw / "train_val" / folder / name, keep)
+    before = _tree(tmp_path)
+    pattern = rf"(?i)1 damaged file\(s\).*train_val/{folder}/{name}: .*{reason}.*--skip_damaged"
+    with pytest.raises(ConfigurationError, match=pattern) as error:
+        prepare_suim(raw, out, overwrite=True, workers=2)
+    assert "\n" not in str(error.value)
+    assert _tree(tmp_path) == before
+
+
+def test_skip_damaged_leaves_the_pair_out_and_lists_it(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _suim_raw(raw, stems=("a", "b", "c", "d"))
+    _cut(raw / "train_val" / "masks" / "b.bmp", 0.5)
+    _cut(raw / "train_val" / "images" / "d.jpg", 0.5)
+    report = prepare_suim(raw, tmp_path / "out", skip_damaged=True)
+    assert report.converted == 2
+    assert sorted(path.name for path in (tmp_path / "out" / "train" / "images").iterdir()) == ["a.jpg", "c.jpg"]
+    assert sorted(path.name for path in (tmp_path / "out" / "train" / "true_masks").iterdir()) == ["a.png", "c.png"]
+    assert len(report.problems) == 2
+    assert all("truncated" in line and "skipped" in line for line in report.problems), report.problems
+    assert {line.split(":")[0] for line in report.problems} == {"train_val/masks/b.bmp", "train_val/images/d.jpg"}
+
+
+def test_leftovers_of_a_killed_conversion_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    raw = tmp_path / "raw"
+    _suim_raw(raw, stems=("a",))
+    leftover = tmp_path / ".out.partial-0badf00d"  # what kill -9 during a conversion leaves
+    (leftover / "train" / "images").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="datus.prepare"):
+        prepare_suim(raw, tmp_path / "out")
+    assert [record.getMessage() for record in caplog.records if str(leftover) in record.getMessage()] != []
+    assert leftover.is_dir(), "another conversion might still be writing it"
+
+
+def test_a_crash_midway_leaves_out_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datus.prepare
+
+    raw = tmp_path / "raw"
+    _suim_raw(raw)
+    real_write_png = datus.prepare.write_png
+    written: list[Path] = []
+
+    def fail_on_second(destination: Path, array: np.ndarray) -> None:
+        written.append(destination)
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        real_write_png(destination, array)
+
+    monkeypatch.setattr(datus.prepare, "write_png", fail_on_second)
+    before = _tree(tmp_path)
+    with pytest.raises(OSError, match="No space"):
+        prepare_suim(raw, tmp_path / "out", workers=1)
+    assert len(written) == 2 and _tree(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- console
+
+
+def _console(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """Run the ``datus`` console script in-process; returns (exit status, stdout, stderr)."""
+    from datus.cli import console_main
+
+    monkeypatch.setattr(sys, "argv", ["datus", *map(str, args)])
+    monkeypatch.setattr("datus.cli._show_own_logs", lambda: None)  # no handler bound to this test's stderr
+    try:
+        console_main()
+        status = 0
+    except SystemExit as exit_info:
+        status = int(exit_info.code or 0)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _console_refusals(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
+    suim = tmp_path / "suim"
+    _suim_raw(suim)
+    _cut(suim / "train_val" / "masks" / "b.bmp", 0.5)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    out = tmp_path / "out"
+    return {
+        "truncated-mask": (["suim", suim, out], "1 damaged file(s) in"),
+        "out-not-empty": (["suim", suim, tmp_path / "full", "--skip_damaged"], "already exists and is not empty"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["truncated-mask", "out-not-empty"]
+)
+def test_console_prepare_refusals_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    args, expected = _console_refusals(tmp_path)[case]
+    before = _tree(tmp_path)
+    status, out, err = _console(monkeypatch, capsys, "prepare", *args)
+    assert status == 2, (out, err)
+    assert err.startswith("datus: error: ") and err.count("\n") == 1, err
+    assert expected in err and "Traceback" not in err
+    assert _tree(tmp_path) == before
