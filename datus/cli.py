@@ -21,7 +21,7 @@ commands:
   predict   discover segments, embed, cluster, paint and evaluate (LightningCLI; see datus predict --help)
   cluster   re-cluster a finished run's shards with other K / engine / PCA, without the ViT
   evaluate  score any folder of predicted label PNGs against ground truth
-  prepare   convert SUIM or CamVid from their published layouts to the DatUS layout
+  prepare   convert SUIM, CamVid, COCO-Stuff-27 or Cityscapes from their published layouts to the DatUS layout
 
 Run `datus <command> --help` for the options of one command.
 """
@@ -41,6 +41,7 @@ def _missing_input_is_a_configuration_error() -> Iterator[None]:
 _PREPARE_ONLY = {
     "classes": ("suim",),
     "size_mismatch": ("suim",),
+    "image_list": ("cocostuff27",),
 }
 """Options of `datus prepare` that apply to some datasets only."""
 
@@ -51,11 +52,12 @@ def _prepare_parser() -> argparse.ArgumentParser:
         description="Convert a published dataset to the DatUS layout. All or nothing: OUT is written only "
         "when the whole conversion succeeded.",
     )
-    parser.add_argument("dataset", choices=["suim", "camvid"])
+    parser.add_argument("dataset", choices=["suim", "camvid", "cocostuff27", "cityscapes"])
     parser.add_argument(
         "raw_dir",
         type=Path,
-        help="the dataset as downloaded (SUIM: holds train_val/; CamVid: train/, trainannot/)",
+        help="the dataset as downloaded (SUIM: holds train_val/; CamVid: train/, trainannot/; COCO-Stuff: images/, "
+        "stuffthingmaps_trainval2017/; Cityscapes: leftImg8bit/, gtFine/)",
     )
     parser.add_argument("out_dir", type=Path, help="new (or empty) folder for the DatUS layout")
     parser.add_argument(
@@ -67,6 +69,13 @@ def _prepare_parser() -> argparse.ArgumentParser:
         default=None,
         help="SUIM only: a mask taller/wider than its image is cropped to its top-left (crop, default) or refused "
         "(error)",
+    )
+    parser.add_argument(
+        "--image_list",
+        type=Path,
+        default=None,
+        help="cocostuff27 only: convert only the image ids listed in this file (e.g. the curated "
+        "Coco164kFull_Stuff_Coarse.txt)",
     )
     parser.add_argument(
         "--overwrite",
@@ -84,7 +93,7 @@ def _prepare_parser() -> argparse.ArgumentParser:
 
 def run_prepare(args: Sequence[str]) -> None:
     from datus.errors import ConfigurationError
-    from datus.prepare import format_report, prepare_camvid, prepare_suim
+    from datus.prepare import format_report, prepare_camvid, prepare_cityscapes, prepare_cocostuff27, prepare_suim
 
     options = _prepare_parser().parse_args(args)
     for option, datasets in _PREPARE_ONLY.items():
@@ -102,8 +111,12 @@ def run_prepare(args: Sequence[str]) -> None:
                 size_mismatch=options.size_mismatch or "crop",
                 **common,
             )
-        else:
+        elif options.dataset == "camvid":
             report = prepare_camvid(options.raw_dir, options.out_dir, **common)
+        elif options.dataset == "cocostuff27":
+            report = prepare_cocostuff27(options.raw_dir, options.out_dir, image_list=options.image_list, **common)
+        else:
+            report = prepare_cityscapes(options.raw_dir, options.out_dir, **common)
     print(format_report(report))
 
 

@@ -19,10 +19,16 @@ from PIL import Image
 
 from datus.errors import ConfigurationError
 from datus.prepare import (
+    COCOSTUFF27_CLASSES,
+    CITYSCAPES_CLASSES,
     PrepareReport,
+    cityscapes27_from_label_ids,
+    cocostuff27_from_fine,
     decode_suim_mask,
     format_report,
     prepare_camvid,
+    prepare_cityscapes,
+    prepare_cocostuff27,
     prepare_suim,
 )
 
@@ -538,6 +544,185 @@ def test_a_crash_midway_leaves_out_missing(tmp_path: Path, monkeypatch: pytest.M
     assert len(written) == 2 and _tree(tmp_path) == before
 
 
+# ----------------------------------------------------------------------------- COCO-Stuff-27
+
+
+def _save_ids(path: Path, ids: np.ndarray, mode: str = "L") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(ids.astype(np.uint8), mode="L")
+    (image.convert(mode) if mode != "L" else image).save(path)
+
+
+def _coco_pair(raw: Path, split: str, stem: str, fine: np.ndarray) -> None:
+    _save_image(raw / "images" / split / f"{stem}.jpg", (fine.shape[1], fine.shape[0]))
+    _save_ids(raw / "stuffthingmaps_trainval2017" / split / f"{stem}.png", fine)
+
+
+# fine id -> name of its coarse class, stated from COCO-Stuff's category list (not the table).
+COCO_FINE_FACTS = {
+    0: "person",  # person
+    2: "vehicle",  # car
+    16: "animal",  # cat
+    61: "furniture-things",  # chair
+    93: "plant",  # branch
+    119: "water",  # fog
+    148: "ground",  # road
+    156: "sky",  # sky-other
+    171: "wall",  # wall-concrete
+    181: "solid",  # wood
+}
+
+
+def test_cocostuff27_table_covers_every_fine_id_once() -> None:
+    fine_ids = sorted(fine for _, group in COCOSTUFF27_CLASSES for fine in group)
+    assert fine_ids == list(range(182))
+    assert len(COCOSTUFF27_CLASSES) == 27 and len({name for name, _ in COCOSTUFF27_CLASSES}) == 27
+    names = [name for name, _ in COCOSTUFF27_CLASSES]
+    coarse = cocostuff27_from_fine(np.arange(256, dtype=np.uint8))
+    for fine, name in COCO_FINE_FACTS.items():
+        assert names[coarse[fine]] == name, fine
+    assert coarse[0] == 9 and coarse[93] == 22 and coarse[255] == 255
+    assert (coarse[182:] == 255).all()
+    assert cocostuff27_from_fine(np.array([[-1, 0, 300]])).tolist() == [[255, 9, 255]]
+
+
+def test_cocostuff27_converts_both_splits_with_the_coarse_ids(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    fine = np.array([[0, 93, 255, 181], [91, 182, 200, 156]])
+    _coco_pair(raw, "val2017", "000000000139", fine)
+    _coco_pair(raw, "train2017", "000000000009", np.zeros((3, 5), np.uint8))
+    report = prepare_cocostuff27(raw, out)
+    assert report.converted == 2
+    mask = _read_ids(out / "val" / "true_masks" / "000000000139.png")
+    assert mask.tolist() == [[9, 22, 255, 24], [17, 255, 255, 23]]
+    assert (_read_ids(out / "train" / "true_masks" / "000000000009.png") == 9).all()
+    raw_image = raw / "images" / "val2017" / "000000000139.jpg"
+    assert (out / "val" / "images" / "000000000139.jpg").read_bytes() == raw_image.read_bytes()
+    assert len(report.problems) == 1
+    assert "val2017/000000000139.png" in report.problems[0] and "2 pixels" in report.problems[0]
+    meta = json.loads((out / "classes.json").read_text())
+    assert meta["dataset"] == "cocostuff27" and meta["ignore_index"] == 255 and len(meta["classes"]) == 27
+    assert meta["classes"][9] == "person" and meta["classes"][22] == "plant"
+    assert meta["splits"] == {"train": {"images": 1, "masks": 1}, "val": {"images": 1, "masks": 1}}
+
+
+def test_cocostuff27_image_list_filters_and_reports_missing_ids(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    for stem in ("000000000139", "000000000285", "000000000632"):
+        _coco_pair(raw, "val2017", stem, np.full((2, 3), 93))
+    _coco_pair(raw, "train2017", "000000000009", np.full((2, 3), 0))
+    image_list = tmp_path / "Coco164kFull_Stuff_Coarse.txt"
+    # Padded as in the IIC/STEGO files, and also with an extension, unpadded, a comment, a blank line.
+    image_list.write_text("000000000139\n285.jpg\n\n# curated\n000000999999\n9\n")
+    report = prepare_cocostuff27(raw, out, image_list=image_list)
+    assert report.converted == 3
+    assert sorted(path.name for path in (out / "val" / "images").iterdir()) == ["000000000139.jpg", "000000000285.jpg"]
+    assert [path.name for path in (out / "train" / "true_masks").iterdir()] == ["000000000009.png"]
+    assert len(report.problems) == 1
+    assert "1 of 4 listed ids" in report.problems[0] and "000000999999" in report.problems[0]
+    assert json.loads((out / "classes.json").read_text())["image_list"]["missing"] == ["000000999999"]
+
+    unrelated = tmp_path / "other.txt"
+    unrelated.write_text("000000777777\n")
+    with pytest.raises(ConfigurationError, match=r"other\.txt: none of its 1 ids"):
+        prepare_cocostuff27(raw, tmp_path / "out2", image_list=unrelated)
+    with pytest.raises(ConfigurationError, match=r"--image_list .*missing\.txt does not exist"):
+        prepare_cocostuff27(raw, tmp_path / "out2", image_list=tmp_path / "missing.txt")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_cocostuff27_refuses_a_mask_of_another_size(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _coco_pair(raw, "val2017", "000000000139", np.zeros((4, 6), np.uint8))
+    _save_ids(raw / "stuffthingmaps_trainval2017" / "val2017" / "000000000139.png", np.zeros((4, 5), np.uint8))
+    with pytest.raises(ConfigurationError, match=r"val2017/000000000139\.png: mask 5x4 vs image 6x4.*never resized"):
+        prepare_cocostuff27(raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cocostuff27_mask_follows_the_exif_orientation_of_its_image(tmp_path: Path) -> None:
+    """COCO annotations are drawn on the stored pixels; datus reads images upright."""
+    from PIL import ImageOps
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    fine = np.array([[0, 2, 16, 61], [93, 119, 148, 156]])  # 4 wide, 2 tall, all distinct classes
+    coarse = cocostuff27_from_fine(fine)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image_path = raw / "images" / "val2017" / "000000000139.png"  # lossless, so pixels can be compared
+    image_path.parent.mkdir(parents=True)
+    Image.fromarray(coarse, mode="L").convert("RGB").save(image_path, exif=exif)
+    _save_ids(raw / "stuffthingmaps_trainval2017" / "val2017" / "000000000139.png", fine)
+    report = prepare_cocostuff27(raw, out)
+    with Image.open(out / "val" / "images" / "000000000139.png") as image:
+        upright = np.asarray(ImageOps.exif_transpose(image))[..., 0]
+    mask = _read_ids(out / "val" / "true_masks" / "000000000139.png")
+    assert mask.shape == (4, 2) and np.array_equal(mask, upright)
+    assert len(report.problems) == 1 and "EXIF orientation 6" in report.problems[0]
+
+
+# ----------------------------------------------------------------------------- Cityscapes
+
+
+def _cityscapes_pair(raw: Path, split: str, city: str, frame: str, label_ids: np.ndarray) -> None:
+    size = (label_ids.shape[1], label_ids.shape[0])
+    prefix = f"{city}_000000_{frame}"
+    _save_image(raw / "leftImg8bit" / split / city / f"{prefix}_leftImg8bit.png", size)
+    gt = raw / "gtFine" / split / city
+    _save_ids(gt / f"{prefix}_gtFine_labelIds.png", label_ids)
+    _save_ids(gt / f"{prefix}_gtFine_instanceIds.png", label_ids)  # published beside it, not used
+    _save_mask(gt / f"{prefix}_gtFine_color.png", np.zeros((*label_ids.shape, 3)))
+    (gt / f"{prefix}_gtFine_polygons.json").write_text("{}")
+
+
+def test_cityscapes27_mapping() -> None:
+    label_ids = np.array([6, 7, 8, 33, 34, 0, 255])
+    assert cityscapes27_from_label_ids(label_ids).tolist() == [255, 0, 1, 26, 255, 255, 255]
+    assert len(CITYSCAPES_CLASSES) == 27
+    assert CITYSCAPES_CLASSES[:4] == ("road", "sidewalk", "parking", "rail track")
+    assert CITYSCAPES_CLASSES[4] == "building" and CITYSCAPES_CLASSES[26] == "bicycle"
+
+
+def test_cityscapes_keeps_city_folders_and_maps_label_ids(tmp_path: Path) -> None:
+    from datamodules.images import list_images
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    label_ids = np.array([[7, 33, 6], [8, 0, 35]])
+    _cityscapes_pair(raw, "train", "aachen", "000019", label_ids)
+    _cityscapes_pair(raw, "train", "bochum", "000019", np.full((2, 3), 26))
+    _cityscapes_pair(raw, "val", "lindau", "000042", np.full((2, 3), 23))
+    (raw / "leftImg8bit" / "train" / "aachen" / "README.txt").write_text("stray")
+    report = prepare_cityscapes(raw, out)
+    assert report.converted == 3
+    assert len(report.problems) == 2, report.problems
+    assert "aachen/README.txt" in report.problems[0] and "skipped" in report.problems[0]
+    assert "aachen_000000_000019_gtFine_labelIds.png" in report.problems[1] and "1 pixels" in report.problems[1]
+    mask = _read_ids(out / "train" / "true_masks" / "aachen" / "aachen_000000_000019.png")
+    assert mask.tolist() == [[0, 26, 255], [1, 255, 255]]
+    assert (_read_ids(out / "val" / "true_masks" / "lindau" / "lindau_000000_000042.png") == 16).all()
+    raw_image = raw / "leftImg8bit" / "train" / "bochum" / "bochum_000000_000019_leftImg8bit.png"
+    assert (out / "train" / "images" / "bochum" / "bochum_000000_000019.png").read_bytes() == raw_image.read_bytes()
+    # The data modules pair the nested images with their masks.
+    entries = list_images(out / "train" / "images", out / "train" / "true_masks")
+    assert [entry.image_id for entry in entries] == ["aachen/aachen_000000_000019", "bochum/bochum_000000_000019"]
+    assert all(entry.mask_path is not None for entry in entries)
+    meta = json.loads((out / "classes.json").read_text())
+    assert meta["dataset"] == "cityscapes" and meta["classes"][0] == "road" and len(meta["classes"]) == 27
+
+
+def test_cityscapes_refuses_colour_label_maps_and_size_mismatch(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _cityscapes_pair(raw, "val", "lindau", "000042", np.full((2, 3), 7))
+    label_path = raw / "gtFine" / "val" / "lindau" / "lindau_000000_000042_gtFine_labelIds.png"
+    _save_ids(label_path, np.full((2, 3), 7), mode="RGB")
+    with pytest.raises(ConfigurationError, match=r"lindau_000000_000042_gtFine_labelIds\.png: expected a single-channel"):
+        prepare_cityscapes(raw, tmp_path / "out")
+    _save_ids(label_path, np.full((3, 3), 7))
+    with pytest.raises(ConfigurationError, match=r"labelIds\.png: annotation 3x3 vs image 3x2.*never resized"):
+        prepare_cityscapes(raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- console
 
 
@@ -556,21 +741,40 @@ def _console(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     return status, captured.out, captured.err
 
 
+def test_console_prepare_cocostuff27_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = tmp_path / "raw"
+    _coco_pair(raw, "val2017", "000000000139", np.full((2, 3), 93))
+    status, out, err = _console(monkeypatch, capsys, "prepare", "cocostuff27", raw, tmp_path / "out", "--workers", 1)
+    assert status == 0 and err == ""
+    assert out.splitlines()[0] == f"cocostuff27: wrote 1 image/mask pairs to {tmp_path / 'out'}"
+
+
 def _console_refusals(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
-    suim = tmp_path / "suim"
+    suim, coco, city = tmp_path / "suim", tmp_path / "coco", tmp_path / "city"
     _suim_raw(suim)
     _cut(suim / "train_val" / "masks" / "b.bmp", 0.5)
+    _coco_pair(coco, "val2017", "000000000139", np.zeros((4, 6), np.uint8))
+    _save_ids(coco / "stuffthingmaps_trainval2017" / "val2017" / "000000000139.png", np.zeros((4, 5), np.uint8))
+    _cityscapes_pair(city, "val", "lindau", "000042", np.full((2, 3), 7))
+    _save_ids(city / "gtFine" / "val" / "lindau" / "lindau_000000_000042_gtFine_labelIds.png", np.zeros((2, 3)), "RGB")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
     out = tmp_path / "out"
     return {
         "truncated-mask": (["suim", suim, out], "1 damaged file(s) in"),
         "out-not-empty": (["suim", suim, tmp_path / "full", "--skip_damaged"], "already exists and is not empty"),
+        "size-mismatch": (["cocostuff27", coco, out], "000000000139.png: mask 5x4 vs image 6x4"),
+        "missing-list": (["cocostuff27", coco, out, "--image_list", tmp_path / "nope.txt"], "--image_list"),
+        "list-for-suim": (["suim", suim, out, "--image_list", tmp_path / "nope.txt"], "--image_list applies to cocostuff27 only"),
+        "colour-labels": (["cityscapes", city, out], "labelIds.png: expected a single-channel"),
+        "missing-raw": (["cityscapes", tmp_path / "nowhere", out], "Cityscapes raw folder"),
     }
 
 
 @pytest.mark.parametrize(
-    "case", ["truncated-mask", "out-not-empty"]
+    "case", ["truncated-mask", "out-not-empty", "size-mismatch", "missing-list", "list-for-suim", "colour-labels", "missing-raw"]
 )
 def test_console_prepare_refusals_are_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], case: str
