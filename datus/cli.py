@@ -124,9 +124,14 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datus evaluate", description="Hungarian-matched mIoU of any predicted label PNGs.")
     parser.add_argument("--pred", type=Path, required=True, help="folder of predicted label PNGs")
     parser.add_argument("--gt", type=Path, required=True, help="folder of ground-truth label PNGs (same relative paths)")
-    parser.add_argument("--num_classes", type=int, required=True)
+    parser.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help="C; default: from the classes.json in --gt or up to 3 folders above it (written by datus prepare)",
+    )
     parser.add_argument("--num_clusters", type=int, default=None, help="default: largest predicted id + 1")
-    parser.add_argument("--ignore_index", type=int, default=255)
+    parser.add_argument("--ignore_index", type=int, default=None, help="default: from classes.json, else 255")
     parser.add_argument("--output_dir", type=Path, required=True)
     return parser
 
@@ -136,8 +141,6 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
     from datus.metrics import format_table
 
     options = _evaluate_parser().parse_args(args)
-    if options.num_classes < 1:
-        raise SystemExit(f"datus evaluate: --num_classes must be >= 1, got {options.num_classes}")
     with _missing_input_is_a_configuration_error():
         metrics = evaluate_folders(
             options.pred,
@@ -147,7 +150,9 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
             ignore_index=options.ignore_index,
             num_clusters=options.num_clusters,
         )
-    print(format_table(metrics))
+    print(format_table(metrics, metrics["class_names"]))
+    if metrics["classes_file"] is not None:
+        print(f"classes from {metrics['classes_file']}")
     print(f"metrics written to {options.output_dir / 'metrics.json'}")
     return metrics
 
