@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	@test -d $(SUIM_RAW) || { echo "SUIM not found at $(SUIM_RAW): download SUIM and run 'make demo SUIM_RAW=/path/to/SUIM' (the folder holding train_val/)"; exit 1; }
-	$(BIN)/datus prepare suim $(SUIM_RAW) $(DEMO_DATA) --classes coarse
+	$(BIN)/datus prepare suim $(SUIM_RAW) $(DEMO_DATA) --classes coarse --overwrite
 	$(BIN)/datus predict --config configs/demo.yaml --data.root $(DEMO_DATA) --output_dir $(DEMO_OUT) --model.weights $(DEMO_WEIGHTS)
 
 test: setup

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,7 +25,7 @@ commands:
   predict   discover segments, embed, cluster, paint and evaluate (see datus predict --help)
   cluster   re-cluster a finished run's segments with other settings, without the ViT
   evaluate  score any folder of predicted label maps against ground truth
-  prepare   convert a published dataset (SUIM, CamVid, ...) to the DatUS layout
+  prepare   convert SUIM, CamVid, COCO-Stuff-27 or Cityscapes to the DatUS layout
 
 Run `datus <command> --help` for the options of one command; `datus --version` for the version.
 """
@@ -158,42 +159,108 @@ def _saved_settings(run_dir: Path) -> dict[str, dict[str, Any]]:
     return sections
 
 
+@contextmanager
+def _missing_input_is_a_configuration_error() -> Iterator[None]:
+    """A missing input folder is the user's to fix: its message names it, no traceback needed."""
+    try:
+        yield
+    except FileNotFoundError as error:
+        raise ConfigurationError(str(error)) from error
+
+
+_PREPARE_ONLY = {
+    "classes": ("suim",),
+    "size_mismatch": ("suim",),
+    "image_list": ("cocostuff27",),
+}
+"""Options of `datus prepare` that apply to some datasets only."""
+
+
 def _prepare_parser() -> CommandParser:
-    parser = CommandParser(prog="datus prepare", description="Convert a published dataset to the DatUS layout.")
-    parser.add_argument("dataset", choices=["suim", "camvid"])
-    parser.add_argument("raw_dir", type=Path, help="the dataset as downloaded (SUIM: holds train_val/; CamVid: train/, trainannot/)")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--classes", choices=["coarse", "all"], default="coarse", help="SUIM only: DatUS 6-class grouping or all 8")
+    parser = CommandParser(
+        prog="datus prepare",
+        description="Convert a published dataset to the DatUS layout. All or nothing: OUT is written only "
+        "when the whole conversion succeeded.",
+    )
+    parser.add_argument("dataset", choices=["suim", "camvid", "cocostuff27", "cityscapes"])
+    parser.add_argument(
+        "raw_dir",
+        type=Path,
+        help="the dataset as downloaded (SUIM: holds train_val/; CamVid: train/, trainannot/; COCO-Stuff: images/, "
+        "stuffthingmaps_trainval2017/; Cityscapes: leftImg8bit/, gtFine/)",
+    )
+    parser.add_argument("out_dir", type=Path, help="new (or empty) folder for the DatUS layout")
+    parser.add_argument(
+        "--classes", choices=["coarse", "all"], default=None, help="SUIM only: DatUS 6-class grouping (default) or all 8"
+    )
     parser.add_argument(
         "--size_mismatch",
         choices=["crop", "error"],
-        default="crop",
-        help="SUIM only: a mask taller/wider than its image is cropped to its top-left (crop) or refused (error)",
+        default=None,
+        help="SUIM only: a mask taller/wider than its image is cropped to its top-left (crop, default) or refused "
+        "(error)",
     )
+    parser.add_argument(
+        "--image_list",
+        type=Path,
+        default=None,
+        help="cocostuff27 only: convert only the image ids listed in this file (e.g. the curated "
+        "Coco164kFull_Stuff_Coarse.txt)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier `datus prepare` output in OUT, once the new conversion has succeeded",
+    )
+    parser.add_argument(
+        "--skip_damaged",
+        action="store_true",
+        help="leave out (and list) pairs with a truncated or undecodable file instead of refusing",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="threads decoding and writing files (default: up to 8)")
     return parser
 
 
 def run_prepare(args: Sequence[str]) -> None:
-    from datus.prepare import format_report, prepare_camvid, prepare_suim
+    from datus.prepare import format_report, prepare_camvid, prepare_cityscapes, prepare_cocostuff27, prepare_suim
 
     options = _prepare_parser().parse_args(args)
-    try:
+    for option, datasets in _PREPARE_ONLY.items():
+        if getattr(options, option) is not None and options.dataset not in datasets:
+            raise ConfigurationError(
+                f"--{option} applies to {', '.join(datasets)} only, not {options.dataset}; drop it"
+            )
+    common = {"overwrite": options.overwrite, "skip_damaged": options.skip_damaged, "workers": options.workers}
+    with _missing_input_is_a_configuration_error():
         if options.dataset == "suim":
-            report = prepare_suim(options.raw_dir, options.out_dir, classes=options.classes, size_mismatch=options.size_mismatch)
+            report = prepare_suim(
+                options.raw_dir,
+                options.out_dir,
+                classes=options.classes or "coarse",
+                size_mismatch=options.size_mismatch or "crop",
+                **common,
+            )
+        elif options.dataset == "camvid":
+            report = prepare_camvid(options.raw_dir, options.out_dir, **common)
+        elif options.dataset == "cocostuff27":
+            report = prepare_cocostuff27(options.raw_dir, options.out_dir, image_list=options.image_list, **common)
         else:
-            report = prepare_camvid(options.raw_dir, options.out_dir)
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigurationError(str(error)) from error
+            report = prepare_cityscapes(options.raw_dir, options.out_dir, **common)
     print(format_report(report))
 
 
 def _evaluate_parser() -> CommandParser:
-    parser = CommandParser(prog="datus evaluate", description="Hungarian-matched mIoU of any predicted label maps.")
+    parser = CommandParser(prog="datus evaluate", description="Hungarian-matched mIoU of any predicted label PNGs.")
     parser.add_argument("--pred", type=Path, required=True, help="folder of predicted label PNGs")
     parser.add_argument("--gt", type=Path, required=True, help="folder of ground-truth label PNGs (same relative paths)")
-    parser.add_argument("--num_classes", type=int, required=True)
+    parser.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help="C; default: from the classes.json in --gt or up to 3 folders above it (written by datus prepare)",
+    )
     parser.add_argument("--num_clusters", type=int, default=None, help="default: largest predicted id + 1")
-    parser.add_argument("--ignore_index", type=int, default=255)
+    parser.add_argument("--ignore_index", type=int, default=None, help="default: from classes.json, else 255")
     parser.add_argument("--output_dir", type=Path, required=True)
     return parser
 
@@ -203,9 +270,7 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
     from datus.metrics import format_table
 
     options = _evaluate_parser().parse_args(args)
-    if options.num_classes < 1:
-        raise ConfigurationError(f"--num_classes must be >= 1, got {options.num_classes}")
-    try:
+    with _missing_input_is_a_configuration_error():
         metrics = evaluate_folders(
             options.pred,
             options.gt,
@@ -214,9 +279,9 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
             ignore_index=options.ignore_index,
             num_clusters=options.num_clusters,
         )
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigurationError(str(error)) from error
-    print(format_table(metrics))
+    print(format_table(metrics, metrics["class_names"]))
+    if metrics["classes_file"] is not None:
+        print(f"classes from {metrics['classes_file']}")
     print(f"metrics written to {options.output_dir / 'metrics.json'}")
     return metrics
 

@@ -7,6 +7,8 @@ streamed one pair at a time into a pooled confusion matrix: memory does not grow
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datus.io import read_label_png, write_json, write_text
-from datus.metrics import MatchedSegmentationMetric, format_table, save_confusion_png
+from datus.errors import ConfigurationError
+from datus.drawing import save_confusion_png
+from datus.io import UnreadableFile, read_label_png, write_json, write_text
+from datus.metrics import MatchedSegmentationMetric, format_table
+from datus.run import CLASSES_FILE
+
+log = logging.getLogger(__name__)
 
 LABEL_SUFFIXES = frozenset({".png", ".bmp", ".tif", ".tiff", ".gif", ".pgm"})
 """File suffixes read as label maps; lossy formats (JPEG) are left out on purpose: they corrupt ids."""
@@ -24,7 +31,13 @@ LABEL_SUFFIXES = frozenset({".png", ".bmp", ".tif", ".tiff", ".gif", ".pgm"})
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "metrics.txt"
 CONFUSION_FILE = "confusion.png"
+DEFAULT_IGNORE_INDEX = 255
 
+CLASSES_SEARCH_DEPTH = 3
+"""How many folders above ``gt_dir`` are searched for ``classes.json`` (``OUT/<split>/true_masks/<city>``)."""
+
+_LISTED = 5
+"""File names shown in a warning; the full lists are in ``metrics.json``."""
 
 def _index_label_files(root: Path, skip: set[Path]) -> dict[str, Path]:
     """Map "relative path without extension" to file for every label image under ``root``.
@@ -45,7 +58,7 @@ def _index_label_files(root: Path, skip: set[Path]) -> dict[str, Path]:
             continue
         key = relative.with_suffix("").as_posix()
         if key in files:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{root}: both {files[key].relative_to(root)} and {relative} could be the label map of "
                 f"{key!r}; keep only one of them."
             )
@@ -62,19 +75,89 @@ def _resize_nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(resized).astype(np.int64)
 
 
+def find_classes_file(gt_dir: Path) -> Path | None:
+    """The ``classes.json`` in ``gt_dir`` or the nearest folder above it (up to 3 levels).
+
+    ``datus prepare`` writes it at the dataset root, two levels above ``<split>/true_masks``.
+    """
+    folder = Path(gt_dir).absolute()
+    for candidate in [folder, *folder.parents][: CLASSES_SEARCH_DEPTH + 1]:
+        if (candidate / CLASSES_FILE).is_file():
+            return candidate / CLASSES_FILE
+    return None
+
+
+def read_classes_file(path: Path) -> tuple[list[str], int | None]:
+    """Class names and ignore index (None when absent) from a ``classes.json``.
+
+    Raises:
+        ConfigurationError: the file is not JSON or has no list of class names.
+    """
+    try:
+        described = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"{path}: not a readable classes.json ({error}); fix or remove it") from None
+    names = described.get("classes") if isinstance(described, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+        raise ConfigurationError(f'{path}: expected a "classes" list of class names; fix or remove it')
+    ignore_index = described.get("ignore_index")
+    return names, ignore_index if isinstance(ignore_index, int) else None
+
+
+def _read_labels(path: Path, role: str) -> np.ndarray:
+    """A label map, or one line naming the file when it is truncated or not a label image."""
+    try:
+        labels = read_label_png(path)
+    except UnreadableFile as error:
+        raise ConfigurationError(f"{role} file {error}; re-create or remove it") from None
+    if labels.ndim != 2:
+        raise ConfigurationError(f"{role} file {path}: expected a single-channel label map, got shape {labels.shape}")
+    return labels
+
+
+def _warn_about_nesting(pred_dir: Path, gt_dir: Path) -> None:
+    """Scoring a folder against itself, or a folder inside the other, is nearly always a typo."""
+    pred, gt = pred_dir.resolve(), gt_dir.resolve()
+    if pred == gt:
+        log.warning(
+            "pred_dir (--pred) and gt_dir (--gt) are the same folder %s: every file is scored against itself; "
+            "pass the folder of predictions and the folder of ground truth",
+            pred_dir,
+        )
+    elif gt.is_relative_to(pred):
+        log.warning(
+            "gt_dir (--gt) %s lies inside pred_dir (--pred) %s: the ground-truth files are also read as "
+            "predictions; pass two separate folders",
+            gt_dir,
+            pred_dir,
+        )
+    elif pred.is_relative_to(gt):
+        log.warning(
+            "pred_dir (--pred) %s lies inside gt_dir (--gt) %s: the predictions are also read as ground truth "
+            "(without predictions of their own); pass two separate folders",
+            pred_dir,
+            gt_dir,
+        )
+
+
+def _short(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_LISTED])
+    return shown + (", ..." if len(names) > _LISTED else "")
+
+
 def _check_folder(folder: Path, argument: str, what: str) -> None:
     if not folder.exists():
         raise FileNotFoundError(f"{argument}={folder} does not exist; pass the folder of {what}.")
     if not folder.is_dir():
-        raise NotADirectoryError(f"{argument}={folder} is a file, not a folder; pass the folder of {what}.")
+        raise ConfigurationError(f"{argument}={folder} is a file, not a folder; pass the folder of {what}.")
 
 
 def evaluate_folders(
     pred_dir: Path,
     gt_dir: Path,
-    num_classes: int,
+    num_classes: int | None,
     output_dir: Path,
-    ignore_index: int = 255,
+    ignore_index: int | None = None,
     num_clusters: int | None = None,
     class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
@@ -82,47 +165,58 @@ def evaluate_folders(
 
     Files pair by relative path without extension (pred ``a/b.png`` with gt ``a/b.png`` or
     ``a/b.bmp``). A prediction of another size than its ground truth is resized to it with
-    nearest-neighbour. Ground-truth files without a prediction still count, as pixels with no
-    prediction (an error in the dense protocol), so that a method cannot score higher by skipping
-    hard images; predictions without ground truth are listed and ignored.
+    nearest-neighbour (and a warning says which). Ground-truth files without a prediction still
+    count, as pixels with no prediction (an error in the dense protocol), so that a method cannot
+    score higher by skipping hard images; a warning names them. Predictions without ground truth
+    are listed and ignored.
+
+    The number and names of the classes come from a ``classes.json`` in ``gt_dir`` or up to three
+    folders above it (``datus prepare`` writes one at the dataset root) when there is one.
 
     Args:
         pred_dir: folder of predicted cluster-id maps (single-channel PNGs, any nesting).
         gt_dir: folder of ground-truth class-id maps, same relative layout.
-        num_classes: C; ground-truth values must lie in [0, C) or equal ``ignore_index``.
+        num_classes: C; ground-truth values must lie in [0, C) or equal ``ignore_index``. None:
+            the length of the ``classes.json`` class list; a value that disagrees with it is
+            refused.
         output_dir: where ``metrics.json``, ``metrics.txt`` and ``confusion.png`` are written.
         ignore_index: ground-truth value to leave out; as a prediction value, "no prediction".
+            None: the ``classes.json`` value, else 255.
         num_clusters: K; defaults to the largest predicted id + 1 over all files.
-        class_names: optional names of the C classes, used in the table and the picture.
+        class_names: names of the C classes for the table and the picture; None: those of
+            ``classes.json``, if any.
 
     Returns:
         The :meth:`MatchedSegmentationMetric.compute` dict plus ``num_images``, ``mapping`` (the
-        dense protocol's), ``unpaired`` and a description of the inputs; also saved as
-        ``metrics.json``.
+        dense protocol's), ``unpaired``, ``resized_predictions`` and a description of the
+        inputs; also saved as ``metrics.json``.
 
     Raises:
         FileNotFoundError: if a folder is missing.
-        ValueError: if no file pairs up, or a file holds ids out of range.
+        ConfigurationError: no ``num_classes`` and no ``classes.json``, a ``num_classes`` that
+            disagrees with it, no file pairs up, a file that cannot be decoded, or ids out of range.
     """
     pred_dir, gt_dir, output_dir = Path(pred_dir), Path(gt_dir), Path(output_dir)
     _check_folder(pred_dir, "pred_dir", "predicted label maps (e.g. the masks written by `datus predict`)")
     _check_folder(gt_dir, "gt_dir", "ground-truth label maps")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    names = list(class_names) if class_names is not None else None
-    if names is not None and len(names) != num_classes:
-        raise ValueError(f"class_names has {len(names)} entries but num_classes={num_classes}")
+    _warn_about_nesting(pred_dir, gt_dir)
+    if num_clusters is not None and num_clusters < 1:
+        raise ConfigurationError(
+            f"--num_clusters must be >= 1 (or left out: largest predicted id + 1), got {num_clusters}"
+        )
+    classes_file = find_classes_file(gt_dir)
+    num_classes, names, ignore_index = _resolve_classes(classes_file, gt_dir, num_classes, class_names, ignore_index)
 
     skip = {(output_dir / name).resolve() for name in (METRICS_FILE, CONFUSION_FILE)}
     suffixes = ", ".join(sorted(LABEL_SUFFIXES))
     predictions = _index_label_files(pred_dir, skip)
     ground_truth = _index_label_files(gt_dir, skip)
     if not ground_truth:
-        raise ValueError(f"gt_dir={gt_dir} holds no label maps ({suffixes}); check the folder.")
+        raise ConfigurationError(f"gt_dir={gt_dir} holds no label maps ({suffixes}); check the folder.")
     if not predictions:
-        raise ValueError(f"pred_dir={pred_dir} holds no label maps ({suffixes}); check the folder.")
+        raise ConfigurationError(f"pred_dir={pred_dir} holds no label maps ({suffixes}); check the folder.")
     if not ground_truth.keys() & predictions.keys():
-        raise ValueError(
+        raise ConfigurationError(
             f"no prediction in pred_dir={pred_dir} pairs with a ground-truth file in gt_dir={gt_dir}. Files "
             f"pair by relative path without extension (pred 'a/b.png' with gt 'a/b.png' or 'a/b.bmp'); "
             f"e.g. pred {next(iter(predictions))!r} vs gt {next(iter(ground_truth))!r}. Point both folders "
@@ -131,20 +225,24 @@ def evaluate_folders(
 
     # Without an explicit K, start small and grow as larger ids show up: one pass over the files.
     metric = MatchedSegmentationMetric(num_clusters if num_clusters is not None else 1, num_classes, ignore_index)
-    resized = 0
+    resized: list[str] = []
     for key, gt_path in ground_truth.items():
         pred_path = predictions.get(key)
-        try:
-            target = read_label_png(gt_path)
-            if target.ndim != 2:
-                raise ValueError(f"expected a single-channel label map, got shape {target.shape}")
-            if pred_path is None:
-                preds = np.full(target.shape, ignore_index, dtype=np.int64)
-            else:
-                preds = read_label_png(pred_path)
-                if preds.shape != target.shape:
+        target = _read_labels(gt_path, "ground-truth")
+        if pred_path is None:
+            preds = np.full(target.shape, ignore_index, dtype=np.int64)
+        else:
+            preds = _read_labels(pred_path, "prediction")
+            if preds.shape != target.shape:
+                resized.append(
+                    f"{pred_path.relative_to(pred_dir).as_posix()} ({preds.shape[1]}x{preds.shape[0]} -> "
+                    f"{target.shape[1]}x{target.shape[0]})"
+                )
+                try:
                     preds = _resize_nearest(preds, target.shape)
-                    resized += 1
+                except ValueError as error:
+                    raise ConfigurationError(f"prediction file {pred_path}: {error}") from None
+        try:
             if num_clusters is None:
                 valid = preds[preds != ignore_index]
                 needed = int(valid.max()) + 1 if valid.size else 1
@@ -153,7 +251,7 @@ def evaluate_folders(
             metric.update(torch.from_numpy(preds), torch.from_numpy(target))
         except ValueError as error:
             files = f"pred {pred_path} / gt {gt_path}" if pred_path is not None else f"gt {gt_path}"
-            raise ValueError(f"{files}: {error}") from error
+            raise ConfigurationError(f"{files}: {error}") from None
 
     missing_predictions = [
         path.relative_to(gt_dir).as_posix() for key, path in ground_truth.items() if key not in predictions
@@ -161,17 +259,20 @@ def evaluate_folders(
     missing_ground_truth = [
         path.relative_to(pred_dir).as_posix() for key, path in predictions.items() if key not in ground_truth
     ]
+    _warn_about_pairing(pred_dir, gt_dir, len(ground_truth), missing_predictions, missing_ground_truth, resized)
     scores = metric.compute()
     dense = scores["protocols"]["dense"]
     result: dict[str, Any] = {
         **scores,
         "num_images": len(ground_truth),
         "num_paired": len(ground_truth) - len(missing_predictions),
-        "num_resized_predictions": resized,
+        "num_resized_predictions": len(resized),
+        "resized_predictions": resized,
         "mapping": dense["mapping"],
         "unpaired": {"missing_predictions": missing_predictions, "missing_ground_truth": missing_ground_truth},
         "ignore_index": ignore_index,
         "class_names": names,
+        "classes_file": str(classes_file) if classes_file is not None else None,
         "pred_dir": str(pred_dir),
         "gt_dir": str(gt_dir),
     }
@@ -179,3 +280,66 @@ def evaluate_folders(
     write_text(output_dir / TABLE_FILE, format_table(scores, names))
     save_confusion_png(np.asarray(dense["confusion"]), dense["mapping"], output_dir / CONFUSION_FILE, names)
     return result
+
+
+def _resolve_classes(
+    classes_file: Path | None,
+    gt_dir: Path,
+    num_classes: int | None,
+    class_names: Sequence[str] | None,
+    ignore_index: int | None,
+) -> tuple[int, list[str] | None, int]:
+    """C, class names and ignore index from the arguments and the dataset's ``classes.json``."""
+    described: list[str] | None = None
+    described_ignore: int | None = None
+    if classes_file is not None:
+        described, described_ignore = read_classes_file(classes_file)
+        if num_classes is not None and num_classes != len(described):
+            raise ConfigurationError(
+                f"--num_classes {num_classes} disagrees with {classes_file}, which names {len(described)} classes; "
+                f"drop --num_classes to use {len(described)}, or pass the ground truth that matches it"
+            )
+    if num_classes is None:
+        if described is None:
+            raise ConfigurationError(
+                f"--num_classes is needed: no {CLASSES_FILE} in gt_dir={gt_dir} or the {CLASSES_SEARCH_DEPTH} "
+                f"folders above it; pass --num_classes C (the number of ground-truth classes)"
+            )
+        num_classes = len(described)
+    if num_classes < 1:
+        raise ConfigurationError(f"--num_classes must be >= 1, got {num_classes}")
+    names = list(class_names) if class_names is not None else described
+    if names is not None and len(names) != num_classes:
+        raise ConfigurationError(f"class_names has {len(names)} entries but num_classes={num_classes}")
+    if ignore_index is None:
+        ignore_index = described_ignore if described_ignore is not None else DEFAULT_IGNORE_INDEX
+    return num_classes, names, ignore_index
+
+
+def _warn_about_pairing(
+    pred_dir: Path,
+    gt_dir: Path,
+    num_ground_truth: int,
+    missing_predictions: Sequence[str],
+    missing_ground_truth: Sequence[str],
+    resized: Sequence[str],
+) -> None:
+    """One message per fact about files that did not pair one to one (full lists: metrics.json)."""
+    if missing_predictions:
+        log.warning(
+            "%d of %d ground-truth files have NO PREDICTION in %s (%s): the dense protocol counts all their "
+            "labelled pixels as errors, the paper protocol leaves them out; check --pred if this is not intended "
+            "(all listed in metrics.json under unpaired)",
+            len(missing_predictions), num_ground_truth, pred_dir, _short(missing_predictions),
+        )  # fmt: skip
+    if resized:
+        log.warning(
+            "%d prediction(s) differ in size from their ground truth and were resized to it with "
+            "nearest-neighbour: %s",
+            len(resized), _short(resized),
+        )  # fmt: skip
+    if missing_ground_truth:
+        log.info(
+            "%d prediction(s) have no ground truth in %s and were not scored: %s",
+            len(missing_ground_truth), gt_dir, _short(missing_ground_truth),
+        )  # fmt: skip

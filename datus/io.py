@@ -18,13 +18,14 @@ import json
 import os
 import re
 import secrets
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def _current_umask() -> int:
@@ -57,6 +58,24 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 class UnreadableFile(ValueError):
     """An input file could not be decoded; the message names it and says why."""
+
+
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+"""What PIL raises for truncated, corrupt, oversized or not-an-image files."""
+
+
+def decode_reason(error: BaseException) -> str:
+    """What went wrong decoding a file, in words."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not a readable image (empty, cut short or another format)"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 @contextmanager
@@ -153,8 +172,8 @@ def read_label_png(path: Path) -> np.ndarray:
             return np.asarray(image).astype(np.int64)
     except UnreadableFile:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise UnreadableFile(f"{path}: not a readable label map ({type(error).__name__}: {error})") from error
+    except DECODE_ERRORS as error:
+        raise UnreadableFile(f"{path} cannot be decoded ({decode_reason(error)})") from error
 
 
 def load_rgb(path: Path, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
@@ -189,8 +208,8 @@ def load_rgb(path: Path, min_side: int | None = None) -> tuple[Image.Image, tupl
                 image = image.reduce(factor) if factor > 1 else image
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image), full_size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as error:
-        raise UnreadableFile(f"{type(error).__name__}: {error}") from error
+    except (*DECODE_ERRORS, MemoryError) as error:
+        raise UnreadableFile(decode_reason(error)) from error
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

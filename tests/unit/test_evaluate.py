@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datus.errors import ConfigurationError
 from datus.evaluate import evaluate_folders
 
 IGNORE = 255
@@ -162,3 +165,120 @@ def test_ambiguous_ground_truth_raises(tmp_path: Path) -> None:
     save_labels(gt_dir / "a.bmp", np.zeros((16, 20)))
     with pytest.raises(ValueError, match="keep only one"):
         evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- classes.json, warnings, damaged files
+
+
+def write_classes(path: Path, names: list[str], **extra: Any) -> None:
+    path.write_text(json.dumps({"dataset": "test", "classes": names, "ignore_index": IGNORE, **extra}))
+
+
+def test_classes_json_above_gt_gives_num_classes_and_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from datus.cli import run_evaluate
+
+    pred_dir, gt_dir, _, _ = build_folders(tmp_path)
+    write_classes(tmp_path / "classes.json", ["sand", "reef", "fish"])
+    result = evaluate_folders(pred_dir, gt_dir, None, tmp_path / "out")
+    assert result["num_classes"] == NUM_CLASSES and result["class_names"] == ["sand", "reef", "fish"]
+    assert result["classes_file"] == str(tmp_path.absolute() / "classes.json")
+    assert "fish" in (tmp_path / "out" / "metrics.txt").read_text()
+    # Same numbers as with an explicit, agreeing --num_classes.
+    explicit = evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, tmp_path / "out2")
+    assert explicit["protocols"] == result["protocols"]
+    # The console table shows the names.
+    capsys.readouterr()
+    run_evaluate(["--pred", str(pred_dir), "--gt", str(gt_dir), "--output_dir", str(tmp_path / "out3")])
+    table = capsys.readouterr().out
+    assert all(name in table for name in ("sand", "reef", "fish"))
+
+
+def test_num_classes_that_disagrees_with_classes_json_is_refused(tmp_path: Path) -> None:
+    pred_dir, gt_dir, _, _ = build_folders(tmp_path)
+    write_classes(gt_dir / "classes.json", ["sand", "reef", "fish"])
+    with pytest.raises(ConfigurationError, match=r"--num_classes 4 disagrees with .*gt/classes\.json, which names 3 classes"):
+        evaluate_folders(pred_dir, gt_dir, 4, tmp_path / "out")
+    (gt_dir / "classes.json").write_text("{not json")
+    with pytest.raises(ConfigurationError, match=r"gt/classes\.json: not a readable classes\.json"):
+        evaluate_folders(pred_dir, gt_dir, None, tmp_path / "out")
+    (gt_dir / "classes.json").unlink()
+    with pytest.raises(ConfigurationError, match=r"--num_classes is needed: no classes\.json"):
+        evaluate_folders(pred_dir, gt_dir, None, tmp_path / "out")
+    with pytest.raises(ConfigurationError, match=r"--num_classes must be >= 1, got 0"):
+        evaluate_folders(pred_dir, gt_dir, 0, tmp_path / "out")
+    with pytest.raises(ConfigurationError, match=r"--num_clusters must be >= 1"):
+        evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, tmp_path / "out", num_clusters=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unpaired_and_resized_files_are_warned_about_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pred_dir, gt_dir, _, _ = build_folders(tmp_path)
+    with caplog.at_level(logging.INFO, logger="datus.evaluate"):
+        evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, tmp_path / "out")
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    missing = [message for message in warnings if "NO PREDICTION" in message]
+    assert len(missing) == 1
+    assert "1 of 3 ground-truth files" in missing[0] and "sub/c.png" in missing[0] and "dense" in missing[0]
+    resized = [message for message in warnings if "were resized" in message]
+    assert len(resized) == 1 and "1 prediction(s)" in resized[0] and "sub/b.png (8x8 -> 16x16)" in resized[0]
+    infos = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
+    assert any("extra.png" in message and "no ground truth" in message for message in infos)
+
+
+def test_same_or_nested_folders_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _, gt_dir, _, _ = build_folders(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="datus.evaluate"):
+        evaluate_folders(gt_dir, gt_dir, NUM_CLASSES, tmp_path / "out")
+    assert [record.getMessage() for record in caplog.records if "same folder" in record.getMessage()] != []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datus.evaluate"), pytest.raises(ConfigurationError, match="pairs with"):
+        evaluate_folders(tmp_path, gt_dir, NUM_CLASSES, tmp_path / "out")  # keys 'gt/a' vs 'a': the warning says why
+    nested = [record.getMessage() for record in caplog.records if "lies inside" in record.getMessage()]
+    assert len(nested) == 1 and "gt_dir (--gt)" in nested[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datus.evaluate"):
+        evaluate_folders(tmp_path / "pred", gt_dir, NUM_CLASSES, tmp_path / "out")
+    assert not [record for record in caplog.records if "folder" in record.getMessage() and "inside" in record.getMessage()]
+
+
+@pytest.mark.parametrize(("role", "relative"), [("ground-truth", "gt/a.png"), ("prediction", "pred/sub/b.png")])
+def test_truncated_file_is_named_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], role: str, relative: str
+) -> None:
+    from datus.cli import console_main
+
+    pred_dir, gt_dir, _, _ = build_folders(tmp_path)
+    damaged = tmp_path / relative
+    damaged.write_bytes(damaged.read_bytes()[:60])
+    with pytest.raises(ConfigurationError, match=rf"{role} file .*{relative} cannot be decoded"):
+        evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, tmp_path / "out")
+    args = ["datus", "evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--num_classes", "3", "--output_dir", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", args)
+    monkeypatch.setattr("datus.cli._show_own_logs", lambda: None)
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith(f"datus: error: {role} file {damaged}") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_evaluate_a_prepared_dataset_without_num_classes(tmp_path: Path) -> None:
+    """datus prepare writes classes.json two levels above <split>/true_masks; evaluate finds it."""
+    from datus.prepare import prepare_cocostuff27
+
+    raw = tmp_path / "raw"
+    fine = np.array([[0, 0, 93, 93], [156, 156, 255, 255]])
+    for stem in ("000000000139", "000000000285"):
+        (raw / "images" / "val2017").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 2)).save(raw / "images" / "val2017" / f"{stem}.jpg")
+        save_labels(raw / "stuffthingmaps_trainval2017" / "val2017" / f"{stem}.png", fine)
+    dataset = tmp_path / "cocostuff27"
+    prepare_cocostuff27(raw, dataset)
+    pred_dir = tmp_path / "pred"
+    for stem in ("000000000139", "000000000285"):
+        save_labels(pred_dir / f"{stem}.png", np.array([[4, 4, 1, 1], [2, 2, 2, 2]]))
+    result = evaluate_folders(pred_dir, dataset / "val" / "true_masks", None, tmp_path / "out")
+    assert result["num_classes"] == 27 and result["class_names"][9] == "person"
+    assert result["mapping"]["4"] == 9 and result["mapping"]["1"] == 22 and result["mapping"]["2"] == 23
+    assert result["protocols"]["dense"]["pixel_accuracy"] == pytest.approx(1.0)

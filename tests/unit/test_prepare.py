@@ -8,6 +8,8 @@ the samples do not have.
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,14 +17,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datus.errors import ConfigurationError
 from datus.prepare import (
-from tests.generated import SHARED_DATA
+    COCOSTUFF27_CLASSES,
+    CITYSCAPES_CLASSES,
     PrepareReport,
+    cityscapes27_from_label_ids,
+    cocostuff27_from_fine,
     decode_suim_mask,
     format_report,
     prepare_camvid,
+    prepare_cityscapes,
+    prepare_cocostuff27,
     prepare_suim,
 )
+from tests.generated import SHARED_DATA
 
 DATA = SHARED_DATA
 SUIM_RAW = DATA / "suim-sample"
@@ -330,19 +339,48 @@ def test_suim_mask_must_match_the_exif_oriented_image(tmp_path: Path) -> None:
     assert prepare_suim(raw, tmp_path / "out").problems == []
 
 
-def test_rerun_is_idempotent_and_reports_leftovers(tmp_path: Path) -> None:
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path below ``root`` (hidden ones included) with its bytes; None for folders."""
+    return {
+        path.relative_to(root).as_posix(): (None if path.is_dir() else path.read_bytes())
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def test_rerun_is_refused_without_overwrite_and_replaces_with_it(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     _save_image(raw / "train_val" / "images" / "a.jpg", (4, 2))
     _save_mask(raw / "train_val" / "masks" / "a.bmp", OFF_COLOURS)
     out = tmp_path / "out"
     first = prepare_suim(raw, out)
-    snapshot = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
-    second = prepare_suim(raw, out)
-    assert second == first
-    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == snapshot
+    snapshot = _tree(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"out.*already exists and is not empty.*--overwrite"):
+        prepare_suim(raw, out)
+    assert _tree(tmp_path) == snapshot
+    assert prepare_suim(raw, out, overwrite=True) == first
+    assert _tree(tmp_path) == snapshot, "a replaced conversion must equal the first and leave nothing beside it"
+    # A file inside the dataset's own folders is replaced with the rest ...
     (out / "train" / "images" / "old.jpg").write_bytes(b"left over")
-    third = prepare_suim(raw, out)
-    assert len(third.problems) == 1 and "old.jpg" in third.problems[0] and "earlier" in third.problems[0]
+    prepare_suim(raw, out, overwrite=True)
+    assert _tree(tmp_path) == snapshot
+    # ... but --overwrite never deletes what a conversion would not have written.
+    (out / "runs").mkdir()
+    (out / "runs" / "metrics.json").write_text("{}")
+    snapshot = _tree(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"holds runs.*will not delete"):
+        prepare_suim(raw, out, overwrite=True)
+    assert _tree(tmp_path) == snapshot
+
+
+def test_empty_out_dir_is_used_and_a_file_is_refused(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _save_image(raw / "train_val" / "images" / "a.jpg", (4, 2))
+    _save_mask(raw / "train_val" / "masks" / "a.bmp", OFF_COLOURS)
+    (tmp_path / "empty").mkdir()
+    assert prepare_suim(raw, tmp_path / "empty").converted == 1
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigurationError, match="is a file"):
+        prepare_suim(raw, tmp_path / "file")
 
 
 def test_unrecognised_layouts_raise_helpful_errors(tmp_path: Path) -> None:
@@ -417,3 +455,335 @@ def test_format_report_is_short_and_points_to_the_full_list(tmp_path: Path) -> N
     assert "file0.bmp" in summary and "file29.bmp" not in summary
     assert "18 more" in summary and "classes.json" in summary
     assert "no problems" in format_report(PrepareReport("camvid", tmp_path, 1, []))
+
+
+# ----------------------------------------------------------------------------- all or nothing
+
+
+def _suim_raw(raw: Path, stems: tuple[str, ...] = ("a", "b", "c"), size: tuple[int, int] = (64, 48)) -> None:
+    for stem in stems:
+        _save_image(raw / "train_val" / "images" / f"{stem}.jpg", size)
+        _save_mask(raw / "train_val" / "masks" / f"{stem}.bmp", _flat_mask(size, (0, 0, 255)))
+
+
+def _cut(path: Path, keep: float) -> None:
+    """Truncate a file to a fraction of its bytes, as an interrupted download would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGE = {
+    "truncated-mask": ("masks", "b.bmp", 0.5, "truncated"),  # header fine: found while writing
+    "empty-mask": ("masks", "b.bmp", 0.0, "not a readable image"),  # found before writing
+    "truncated-image": ("images", "b.jpg", 0.5, "truncated"),
+}
+
+
+@pytest.mark.parametrize("out_state", ["missing", "missing-parents", "empty", "earlier-conversion"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_file_refuses_and_leaves_out_exactly_as_before(tmp_path: Path, damage: str, out_state: str) -> None:
+    raw = tmp_path / "raw"
+    _suim_raw(raw)
+    out = tmp_path / "new" / "deeper" / "out" if out_state == "missing-parents" else tmp_path / "out"
+    if out_state == "empty":
+        out.mkdir()
+    elif out_state == "earlier-conversion":
+        prepare_suim(raw, out, classes="all")  # other ids than this run's: a partial rewrite would show
+    folder, name, keep, reason = DAMAGE[damage]
+    _cut(raw / "train_val" / folder / name, keep)
+    before = _tree(tmp_path)
+    pattern = rf"(?i)1 damaged file\(s\).*train_val/{folder}/{name}: .*{reason}.*--skip_damaged"
+    with pytest.raises(ConfigurationError, match=pattern) as error:
+        prepare_suim(raw, out, overwrite=True, workers=2)
+    assert "\n" not in str(error.value)
+    assert _tree(tmp_path) == before
+
+
+def test_skip_damaged_leaves_the_pair_out_and_lists_it(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _suim_raw(raw, stems=("a", "b", "c", "d"))
+    _cut(raw / "train_val" / "masks" / "b.bmp", 0.5)
+    _cut(raw / "train_val" / "images" / "d.jpg", 0.5)
+    report = prepare_suim(raw, tmp_path / "out", skip_damaged=True)
+    assert report.converted == 2
+    assert sorted(path.name for path in (tmp_path / "out" / "train" / "images").iterdir()) == ["a.jpg", "c.jpg"]
+    assert sorted(path.name for path in (tmp_path / "out" / "train" / "true_masks").iterdir()) == ["a.png", "c.png"]
+    assert len(report.problems) == 2
+    assert all("truncated" in line and "skipped" in line for line in report.problems), report.problems
+    assert {line.split(":")[0] for line in report.problems} == {"train_val/masks/b.bmp", "train_val/images/d.jpg"}
+
+
+def test_leftovers_of_a_killed_conversion_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    raw = tmp_path / "raw"
+    _suim_raw(raw, stems=("a",))
+    leftover = tmp_path / ".out.partial-0badf00d"  # what kill -9 during a conversion leaves
+    (leftover / "train" / "images").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="datus.prepare"):
+        prepare_suim(raw, tmp_path / "out")
+    assert [record.getMessage() for record in caplog.records if str(leftover) in record.getMessage()] != []
+    assert leftover.is_dir(), "another conversion might still be writing it"
+
+
+def test_a_crash_midway_leaves_out_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datus.prepare
+
+    raw = tmp_path / "raw"
+    _suim_raw(raw)
+    real_write_png = datus.prepare.write_png
+    written: list[Path] = []
+
+    def fail_on_second(destination: Path, array: np.ndarray) -> None:
+        written.append(destination)
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        real_write_png(destination, array)
+
+    monkeypatch.setattr(datus.prepare, "write_png", fail_on_second)
+    before = _tree(tmp_path)
+    with pytest.raises(OSError, match="No space"):
+        prepare_suim(raw, tmp_path / "out", workers=1)
+    assert len(written) == 2 and _tree(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- COCO-Stuff-27
+
+
+def _save_ids(path: Path, ids: np.ndarray, mode: str = "L") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(ids.astype(np.uint8), mode="L")
+    (image.convert(mode) if mode != "L" else image).save(path)
+
+
+def _coco_pair(raw: Path, split: str, stem: str, fine: np.ndarray) -> None:
+    _save_image(raw / "images" / split / f"{stem}.jpg", (fine.shape[1], fine.shape[0]))
+    _save_ids(raw / "stuffthingmaps_trainval2017" / split / f"{stem}.png", fine)
+
+
+# fine id -> name of its coarse class, stated from COCO-Stuff's category list (not the table).
+COCO_FINE_FACTS = {
+    0: "person",  # person
+    2: "vehicle",  # car
+    16: "animal",  # cat
+    61: "furniture-things",  # chair
+    93: "plant",  # branch
+    119: "water",  # fog
+    148: "ground",  # road
+    156: "sky",  # sky-other
+    171: "wall",  # wall-concrete
+    181: "solid",  # wood
+}
+
+
+def test_cocostuff27_table_covers_every_fine_id_once() -> None:
+    fine_ids = sorted(fine for _, group in COCOSTUFF27_CLASSES for fine in group)
+    assert fine_ids == list(range(182))
+    assert len(COCOSTUFF27_CLASSES) == 27 and len({name for name, _ in COCOSTUFF27_CLASSES}) == 27
+    names = [name for name, _ in COCOSTUFF27_CLASSES]
+    coarse = cocostuff27_from_fine(np.arange(256, dtype=np.uint8))
+    for fine, name in COCO_FINE_FACTS.items():
+        assert names[coarse[fine]] == name, fine
+    assert coarse[0] == 9 and coarse[93] == 22 and coarse[255] == 255
+    assert (coarse[182:] == 255).all()
+    assert cocostuff27_from_fine(np.array([[-1, 0, 300]])).tolist() == [[255, 9, 255]]
+
+
+def test_cocostuff27_converts_both_splits_with_the_coarse_ids(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    fine = np.array([[0, 93, 255, 181], [91, 182, 200, 156]])
+    _coco_pair(raw, "val2017", "000000000139", fine)
+    _coco_pair(raw, "train2017", "000000000009", np.zeros((3, 5), np.uint8))
+    report = prepare_cocostuff27(raw, out)
+    assert report.converted == 2
+    mask = _read_ids(out / "val" / "true_masks" / "000000000139.png")
+    assert mask.tolist() == [[9, 22, 255, 24], [17, 255, 255, 23]]
+    assert (_read_ids(out / "train" / "true_masks" / "000000000009.png") == 9).all()
+    raw_image = raw / "images" / "val2017" / "000000000139.jpg"
+    assert (out / "val" / "images" / "000000000139.jpg").read_bytes() == raw_image.read_bytes()
+    assert len(report.problems) == 1
+    assert "val2017/000000000139.png" in report.problems[0] and "2 pixels" in report.problems[0]
+    meta = json.loads((out / "classes.json").read_text())
+    assert meta["dataset"] == "cocostuff27" and meta["ignore_index"] == 255 and len(meta["classes"]) == 27
+    assert meta["classes"][9] == "person" and meta["classes"][22] == "plant"
+    assert meta["splits"] == {"train": {"images": 1, "masks": 1}, "val": {"images": 1, "masks": 1}}
+
+
+def test_cocostuff27_image_list_filters_and_reports_missing_ids(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    for stem in ("000000000139", "000000000285", "000000000632"):
+        _coco_pair(raw, "val2017", stem, np.full((2, 3), 93))
+    _coco_pair(raw, "train2017", "000000000009", np.full((2, 3), 0))
+    image_list = tmp_path / "Coco164kFull_Stuff_Coarse.txt"
+    # Padded as in the IIC/STEGO files, and also with an extension, unpadded, a comment, a blank line.
+    image_list.write_text("000000000139\n285.jpg\n\n# curated\n000000999999\n9\n")
+    report = prepare_cocostuff27(raw, out, image_list=image_list)
+    assert report.converted == 3
+    assert sorted(path.name for path in (out / "val" / "images").iterdir()) == ["000000000139.jpg", "000000000285.jpg"]
+    assert [path.name for path in (out / "train" / "true_masks").iterdir()] == ["000000000009.png"]
+    assert len(report.problems) == 1
+    assert "1 of 4 listed ids" in report.problems[0] and "000000999999" in report.problems[0]
+    assert json.loads((out / "classes.json").read_text())["image_list"]["missing"] == ["000000999999"]
+
+    unrelated = tmp_path / "other.txt"
+    unrelated.write_text("000000777777\n")
+    with pytest.raises(ConfigurationError, match=r"other\.txt: none of its 1 ids"):
+        prepare_cocostuff27(raw, tmp_path / "out2", image_list=unrelated)
+    with pytest.raises(ConfigurationError, match=r"--image_list .*missing\.txt does not exist"):
+        prepare_cocostuff27(raw, tmp_path / "out2", image_list=tmp_path / "missing.txt")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_cocostuff27_refuses_a_mask_of_another_size(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _coco_pair(raw, "val2017", "000000000139", np.zeros((4, 6), np.uint8))
+    _save_ids(raw / "stuffthingmaps_trainval2017" / "val2017" / "000000000139.png", np.zeros((4, 5), np.uint8))
+    with pytest.raises(ConfigurationError, match=r"val2017/000000000139\.png: mask 5x4 vs image 6x4.*never resized"):
+        prepare_cocostuff27(raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cocostuff27_mask_follows_the_exif_orientation_of_its_image(tmp_path: Path) -> None:
+    """COCO annotations are drawn on the stored pixels; datus reads images upright."""
+    from PIL import ImageOps
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    fine = np.array([[0, 2, 16, 61], [93, 119, 148, 156]])  # 4 wide, 2 tall, all distinct classes
+    coarse = cocostuff27_from_fine(fine)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image_path = raw / "images" / "val2017" / "000000000139.png"  # lossless, so pixels can be compared
+    image_path.parent.mkdir(parents=True)
+    Image.fromarray(coarse, mode="L").convert("RGB").save(image_path, exif=exif)
+    _save_ids(raw / "stuffthingmaps_trainval2017" / "val2017" / "000000000139.png", fine)
+    report = prepare_cocostuff27(raw, out)
+    with Image.open(out / "val" / "images" / "000000000139.png") as image:
+        upright = np.asarray(ImageOps.exif_transpose(image))[..., 0]
+    mask = _read_ids(out / "val" / "true_masks" / "000000000139.png")
+    assert mask.shape == (4, 2) and np.array_equal(mask, upright)
+    assert len(report.problems) == 1 and "EXIF orientation 6" in report.problems[0]
+
+
+# ----------------------------------------------------------------------------- Cityscapes
+
+
+def _cityscapes_pair(raw: Path, split: str, city: str, frame: str, label_ids: np.ndarray) -> None:
+    size = (label_ids.shape[1], label_ids.shape[0])
+    prefix = f"{city}_000000_{frame}"
+    _save_image(raw / "leftImg8bit" / split / city / f"{prefix}_leftImg8bit.png", size)
+    gt = raw / "gtFine" / split / city
+    _save_ids(gt / f"{prefix}_gtFine_labelIds.png", label_ids)
+    _save_ids(gt / f"{prefix}_gtFine_instanceIds.png", label_ids)  # published beside it, not used
+    _save_mask(gt / f"{prefix}_gtFine_color.png", np.zeros((*label_ids.shape, 3)))
+    (gt / f"{prefix}_gtFine_polygons.json").write_text("{}")
+
+
+def test_cityscapes27_mapping() -> None:
+    label_ids = np.array([6, 7, 8, 33, 34, 0, 255])
+    assert cityscapes27_from_label_ids(label_ids).tolist() == [255, 0, 1, 26, 255, 255, 255]
+    assert len(CITYSCAPES_CLASSES) == 27
+    assert CITYSCAPES_CLASSES[:4] == ("road", "sidewalk", "parking", "rail track")
+    assert CITYSCAPES_CLASSES[4] == "building" and CITYSCAPES_CLASSES[26] == "bicycle"
+
+
+def test_cityscapes_keeps_city_folders_and_maps_label_ids(tmp_path: Path) -> None:
+    from datamodules.images import list_images
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    label_ids = np.array([[7, 33, 6], [8, 0, 35]])
+    _cityscapes_pair(raw, "train", "aachen", "000019", label_ids)
+    _cityscapes_pair(raw, "train", "bochum", "000019", np.full((2, 3), 26))
+    _cityscapes_pair(raw, "val", "lindau", "000042", np.full((2, 3), 23))
+    (raw / "leftImg8bit" / "train" / "aachen" / "README.txt").write_text("stray")
+    report = prepare_cityscapes(raw, out)
+    assert report.converted == 3
+    assert len(report.problems) == 2, report.problems
+    assert "aachen/README.txt" in report.problems[0] and "skipped" in report.problems[0]
+    assert "aachen_000000_000019_gtFine_labelIds.png" in report.problems[1] and "1 pixels" in report.problems[1]
+    mask = _read_ids(out / "train" / "true_masks" / "aachen" / "aachen_000000_000019.png")
+    assert mask.tolist() == [[0, 26, 255], [1, 255, 255]]
+    assert (_read_ids(out / "val" / "true_masks" / "lindau" / "lindau_000000_000042.png") == 16).all()
+    raw_image = raw / "leftImg8bit" / "train" / "bochum" / "bochum_000000_000019_leftImg8bit.png"
+    assert (out / "train" / "images" / "bochum" / "bochum_000000_000019.png").read_bytes() == raw_image.read_bytes()
+    # The data modules pair the nested images with their masks.
+    entries = list_images(out / "train" / "images", out / "train" / "true_masks")
+    assert [entry.image_id for entry in entries] == ["aachen/aachen_000000_000019", "bochum/bochum_000000_000019"]
+    assert all(entry.mask_path is not None for entry in entries)
+    meta = json.loads((out / "classes.json").read_text())
+    assert meta["dataset"] == "cityscapes" and meta["classes"][0] == "road" and len(meta["classes"]) == 27
+
+
+def test_cityscapes_refuses_colour_label_maps_and_size_mismatch(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _cityscapes_pair(raw, "val", "lindau", "000042", np.full((2, 3), 7))
+    label_path = raw / "gtFine" / "val" / "lindau" / "lindau_000000_000042_gtFine_labelIds.png"
+    _save_ids(label_path, np.full((2, 3), 7), mode="RGB")
+    with pytest.raises(ConfigurationError, match=r"lindau_000000_000042_gtFine_labelIds\.png: expected a single-channel"):
+        prepare_cityscapes(raw, tmp_path / "out")
+    _save_ids(label_path, np.full((3, 3), 7))
+    with pytest.raises(ConfigurationError, match=r"labelIds\.png: annotation 3x3 vs image 3x2.*never resized"):
+        prepare_cityscapes(raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- console
+
+
+def _console(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """Run the ``datus`` console script in-process; returns (exit status, stdout, stderr)."""
+    from datus.cli import console_main
+
+    monkeypatch.setattr(sys, "argv", ["datus", *map(str, args)])
+    monkeypatch.setattr("datus.cli._show_own_logs", lambda: None)  # no handler bound to this test's stderr
+    try:
+        console_main()
+        status = 0
+    except SystemExit as exit_info:
+        status = int(exit_info.code or 0)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_console_prepare_cocostuff27_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = tmp_path / "raw"
+    _coco_pair(raw, "val2017", "000000000139", np.full((2, 3), 93))
+    status, out, err = _console(monkeypatch, capsys, "prepare", "cocostuff27", raw, tmp_path / "out", "--workers", 1)
+    assert status == 0 and err == ""
+    assert out.splitlines()[0] == f"cocostuff27: wrote 1 image/mask pairs to {tmp_path / 'out'}"
+
+
+def _console_refusals(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
+    suim, coco, city = tmp_path / "suim", tmp_path / "coco", tmp_path / "city"
+    _suim_raw(suim)
+    _cut(suim / "train_val" / "masks" / "b.bmp", 0.5)
+    _coco_pair(coco, "val2017", "000000000139", np.zeros((4, 6), np.uint8))
+    _save_ids(coco / "stuffthingmaps_trainval2017" / "val2017" / "000000000139.png", np.zeros((4, 5), np.uint8))
+    _cityscapes_pair(city, "val", "lindau", "000042", np.full((2, 3), 7))
+    _save_ids(city / "gtFine" / "val" / "lindau" / "lindau_000000_000042_gtFine_labelIds.png", np.zeros((2, 3)), "RGB")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    out = tmp_path / "out"
+    return {
+        "truncated-mask": (["suim", suim, out], "1 damaged file(s) in"),
+        "out-not-empty": (["suim", suim, tmp_path / "full", "--skip_damaged"], "already exists and is not empty"),
+        "size-mismatch": (["cocostuff27", coco, out], "000000000139.png: mask 5x4 vs image 6x4"),
+        "missing-list": (["cocostuff27", coco, out, "--image_list", tmp_path / "nope.txt"], "--image_list"),
+        "list-for-suim": (["suim", suim, out, "--image_list", tmp_path / "nope.txt"], "--image_list applies to cocostuff27 only"),
+        "colour-labels": (["cityscapes", city, out], "labelIds.png: expected a single-channel"),
+        "missing-raw": (["cityscapes", tmp_path / "nowhere", out], "Cityscapes raw folder"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["truncated-mask", "out-not-empty", "size-mismatch", "missing-list", "list-for-suim", "colour-labels", "missing-raw"]
+)
+def test_console_prepare_refusals_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    args, expected = _console_refusals(tmp_path)[case]
+    before = _tree(tmp_path)
+    status, out, err = _console(monkeypatch, capsys, "prepare", *args)
+    assert status == 2, (out, err)
+    assert err.startswith("datus: error: ") and err.count("\n") == 1, err
+    assert expected in err and "Traceback" not in err
+    assert _tree(tmp_path) == before
