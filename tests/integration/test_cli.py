@@ -18,6 +18,8 @@ from datus.io import read_label_png
 from tests.conftest import NUM_IMAGES, image_ids, predict
 from tests.generated import REPO, TINY
 
+pytestmark = pytest.mark.integration
+
 
 def test_predict_writes_every_output(dataset: Path, finished_run: Path) -> None:
     ids = image_ids(dataset)

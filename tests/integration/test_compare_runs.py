@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import importlib.util
 from pathlib import Path
 
@@ -10,6 +12,8 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
 from tests.generated import REPO
+
+pytestmark = pytest.mark.integration
 
 spec = importlib.util.spec_from_file_location("compare_runs", REPO / "scripts" / "compare_runs.py")
 compare_runs = importlib.util.module_from_spec(spec)

@@ -11,6 +11,8 @@ from datus.module import DatusModule
 from datus.predict import DatusCLI
 from tests.generated import REPO
 
+pytestmark = pytest.mark.integration
+
 
 class ParseOnly(DatusCLI):
     """Parses and validates a config but reads no data and builds nothing."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from datus.run import Run
 
 from tests.conftest import image_ids
 from tests.generated import REPO, TINY, records_of
+
+pytestmark = pytest.mark.integration
 
 
 

@@ -20,6 +20,8 @@ from datus.io import read_label_png
 
 from tests.generated import REPO, TINY
 
+pytestmark = pytest.mark.integration
+
 NUM_IMAGES = 24
 
 

@@ -16,6 +16,8 @@ from datus.drawing import overlay
 
 from tests.generated import TINY
 
+pytestmark = pytest.mark.integration
+
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
