@@ -42,11 +42,12 @@ UNARY_CLIP = 1e-5
 DEFAULT_MAX_PIXELS = 4_000_000
 """Images above this many pixels are refined on a downscaled copy.
 
-Measured with ``scripts/benchmark_crf.py --memory`` (K = 6, one process, peak RSS including
-the Python interpreter, numpy and PIL): about 66 MB + 330 bytes per pixel, so 1.4 GB at 4 MP
-and 4.0 GB at 12 MP when run at full size. 4 MP keeps one worker near 1.4 GB whatever the
-input size, so a few workers fit next to the model on an ordinary machine, while the common
-image sizes (up to 2560 x 1440 = 3.7 MP) still run at full resolution.
+Measured with ``scripts/benchmark_crf.py --memory`` (one process, synthetic image refined at
+full size, peak RSS including the interpreter): about 50 MB + (210 + 34 K) bytes per pixel for
+K labels. K = 6: 0.49 GB at 1 MP, 1.66 GB at 4 MP, 3.27 GB at 8 MP, 4.74 GB at 12 MP (4000 x
+3000); K = 27: 1.13 GB at 1 MP, 4.29 GB at 4 MP. CPU time grows the same way, ~4-7 CPU s per MP
+at K = 6. With 4 MP a worker stays under ~1.7 GB at K = 6 whatever the input size, while common
+photo sizes up to 2560 x 1440 (3.7 MP) still run at full resolution; lower it for large K.
 """
 
 
@@ -283,7 +284,8 @@ def refine_many(
     place in the order; closing the iterator early cancels what has not started.
 
     Each worker's peak memory is about that of one :func:`refine` at up to ``params.max_pixels``
-    pixels (see :data:`DEFAULT_MAX_PIXELS`), plus the decoder's imports when jobs carry paths.
+    pixels (see :data:`DEFAULT_MAX_PIXELS`), plus the decoder's imports when jobs carry paths
+    (``datamodules.images`` pulls in torch and Lightning: ~0.8 GB RSS and ~5 s per worker start).
     """
     params = params or CRFParams()
     if workers <= 1:
