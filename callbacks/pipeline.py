@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from datus.collective import Collective
+from datus.crf import CRFParams
 from datus.describe import PredictionLog
 from datus.postprocess import Outcome, postprocess
 from datus.run import Run
@@ -28,6 +29,7 @@ class ClusterPaintEvaluate(Callback):
         output_dir: the run folder (linked from the top-level ``--output_dir``).
         cluster: clustering and painting settings.
         evaluation: scoring settings.
+        crf: dense-CRF settings, used when ``cluster.crf`` asks for refinement.
     """
 
     def __init__(
@@ -35,10 +37,12 @@ class ClusterPaintEvaluate(Callback):
         output_dir: Path,
         cluster: ClusterSettings | None = None,
         evaluation: EvaluationSettings | None = None,
+        crf: CRFParams | None = None,
     ) -> None:
         self.run = Run(output_dir)
         self.cluster = cluster or ClusterSettings()
         self.evaluation = evaluation or EvaluationSettings()
+        self.crf = crf or CRFParams()
         self.outcome: Outcome | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -52,7 +56,7 @@ class ClusterPaintEvaluate(Callback):
             collective = Collective.current(trainer.strategy.root_device)
             collective.barrier()
             self.outcome = postprocess(
-                self.run, self.run.results, self.cluster, self.evaluation, collective, PredictionLog.read(self.run)
+                self.run, self.run.results, self.cluster, self.evaluation, collective, PredictionLog.read(self.run), self.crf
             )
             if trainer.is_global_zero:
                 print(self.outcome.console_text(), flush=True)

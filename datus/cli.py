@@ -79,6 +79,7 @@ def _show_own_logs() -> None:
 
 
 def _cluster_parser(defaults: dict[str, dict[str, Any]]) -> CommandParser:
+    from datus.crf import CRFParams
     from datus.settings import ClusterSettings, EvaluationSettings, add_options
 
     parser = CommandParser(
@@ -89,12 +90,14 @@ def _cluster_parser(defaults: dict[str, dict[str, Any]]) -> CommandParser:
     parser.add_argument("--run", type=Path, required=True, help="the --output_dir of a datus predict run")
     add_options(parser, ClusterSettings, "cluster", defaults.get("cluster", {}), many=frozenset({"num_clusters"}))
     add_options(parser, EvaluationSettings, "eval", defaults.get("eval", {}))
+    add_options(parser, CRFParams, "crf", defaults.get("crf", {}))
     return parser
 
 
 def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
     """``datus cluster``: one results folder per K under ``RUN/clusters/k<K>/`` and a sweep table."""
     from datus.collective import Collective
+    from datus.crf import CRFParams, require_densecrf
     from datus.describe import format_sweep, sweep_row
     from datus.io import write_json, write_text
     from datus.postprocess import postprocess
@@ -109,13 +112,16 @@ def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
         raise ConfigurationError(f"--run {options.run} is not a finished datus run (no run.json or shards/); give the --output_dir of datus predict")
     cluster_values = from_options(options, ClusterSettings, "cluster")
     evaluation = EvaluationSettings(**from_options(options, EvaluationSettings, "eval"))
+    crf = CRFParams(**from_options(options, CRFParams, "crf"))
     sweep = [ClusterSettings(**{**cluster_values, "num_clusters": k}) for k in cluster_values["num_clusters"]]
+    if cluster_values["crf"]:
+        require_densecrf()
     rows = []
     with run.lock():
         run.remove_temporaries()
         for settings in sweep:
             results = run.cluster_results(settings.num_clusters)
-            outcome = postprocess(run, results, settings, evaluation, Collective.current())
+            outcome = postprocess(run, results, settings, evaluation, Collective.current(), crf=crf)
             print(outcome.console_text(), flush=True)
             rows.append(sweep_row(settings.num_clusters, outcome.summary, outcome.metrics))
         write_json(run.file(CLUSTERS_DIR) / "summary.json", rows)
@@ -136,11 +142,12 @@ def _value_of(flag: str, args: Sequence[str]) -> str | None:
 
 
 def _saved_settings(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """The ``cluster`` and ``eval`` sections of a run's saved config.yaml (untrusted: only known keys)."""
+    """The ``cluster``, ``eval`` and ``crf`` sections of a run's saved config.yaml (untrusted: only known keys)."""
     import dataclasses
 
     import yaml
 
+    from datus.crf import CRFParams
     from datus.run import CONFIG_FILE
     from datus.settings import ClusterSettings, EvaluationSettings
 
@@ -152,7 +159,7 @@ def _saved_settings(run_dir: Path) -> dict[str, dict[str, Any]]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise ConfigurationError(f"{path} is damaged ({error}); delete it to use the default settings") from error
     sections = {}
-    for group, settings in (("cluster", ClusterSettings), ("eval", EvaluationSettings)):
+    for group, settings in (("cluster", ClusterSettings), ("eval", EvaluationSettings), ("crf", CRFParams)):
         section = saved.get(group) if isinstance(saved, dict) else None
         names = {item.name for item in dataclasses.fields(settings)}
         sections[group] = {key: value for key, value in (section or {}).items() if key in names}

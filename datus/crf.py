@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from datus.errors import ConfigurationError
-from datus.io import load_rgb
+from datus.io import UnreadableFile, load_rgb
 from datus.paint import upsample_nearest
 
 MISSING_EXTRA = "--cluster.crf needs the 'crf' extra: pip install 'datus[crf]' (pydensecrf2)"
@@ -263,17 +263,24 @@ class CRFJob:
     segment_map: np.ndarray
 
 
-def refine_job(job: CRFJob, params: CRFParams | None = None) -> np.ndarray:
-    """Run one :class:`CRFJob` in this process: decode, refine, H x W int64 labels."""
+def refine_job(job: CRFJob, params: CRFParams | None = None) -> np.ndarray | None:
+    """Run one :class:`CRFJob` in this process: decode, refine, H x W int64 labels.
+
+    Returns None when the image file cannot be read any more (moved or damaged since the
+    prediction), so that the caller keeps the unrefined mask instead of stopping the run.
+    """
     image = job.image
     if not isinstance(image, np.ndarray):
-        image = np.asarray(load_rgb(Path(image))[0])
+        try:
+            image = np.asarray(load_rgb(Path(image))[0])
+        except UnreadableFile:
+            return None
     return refine_segments(image, job.segment_probs, job.segment_map, params)
 
 
 def refine_many(
     jobs: Iterable[CRFJob], params: CRFParams | None = None, workers: int = 1, max_pending: int | None = None
-) -> Iterator[np.ndarray]:
+) -> Iterator[np.ndarray | None]:
     """Labels for each job, in the order of ``jobs``, refined in ``workers`` processes.
 
     Workers are started with ``spawn`` (safe next to CUDA and threads). At most ``max_pending``
@@ -291,7 +298,7 @@ def refine_many(
             yield refine_job(job, params)
         return
     max_pending = max(1, max_pending or 2 * workers)
-    pending: deque[Future[np.ndarray]] = deque()
+    pending: deque[Future[np.ndarray | None]] = deque()
     executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     try:
         for job in jobs:
@@ -306,7 +313,7 @@ def refine_many(
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _import_densecrf() -> Any:
+def require_densecrf() -> Any:
     try:
         import pydensecrf.densecrf as densecrf
     except ImportError as error:
@@ -321,7 +328,7 @@ def _crf(image: np.ndarray, probabilities: np.ndarray, params: CRFParams) -> np.
         return np.zeros((height, width), dtype=np.int64)
     if not np.isfinite(probabilities).all() or probabilities.min() < 0:
         raise ValueError("probabilities must be finite and non-negative")
-    densecrf = _import_densecrf()
+    densecrf = require_densecrf()
     unary = np.array(probabilities, dtype=np.float32, order="C").reshape(num_labels, -1)  # one copy, worked in place
     np.clip(unary, UNARY_CLIP, None, out=unary)
     np.log(unary, out=unary)

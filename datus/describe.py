@@ -104,11 +104,19 @@ def format_summary(summary: dict[str, Any], metrics: dict[str, Any] | None, clas
         lines.append(f"  ... {len(summary['skipped']) - 10} more in skipped.json")
     if metrics:
         lines.append(format_table(metrics, class_names).rstrip())
+        if metrics.get("crf", {}).get("applied"):
+            lines.append("masks refined with a dense CRF")
+        if metrics.get("without_crf"):
+            plain = metrics["without_crf"]
+            lines.append(
+                f"without CRF: dense mIoU {100 * (plain['dense']['miou'] or 0):.2f}, "
+                f"paper mIoU {100 * (plain['paper']['miou'] or 0):.2f}"
+            )
     lines.append(f"outputs: {summary['results_dir']}")
     return "\n".join(lines)
 
 
-SWEEP_COLUMNS = ("dense_miou", "dense_pixel_accuracy", "dense_nmi", "paper_miou", "paper_pixel_accuracy")
+SWEEP_COLUMNS = ("dense_miou", "dense_pixel_accuracy", "dense_nmi", "dense_ari", "paper_miou", "paper_pixel_accuracy")
 
 
 def sweep_row(num_clusters: int, summary: dict[str, Any], metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -116,13 +124,16 @@ def sweep_row(num_clusters: int, summary: dict[str, Any], metrics: dict[str, Any
     for name, protocol in (metrics or {}).get("protocols", {}).items():
         for key in ("miou", "pixel_accuracy", "nmi", "ari"):
             row[f"{name}_{key}"] = protocol.get(key)
+    for name, protocol in (metrics or {}).get("without_crf", {}).items():
+        row[f"{name}_miou_without_crf"] = protocol.get("miou")
     return row
 
 
 def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
     """One line per K: the main scores of both protocols, as percentages."""
-    lines = ["    K " + "".join(f"{c:>22}" for c in SWEEP_COLUMNS)]
+    columns = [*SWEEP_COLUMNS, *(c for c in ("dense_miou_without_crf",) if any(c in row for row in rows))]
+    lines = ["    K " + "".join(f"{c:>24}" for c in columns)]
     for row in rows:
-        cells = "".join(f"{100 * row[c]:>21.2f}%" if row.get(c) is not None else f"{'-':>22}" for c in SWEEP_COLUMNS)
+        cells = "".join(f"{100 * row[c]:>23.2f}%" if row.get(c) is not None else f"{'-':>24}" for c in columns)
         lines.append(f"{row['k']:>5} {cells}")
     return "\n".join(lines)

@@ -130,3 +130,17 @@ def segment_labels(model: ClusterModel, records: list[ImageRecord]) -> list[np.n
         labels.append(record.segment_labels(valid_labels[offset : offset + record.num_valid], int(image_label)))
         offset += record.num_valid
     return labels
+
+
+def segment_probabilities_of(model: ClusterModel, record: ImageRecord, temperature: float) -> np.ndarray:
+    """Soft cluster membership of every segment (S x K), the input of the CRF.
+
+    Valid segments use their own distances to the centroids, noise segments their donor's,
+    and an image without valid segments its own CLS embedding's.
+    """
+    from datus.crf import segment_probabilities
+
+    stacked = np.concatenate([record.embeddings, record.image_embedding[None]]).astype(np.float32)
+    probabilities = segment_probabilities(model.distances(stacked), temperature)
+    rows = np.where(record.donors >= 0, record.donors, record.num_valid)
+    return probabilities[rows]

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from datus.drawing import colourise, overlay, segment_outlines
-from datus.io import UnreadableFile, load_rgb, write_png
+from datus.io import UnreadableFile, load_rgb, read_label_png, write_png
 from datus.records import ImageRecord
 from datus.run import COLOUR, MASKS, OVERLAY, SEGMENTS, Results
 
@@ -79,17 +79,18 @@ def write_label_files(results: Results, record: ImageRecord, mask: np.ndarray | 
     write_png(results.image_file(SEGMENTS, record.image_id), segment_picture_map(record))
 
 
-def write_colour_files(results: Results, record: ImageRecord, mask: np.ndarray, table: np.ndarray) -> None:
-    """Colour mask, and the overlay on the input image when it can still be read."""
+def write_colour_files(results: Results, image_id: str, image_path: str, table: np.ndarray) -> None:
+    """Colour mask of the mask as written, and the overlay on the input image when it can still be read."""
+    mask = read_label_png(results.image_file(MASKS, image_id))
     colours = colourise(mask, table, ignore_index=-1)
-    write_png(results.image_file(COLOUR, record.image_id), colours)
+    write_png(results.image_file(COLOUR, image_id), colours)
     try:
-        picture, size = load_rgb(record.image_path, min_side=MAX_OVERLAY_SIDE)
+        picture, size = load_rgb(image_path, min_side=MAX_OVERLAY_SIDE)
     except UnreadableFile as error:  # the input may have moved since prediction: no overlay, no crash
-        log.warning("no overlay for %s: %s", record.image_path, error)
+        log.warning("no overlay for %s: %s", image_path, error)
         return
     if size != mask.shape:
-        log.warning("no overlay for %s: the image changed size since prediction", record.image_path)
+        log.warning("no overlay for %s: the image changed size since prediction", image_path)
         return
     scale = min(1.0, MAX_OVERLAY_SIDE / max(size))
     target = (max(1, round(size[1] * scale)), max(1, round(size[0] * scale)))
@@ -98,7 +99,7 @@ def write_colour_files(results: Results, record: ImageRecord, mask: np.ndarray, 
     if colours.shape[:2] != (target[1], target[0]):
         colours = np.asarray(Image.fromarray(colours).resize(target, Image.Resampling.NEAREST))
     blended = overlay(np.asarray(picture), colours)
-    write_png(results.image_file(OVERLAY, record.image_id), blended, compress_level=1)
+    write_png(results.image_file(OVERLAY, image_id), blended, compress_level=1)
 
 
 def outline_picture(record: ImageRecord, picture: np.ndarray) -> np.ndarray:

@@ -13,9 +13,12 @@ exist before they are skipped.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,15 +28,18 @@ from datus.clustering import ClusterModel
 from datus.collective import Collective
 from datus.describe import PredictionLog, format_summary, write_dataset_files, write_summary
 from datus.drawing import colour_table, legend_picture
+from datus.crf import CRFJob, CRFParams, refine_many
 from datus.errors import ConfigurationError
-from datus.fit import fit_identity, fit_or_load, segment_labels
+from datus.fit import fit_identity, fit_or_load, segment_labels, segment_probabilities_of
 from datus.io import UnreadableFile, read_json, write_image, write_json
 from datus.paint import FileWriterPool, upsample_nearest, write_colour_files, write_label_files
 from datus.report import make_report
 from datus.run import COLOUR, LEGEND_FILE, MASKS, METRICS_FILE, OVERLAY, PAINTED_FILE, SEGMENTS, SKIPPED_FILE, Results, Run
 from datus.score import Scorer, class_info
+from datus.records import ImageRecord
 from datus.settings import ClusterSettings, EvaluationSettings
-from datus.shards import first_mask_path, read_records
+from datus.shards import first_mask_path, read_image_paths, read_records
+from datus.workers import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,7 @@ def postprocess(
     evaluation: EvaluationSettings,
     collective: Collective,
     prediction: PredictionLog | None = None,
+    crf: CRFParams | None = None,
 ) -> Outcome:
     """Cluster, paint, score and describe ``run``'s shards into ``results`` (every rank calls it).
 
@@ -68,7 +75,9 @@ def postprocess(
         evaluation: scoring settings.
         collective: the ranks taking part.
         prediction: what this invocation's prediction loop did (None for ``datus cluster``).
+        crf: dense-CRF settings, used when ``cluster.crf`` asks for refinement.
     """
+    crf = crf or CRFParams()
     shards = run.shards()
     if not shards:
         skipped = (prediction or PredictionLog()).skipped
@@ -82,40 +91,49 @@ def postprocess(
     started = time.perf_counter()
     model = fit_or_load(run, cluster, collective)
     seconds["clustering"] = time.perf_counter() - started
-    identity = {"fit": fit_identity(run, cluster), "evaluation": [evaluation.num_classes, evaluation.ignore_index]}
+    identity = {
+        "fit": fit_identity(run, cluster),
+        "evaluation": [evaluation.num_classes, evaluation.ignore_index],
+        "crf": [cluster.crf, asdict(crf) if cluster.crf else None],
+    }
     previous = _read_painted(results)
     classes = class_info(evaluation, first_mask_path(shards))
     own = shards[collective.rank :: collective.world_size]
 
     started = time.perf_counter()
     reuse = previous.get("masks") == identity
-    scorer = None
-    metrics = _read_metrics(results) if reuse and classes is not None else None
-    if classes is not None and metrics is None:
-        scorer = Scorer(classes, cluster.num_clusters, evaluation, collective.device)
+    if not reuse and collective.is_main:  # a pass killed midway must not pass for a finished one
+        write_json(results.file(PAINTED_FILE), {"masks": None, "colour": None})
+    collective.barrier()
+    scored = classes is not None and (_read_metrics(results) is None or not reuse)
+    scorer = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scored and classes else None
+    unrefined = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scorer and cluster.crf == "both" else None
     counts = np.zeros(3, dtype=np.int64)  # images, valid segments, noise segments
     writes = FileWriterPool()
-    progress = _progress(f"masks, K={cluster.num_clusters}", collective)
-    for shard in own:
-        records = read_records(shard)
-        for record, labels in zip(records, segment_labels(model, records)):
-            counts += (1, record.num_valid, len(record.sizes) - record.num_valid)
-            need_mask = not (reuse and results.image_file(MASKS, record.image_id).is_file())
-            need_segments = not results.image_file(SEGMENTS, record.image_id).is_file()
-            if need_mask or need_segments or scorer is not None:
-                mask = upsample_nearest(labels[record.segment_map], record.orig_size)
-                writes.submit(write_label_files, results, record, mask if need_mask else None, cluster.num_clusters)
-                if scorer is not None:
-                    scorer.update(record, mask, upsample_nearest(record.is_noise[record.segment_map], record.orig_size))
-        progress.update(len(records))
+    progress = _progress(f"masks, K={cluster.num_clusters}" + (" (CRF)" if cluster.crf else ""), collective)
+    for item in _masks(own, model, results, reuse, scorer is not None, cluster, crf, collective):
+        record = item.record
+        counts += (1, record.num_valid, len(record.sizes) - record.num_valid)
+        if item.write or not results.image_file(SEGMENTS, record.image_id).is_file():
+            writes.submit(write_label_files, results, record, item.mask if item.write else None, cluster.num_clusters)
+        if scorer is not None and item.mask is not None:
+            noise = upsample_nearest(record.is_noise[record.segment_map], record.orig_size)
+            scorer.update(record, item.mask, noise)
+            if unrefined is not None and item.unrefined is not None:
+                unrefined.update(record, item.unrefined, noise)
+        progress.update(1)
     writes.wait()
     progress.close()
     num_images, num_valid, num_noise = collective.sum_counts(counts.tolist())
     seconds["painting"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    metrics = _read_metrics(results) if classes is not None and scorer is None else None
     if scorer is not None:
         metrics = scorer.compute()
+        metrics["crf"] = {"applied": bool(cluster.crf), "settings": asdict(crf) if cluster.crf else None}
+        if unrefined is not None:
+            metrics["without_crf"] = unrefined.compute()["protocols"]
         if collective.is_main:
             scorer.write(results, metrics, num_images)
     seconds["evaluation"] = time.perf_counter() - started
@@ -128,7 +146,7 @@ def postprocess(
         started = time.perf_counter()
         table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, mapping)
         colour_identity = {**identity, "mapping": mapping}
-        _paint_colours(own, model, results, table, previous.get("colour") == colour_identity, collective)
+        _paint_colours(own, results, table, previous.get("colour") == colour_identity, collective)
         if collective.is_main:
             write_image(results.file(LEGEND_FILE), _legend(results, table, cluster.num_clusters, mapping, class_names))
         seconds["colour"] = time.perf_counter() - started
@@ -179,20 +197,74 @@ def _progress(description: str, collective: Collective) -> tqdm:
     return tqdm(desc=description, unit="image", disable=None if collective.is_main else True, leave=False)
 
 
-def _paint_colours(
-    shards: list, model: ClusterModel, results: Results, table: np.ndarray, reuse: bool, collective: Collective
-) -> None:
-    """Colour masks and overlays for people to look at, in the matched classes' colours."""
+@dataclass
+class _Painting:
+    """One image's masks in the painting pass; ``write`` says whether its mask file must be (re)written."""
+
+    record: ImageRecord
+    write: bool
+    mask: np.ndarray | None = None
+    unrefined: np.ndarray | None = None
+
+
+def _masks(
+    shards: list[Path],
+    model: ClusterModel,
+    results: Results,
+    reuse: bool,
+    scoring: bool,
+    cluster: ClusterSettings,
+    crf: CRFParams,
+    collective: Collective,
+) -> Iterator[_Painting]:
+    """The painting work of every image of ``shards``, in order.
+
+    A mask is only computed when something needs it (a missing or outdated file, scoring);
+    CRF refinement runs in worker processes, a bounded number of images ahead.
+    """
+
+    def planned() -> Iterator[tuple[_Painting, np.ndarray]]:
+        for shard in shards:
+            records = read_records(shard)
+            for record, labels in zip(records, segment_labels(model, records)):
+                write = not (reuse and results.image_file(MASKS, record.image_id).is_file())
+                yield _Painting(record, write), labels
+
+    def unrefined(item: _Painting, labels: np.ndarray) -> np.ndarray:
+        return upsample_nearest(labels[item.record.segment_map], item.record.orig_size)
+
+    if not cluster.crf:
+        for item, labels in planned():
+            if item.write or scoring:
+                item.mask = item.unrefined = unrefined(item, labels)
+            yield item
+        return
+    for_jobs, for_results = itertools.tee(planned())
+    jobs = (
+        CRFJob(item.record.image_path, segment_probabilities_of(model, item.record, crf.temperature), item.record.segment_map)
+        for item, _ in for_jobs
+        if item.write or scoring
+    )
+    refined = refine_many(jobs, crf, max(1, available_cores() // collective.world_size))
+    for item, labels in for_results:
+        if item.write or scoring:
+            item.unrefined = unrefined(item, labels)
+            item.mask = next(refined)
+            if item.mask is None:
+                log.warning("no CRF for %s: the image cannot be read any more; its mask is unrefined", item.record.image_path)
+                item.mask = item.unrefined
+        yield item
+
+
+def _paint_colours(shards: list[Path], results: Results, table: np.ndarray, reuse: bool, collective: Collective) -> None:
+    """Colour masks and overlays of the masks as written, in the matched classes' colours."""
     writes = FileWriterPool()
     progress = _progress("colour masks and overlays", collective)
-    for shard in shards:
-        records = read_records(shard)
-        for record, labels in zip(records, segment_labels(model, records)):
-            if reuse and all(results.image_file(kind, record.image_id).is_file() for kind in (COLOUR, OVERLAY)):
-                continue
-            mask = upsample_nearest(labels[record.segment_map], record.orig_size)
-            writes.submit(write_colour_files, results, record, mask, table)
-        progress.update(len(records))
+    for image_id, image_path in read_image_paths(shards):
+        progress.update(1)
+        if reuse and all(results.image_file(kind, image_id).is_file() for kind in (COLOUR, OVERLAY)):
+            continue
+        writes.submit(write_colour_files, results, image_id, image_path, table)
     writes.wait()
     progress.close()
 

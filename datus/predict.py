@@ -22,6 +22,7 @@ from callbacks.pipeline import ClusterPaintEvaluate
 from callbacks.progress import ImagesProgressBar
 from callbacks.writer import SegmentShardWriter
 from datamodules.images import ImageFolderDataModule, locate_images
+from datus.crf import CRFParams, require_densecrf
 from datus.errors import ConfigurationError
 from datus.io import write_text
 from datus.module import DatusModule
@@ -59,6 +60,7 @@ class DatusCLI(LightningCLI):
         parser.add_lightning_class_args(self._datamodule_class, "data")
         parser.add_class_arguments(ClusterSettings, "cluster", instantiate=False)
         parser.add_class_arguments(EvaluationSettings, "eval", instantiate=False)
+        parser.add_class_arguments(CRFParams, "crf", instantiate=False)
         skipped = {name for name in _trainer_parameters() if name not in INFERENCE_TRAINER_FLAGS}
         parser.add_class_arguments(self.trainer_class, "trainer", instantiate=False, sub_configs=True, skip=skipped)
         parser.groups["trainer"].description = "Lightning Trainer options for inference (devices, precision, ...)"
@@ -76,13 +78,16 @@ class DatusCLI(LightningCLI):
         locate_images(self.config.data.root, self.config.data.split, self.config.data.mask_dir)
         self.cluster_settings = ClusterSettings(**self.config.cluster.as_dict())
         self.evaluation_settings = EvaluationSettings(**self.config.eval.as_dict())
+        self.crf_params = CRFParams(**self.config.crf.as_dict())
+        if self.cluster_settings.crf:
+            require_densecrf()
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
         """Add the writer, the dataset stages and the image progress bar (last, after the writer)."""
         output_dir = Path(self.config.output_dir)
         ours: list[Callback] = [
             SegmentShardWriter(output_dir),
-            ClusterPaintEvaluate(output_dir, self.cluster_settings, self.evaluation_settings),
+            ClusterPaintEvaluate(output_dir, self.cluster_settings, self.evaluation_settings, self.crf_params),
         ]
         given = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):

@@ -37,6 +37,8 @@ class ClusterSettings:
         centroids: a fitted ``clusters/k<K>`` folder of another run: label this run's segments
             with those centroids (and their PCA) instead of fitting, e.g. fit on train, label val.
         colour: also write colour masks, overlays and a legend for people to look at.
+        crf: refine the masks with a dense CRF on the image (``--crf.*`` sets it up); ``both``
+            writes refined masks and scores them with and without refinement.
     """
 
     num_clusters: int = 6
@@ -47,6 +49,7 @@ class ClusterSettings:
     seed: int = 0
     centroids: Path | None = None
     colour: bool = True
+    crf: bool | Literal["both"] = False
 
     def __post_init__(self) -> None:
         _check_choices(self, "cluster")
@@ -58,6 +61,8 @@ class ClusterSettings:
             raise ConfigurationError(f"--cluster.pca_components must be >= 1 or null, got {self.pca_components}")
         if self.minibatch and self.engine != "sklearn":
             raise ConfigurationError("--cluster.minibatch true needs --cluster.engine sklearn (MiniBatchKMeans)")
+        if self.crf not in (True, False, "both"):
+            raise ConfigurationError(f"--cluster.crf must be true, false or both, got {self.crf!r}")
         if not 0 <= self.seed < 2**32:
             raise ConfigurationError(f"--cluster.seed must be in [0, 2**32), got {self.seed}")
         if self.centroids is not None and not (Path(self.centroids) / "model.json").is_file():
@@ -151,24 +156,32 @@ def from_options(options: argparse.Namespace, settings: type[Any], group: str) -
 
 
 def _converter(hint: Any, flag: str) -> tuple[Any, list[Any] | None]:
-    """(type callable, choices) for an annotation; ``null``/``none`` give None for optional fields."""
-    optional = False
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        arguments = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional, hint = len(arguments) < len(typing.get_args(hint)), arguments[0]
+    """(type callable, choices) for an annotation: int, float, bool, Path, Literal, or a union of them.
+
+    ``null``/``none`` give None for optional fields; a union tries its members in order.
+    """
     if typing.get_origin(hint) is Literal:
-        return str, list(typing.get_args(hint))
+        return str, [str(choice) for choice in typing.get_args(hint)]
+    members = list(typing.get_args(hint)) if typing.get_origin(hint) in (Union, types.UnionType) else [hint]
 
     def convert(text: str) -> Any:
-        if optional and text.lower() in ("null", "none"):
+        if type(None) in members and text.lower() in ("null", "none"):
             return None
-        if hint is bool:
-            if text.lower() in ("true", "1", "yes"):
-                return True
-            if text.lower() in ("false", "0", "no"):
-                return False
-            raise argparse.ArgumentTypeError(f"{flag} takes true or false, got {text!r}")
-        return hint(text)
+        for member in members:
+            if member is type(None):
+                continue
+            if typing.get_origin(member) is Literal:
+                if text in typing.get_args(member):
+                    return text
+            elif member is bool:
+                if text.lower() in ("true", "false"):
+                    return text.lower() == "true"
+            else:
+                try:
+                    return member(text)
+                except ValueError:
+                    continue
+        raise argparse.ArgumentTypeError(f"{flag} does not take {text!r}")
 
-    convert.__name__ = getattr(hint, "__name__", "value")
+    convert.__name__ = "value"
     return convert, None
