@@ -96,17 +96,18 @@ def _cluster_parser(defaults: dict[str, dict[str, Any]]) -> CommandParser:
 
 def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
     """``datus cluster``: one results folder per K under ``RUN/clusters/k<K>/`` and a sweep table."""
-    from datus.collective import Collective
     from datus.crf import CRFParams, require_densecrf
-    from datus.describe import format_sweep, sweep_row
-    from datus.io import write_json, write_text
-    from datus.postprocess import postprocess
     from datus.run import CLUSTERS_DIR, Run
     from datus.settings import ClusterSettings, EvaluationSettings, from_options
 
     run_flag = _value_of("--run", args)
     defaults = _saved_settings(Path(run_flag)) if run_flag else {}
     options = _cluster_parser(defaults).parse_args(list(args))
+    from datus.collective import Collective
+    from datus.describe import format_sweep, sweep_row
+    from datus.io import write_json, write_text
+    from datus.postprocess import postprocess
+
     run = Run(options.run)
     if not run.is_datus_run() or not run.shards():
         raise ConfigurationError(f"--run {options.run} is not a finished datus run (no run.json or shards/); give the --output_dir of datus predict")
@@ -273,10 +274,10 @@ def _evaluate_parser() -> CommandParser:
 
 
 def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
+    options = _evaluate_parser().parse_args(args)
     from datus.evaluate import evaluate_folders
     from datus.metrics import format_table
 
-    options = _evaluate_parser().parse_args(args)
     with _missing_input_is_a_configuration_error():
         metrics = evaluate_folders(
             options.pred,

@@ -8,6 +8,7 @@ two runs embed segments the same way.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from datus.records import ImageRecord
 from datus.run import RUN_FILE, Run
 from datus.settings import ClusterSettings
 from datus.shards import read_segment_table
+
+log = logging.getLogger(__name__)
 
 FIT_FILE = "settings.json"
 
@@ -40,7 +43,10 @@ def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective) -> 
     directory = run.cluster_dir(settings.num_clusters)
     identity = fit_identity(run, settings)
     if _saved_identity(directory) == identity:
-        return ClusterModel.load(directory)
+        try:
+            return ClusterModel.load(directory)
+        except ValueError as error:  # a damaged cache is refitted, not trusted
+            log.warning("fitting again: %s", error)
     if settings.centroids is not None:
         model = applied_model(run, Path(settings.centroids), settings.num_clusters)
     else:

@@ -192,8 +192,11 @@ class Run:
         """Refuse a folder that datus did not create: it would overwrite or mix with its files."""
         if self.root.exists() and not self.root.is_dir():
             raise ConfigurationError(f"--output_dir {self.root} is a file; give a folder (it is created if missing)")
+        if (self.root / RUN_FILE).is_file():
+            self.recorded_identity()  # a damaged run file is named as such, not taken for a foreign folder
+            return
         entries = [entry for entry in self.root.iterdir() if entry.name != LOCK_FILE] if self.root.is_dir() else []
-        if entries and not self.is_datus_run():
+        if entries:
             raise ConfigurationError(
                 f"--output_dir {self.root} is not empty and is not a datus run folder (no {RUN_FILE}); datus "
                 "writes masks/, segments/ and more there and would mix with or overwrite your files. Give a new "
@@ -204,7 +207,10 @@ class Run:
         """What ``run.json`` says the records were made from, or None for a new run."""
         if not (self.root / RUN_FILE).is_file():
             return None
-        content = read_json(self.root / RUN_FILE)
+        try:
+            content = read_json(self.root / RUN_FILE)
+        except UnreadableFile as error:
+            raise ConfigurationError(f"{error}; or give a new --output_dir") from error
         if not isinstance(content, dict) or not isinstance(content.get("identity"), dict):
             raise ConfigurationError(
                 f"{self.root / RUN_FILE} is not a run file of this datus version; use a new --output_dir"

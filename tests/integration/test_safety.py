@@ -1,0 +1,227 @@
+"""Hostile and careless input: datus never deletes, escapes, mixes or crashes (issue 11).
+
+Each test builds the folder a careless user or an attacker would, runs the real CLI in-process
+on configs/tiny.yaml, and checks what is left on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datus.cli import main
+from datus.errors import ConfigurationError
+from datus.io import read_label_png
+from datus.run import Run
+from tests.conftest import NUM_IMAGES, image_ids, predict
+from tests.generated import REPO, write_two_region_dataset
+
+pytestmark = pytest.mark.integration
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` with its content."""
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture
+def run_copy(finished_run: Path, tmp_path: Path) -> Path:
+    """A private copy of a finished run (its shards still point at the module's dataset)."""
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_nothing_in_it_is_touched(dataset: Path, tmp_path: Path) -> None:
+    """--output_dir pointing at a home-like folder that holds the data and temp-looking user files."""
+    home = tmp_path / "home"
+    shutil.copytree(dataset, home / "photos")
+    (home / ".photo.tmp1.jpg").write_bytes(b"a user's half-finished download")
+    (home / "photos" / ".scan.tmp2.png").write_bytes(b"user data")
+    (home / "masks").mkdir()
+    (home / "masks" / "img 1.png").write_bytes(b"the user's own masks folder")
+    before = tree(home)
+    with pytest.raises(ConfigurationError, match="not empty and is not a datus run folder"):
+        predict(home / "photos", home)
+    assert tree(home) == before
+
+
+def test_only_datus_temporaries_in_its_own_folders_are_removed(dataset: Path, run_copy: Path) -> None:
+    stale = run_copy / "masks" / ".datus-tmp-0123456789abcdef"
+    stale.write_bytes(b"left by a killed run")
+    lookalikes = [
+        run_copy / "masks" / ".user.tmp1.png",
+        run_copy / "masks" / ".datus-tmp-0123456789abcdef.png",
+        run_copy / "notes" / ".datus-tmp-0123456789abcdef",
+    ]
+    for path in lookalikes:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"not datus's")
+    predict(dataset, run_copy)
+    assert not stale.exists()
+    assert all(path.read_bytes() == b"not datus's" for path in lookalikes)
+
+
+def crafted_shard(run: Path, ids: list[str]) -> Path:
+    """A copy of the run's first shard whose image ids are replaced by ``ids``."""
+    first = Run(run).shards()[0]
+    with np.load(first) as data:
+        arrays = {key: data[key] for key in data.files}
+    count = len(arrays["image_ids"])
+    arrays["image_ids"] = np.array((ids * count)[:count], dtype=str)
+    path = first.with_name("rank000-0000099.npz")
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("bad_id", ["../../escaped", "/tmp/datus-escaped-absolute", "a/../../escaped", "x\x00y"])
+def test_crafted_shard_ids_are_refused_and_nothing_is_written_outside(run_copy: Path, bad_id: str) -> None:
+    shard = crafted_shard(run_copy, [bad_id])
+    outside_before = sorted(p.name for p in run_copy.parent.iterdir())
+    with pytest.raises(ConfigurationError, match=f"{shard.name}.*not a safe relative name"):
+        main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "2"])
+    assert sorted(p.name for p in run_copy.parent.iterdir()) == outside_before
+    assert not Path("/tmp/datus-escaped-absolute.png").exists()
+
+
+def test_a_symbolic_link_in_the_run_cannot_redirect_writes(run_copy: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(run_copy / "clusters", ignore_errors=True)
+    (run_copy / "clusters").mkdir()
+    (run_copy / "clusters" / "k2").mkdir()
+    (run_copy / "clusters" / "k2" / "masks").symlink_to(elsewhere)
+    with pytest.raises(ConfigurationError, match="resolves outside"):
+        main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "2"])
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_another_data_folder_is_refused_naming_both(run_copy: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    write_two_region_dataset(other, 3)
+    with pytest.raises(ConfigurationError, match=r"data images: was .*train/images', now .*other'"):
+        main(["predict", "--config", str(REPO / "configs" / "tiny.yaml"), "--data.root", str(other),
+              "--output_dir", str(run_copy), "--trainer.enable_progress_bar", "false"])  # fmt: skip
+
+
+def test_an_output_folder_inside_the_data_is_never_read_as_data(dataset: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    images = root / "train" / "images"
+    predict(root, images / "run")  # --output_dir inside the image folder
+    predict(root, images / "run")
+    summary = json.loads((images / "run" / "summary.json").read_text())
+    assert summary["images_in_run"] == NUM_IMAGES and summary["images_predicted_now"] == 0
+
+
+def test_temporary_looking_names_keep_their_outputs_and_lost_outputs_are_rebuilt(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    write_two_region_dataset(images, 2)
+    for name in (".scan.tmp2", ".datus-tmp-0123456789abcdef"):
+        shutil.copy(images / "img 1.jpg", images / f"{name}.jpg")
+    run = tmp_path / "run"
+    main(["predict", "--config", str(REPO / "configs" / "tiny.yaml"), "--data.root", str(images),
+          "--output_dir", str(run), "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    outputs = sorted(str(p.relative_to(run)) for p in (run / "masks").rglob("*.png"))
+    assert "masks/.scan.tmp2.png" in outputs and "masks/.datus-tmp-0123456789abcdef.png" in outputs
+    (run / "segments" / ".scan.tmp2.png").unlink()
+    (run / "masks" / "img 1.png").unlink()
+    main(["predict", "--config", str(REPO / "configs" / "tiny.yaml"), "--data.root", str(images),
+          "--output_dir", str(run), "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert sorted(str(p.relative_to(run)) for p in (run / "masks").rglob("*.png")) == outputs
+    assert (run / "segments" / ".scan.tmp2.png").is_file() and (run / "masks" / "img 1.png").is_file()
+
+
+def test_names_no_file_system_could_take_as_outputs_still_finish(tmp_path: Path) -> None:
+    """A 240-byte stem (its mask name would exceed 255 bytes) and a name that is not UTF-8."""
+    images = tmp_path / "images"
+    write_two_region_dataset(images, 1, nested_every=2)  # image 0 goes into nested/
+    shutil.move(images / "nested" / "img 0.jpg", images / "img 0.jpg")
+    long_name = images / ("y" * 236 + ".jpg")
+    undecodable = Path(os.fsdecode(bytes(images) + b"/caf\xe9.jpg"))
+    for path in (long_name, undecodable):
+        shutil.copy(images / "img 0.jpg", path)
+    run = tmp_path / "run"
+    main(["predict", "--config", str(REPO / "configs" / "tiny.yaml"), "--data.root", str(images),
+          "--output_dir", str(run), "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(Path(entry["image"]) for entry in manifest) == sorted([images / "img 0.jpg", long_name, undecodable])
+    for entry in manifest:
+        assert (run / entry["mask"]).is_file()
+
+
+def test_a_folder_of_only_unreadable_files_is_one_error_pointing_at_skipped_json(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "text.png").write_text("not an image")
+    run = tmp_path / "run"
+    completed = subprocess.run(
+        [sys.executable, "-m", "datus", "predict", "--config", str(REPO / "configs" / "tiny.yaml"),
+         "--data.root", str(images), "--output_dir", str(run), "--trainer.enable_progress_bar", "false"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("datus: error:")]
+    assert len(errors) == 1 and "2 skipped" in errors[0] and "skipped.json" in errors[0]
+    skipped = json.loads((run / "skipped.json").read_text())
+    assert sorted(Path(entry["path"]).name for entry in skipped) == ["empty.jpg", "text.png"]
+
+
+def test_k_above_the_valid_segments_says_how_to_finish_without_predicting_again(dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ConfigurationError, match=r"--cluster.num_clusters 5000 is more than the (\d+) valid segments.*datus cluster --run"):
+        predict(dataset, run, "--cluster.num_clusters", "5000")
+    assert len(Run(run).finished_ids()) == NUM_IMAGES  # the predictions are kept
+    main(["cluster", "--run", str(run), "--cluster.num_clusters", "2"])
+    assert (run / "clusters" / "k2" / "metrics.json").is_file()
+
+
+def test_a_damaged_shard_names_itself_and_is_recovered_by_predicting_again(dataset: Path, run_copy: Path) -> None:
+    shard = Run(run_copy).shards()[-1]
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(ConfigurationError, match=f"{shard.name} is damaged.*delete it and run `datus predict` again"):
+        main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "2"])
+    shard.unlink()
+    predict(dataset, run_copy)
+    summary = json.loads((run_copy / "summary.json").read_text())
+    assert summary["images_in_run"] == NUM_IMAGES and summary["images_predicted_now"] > 0
+    assert sorted(Run(run_copy).finished_ids()) == image_ids(dataset)
+
+
+def test_a_damaged_run_file_is_one_error(dataset: Path, run_copy: Path) -> None:
+    (run_copy / "run.json").write_text("{ not json")
+    with pytest.raises(ConfigurationError, match=r"run.json is damaged"):
+        predict(dataset, run_copy)
+
+
+def test_a_second_process_is_refused_and_a_dead_one_leaves_no_lock(dataset: Path, run_copy: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from datus.run import Run; Run(sys.argv[1]).acquire(); print('held', flush=True);"
+         " import time; time.sleep(60)", str(run_copy)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigurationError, match="is in use by datus process"):
+            predict(dataset, run_copy)
+        with pytest.raises(ConfigurationError, match="is in use by datus process"):
+            main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "2"])
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    predict(dataset, run_copy)  # the kernel released the dead process's lock
+    masks = read_label_png(run_copy / "masks" / f"{image_ids(dataset)[0]}.png")
+    with Image.open(dataset / "train" / "images" / f"{image_ids(dataset)[0]}.jpg") as image:
+        assert masks.shape == (image.height, image.width)
