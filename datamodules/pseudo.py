@@ -114,7 +114,7 @@ class PseudoMaskDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
         image, _ = load_rgb(pair.image)
-        mask = read_label_png(pair.mask)
+        mask = read_label_png(pair.mask).astype(np.int64)
         if mask.shape != (image.height, image.width):
             raise ValueError(
                 f"{pair.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {pair.image} is "

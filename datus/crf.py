@@ -33,7 +33,7 @@ from PIL import Image
 
 from datus.errors import ConfigurationError
 from datus.io import UnreadableFile, load_rgb
-from datus.paint import upsample_nearest
+from datus.paint import label_dtype, upsample_nearest
 
 MISSING_EXTRA = "--cluster.crf needs the 'crf' extra: pip install 'datus[crf]' (pydensecrf2)"
 
@@ -194,7 +194,7 @@ def refine(image: np.ndarray, probabilities: np.ndarray, params: CRFParams | Non
         params: CRF settings; :class:`CRFParams` defaults when None.
 
     Returns:
-        H x W int64 labels in [0, K): every pixel has one.
+        H x W labels in [0, K) (uint8 up to 255 labels): every pixel has one.
 
     Raises:
         ConfigurationError: ``pydensecrf`` (the ``crf`` extra) is not installed.
@@ -212,8 +212,13 @@ def refine(image: np.ndarray, probabilities: np.ndarray, params: CRFParams | Non
     if small != size:
         image = _resize_image(image, small)
         probabilities = _resize_planes(probabilities, small)
-    labels = _crf(image, probabilities, params)
-    return labels if small == size else upsample_nearest(labels, size)
+    return _full_size(_crf(image, probabilities, params), size)
+
+
+def _full_size(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """CRF labels in a PNG-ready dtype, upsampled (nearest) to ``size`` when refined smaller."""
+    labels = labels.astype(label_dtype(int(labels.max(initial=0)) + 1))
+    return labels if labels.shape == size else upsample_nearest(labels, size)
 
 
 def refine_segments(
@@ -233,18 +238,23 @@ def refine_segments(
         params: CRF settings.
 
     Returns:
-        H x W int64 labels in [0, K).
+        H x W labels in [0, K), uint8 (uint16 beyond 255 labels).
     """
     params = params or CRFParams()
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be H x W x 3 uint8, got {image.dtype} {image.shape}")
-    size = image.shape[:2]
+    return _refine_segments_at(image, image.shape[:2], segment_probs, segment_map, params)
+
+
+def _refine_segments_at(
+    image: np.ndarray, size: tuple[int, int], segment_probs: np.ndarray, segment_map: np.ndarray, params: CRFParams
+) -> np.ndarray:
+    """Refine at the working size of an image of ``size`` (``image`` may already be smaller)."""
     small = working_size(size, params.max_pixels)
-    if small != size:
+    if image.shape[:2] != small:
         image = _resize_image(image, small)
-    labels = _crf(image, pixel_probabilities(segment_probs, segment_map, small), params)
-    return labels if small == size else upsample_nearest(labels, size)
+    return _full_size(_crf(image, pixel_probabilities(segment_probs, segment_map, small), params), size)
 
 
 @dataclass(frozen=True)
@@ -264,18 +274,19 @@ class CRFJob:
 
 
 def refine_job(job: CRFJob, params: CRFParams | None = None) -> np.ndarray | None:
-    """Run one :class:`CRFJob` in this process: decode, refine, H x W int64 labels.
+    """Run one :class:`CRFJob` in this process: decode, refine, H x W labels.
 
     Returns None when the image file cannot be read any more (moved or damaged since the
     prediction), so that the caller keeps the unrefined mask instead of stopping the run.
     """
-    image = job.image
-    if not isinstance(image, np.ndarray):
-        try:
-            image = np.asarray(load_rgb(Path(image))[0])
-        except UnreadableFile:
-            return None
-    return refine_segments(image, job.segment_probs, job.segment_map, params)
+    params = params or CRFParams()
+    if isinstance(job.image, np.ndarray):
+        return refine_segments(job.image, job.segment_probs, job.segment_map, params)
+    try:  # decoded at a reduced scale when the CRF will run smaller anyway
+        picture, size = load_rgb(Path(job.image), min_side=math.isqrt(params.max_pixels))
+    except UnreadableFile:
+        return None
+    return _refine_segments_at(np.asarray(picture), size, job.segment_probs, job.segment_map, params)
 
 
 def refine_many(

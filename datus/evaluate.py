@@ -107,7 +107,7 @@ def read_classes_file(path: Path) -> tuple[list[str], int | None]:
 def _read_labels(path: Path, role: str) -> np.ndarray:
     """A label map, or one line naming the file when it is truncated or not a label image."""
     try:
-        labels = read_label_png(path)
+        labels = read_label_png(path).astype(np.int64)
     except UnreadableFile as error:
         raise ConfigurationError(f"{role} file {error}; re-create or remove it") from None
     if labels.ndim != 2:

@@ -161,7 +161,11 @@ def read_json(path: Path) -> Any:
 
 
 def read_label_png(path: Path) -> np.ndarray:
-    """Read a single-channel label map (8 or 16 bit) as an int64 array, values untouched."""
+    """Read a single-channel label map (8 or 16 bit) with its values untouched.
+
+    The array keeps the file's own integer type (uint8 for most masks), so that a 250 MP map
+    costs 250 MB, not the 2 GB of int64; callers widen small blocks when they compute.
+    """
     try:
         with Image.open(path) as image:
             if image.mode not in ("L", "P", "I;16", "I", "1"):
@@ -169,7 +173,8 @@ def read_label_png(path: Path) -> np.ndarray:
                     f"{path}: expected a single-channel label map (mode L, P or I;16), got mode "
                     f"{image.mode!r}. Convert RGB-coded masks first, e.g. with `datus prepare`."
                 )
-            return np.asarray(image).astype(np.int64)
+            labels = np.asarray(image)
+            return labels.astype(np.uint8) if labels.dtype == bool else labels
     except UnreadableFile:
         raise
     except DECODE_ERRORS as error:

@@ -16,27 +16,28 @@ import numpy as np
 from PIL import Image
 
 from datus.drawing import colourise, overlay, segment_outlines
-from datus.io import UnreadableFile, load_rgb, read_label_png, write_png
+from datus.io import UnreadableFile, load_rgb, write_png
 from datus.records import ImageRecord
 from datus.run import COLOUR, MASKS, OVERLAY, SEGMENTS, Results
 
 log = logging.getLogger(__name__)
 
-MAX_OVERLAY_SIDE = 4096
-"""Overlays are for looking at: larger images get a proportionally reduced overlay."""
+MAX_PICTURE_SIDE = 4096
+"""Colour masks and overlays are for looking at: larger images get proportionally reduced ones."""
 
 
 def upsample_nearest(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour upsampling of an h x w label grid to ``size`` = (H, W).
+    """Nearest-neighbour upsampling of an h x w label grid to ``size`` = (H, W), in the grid's dtype.
 
     Each output pixel takes the label of the grid cell its centre falls in. Never interpolate
-    labels linearly: that invents ids between neighbouring labels.
+    labels linearly: that invents ids between neighbouring labels. Give a small-dtype grid
+    (uint8 labels): the output of a 250 MP image is then 250 MB.
     """
     height, width = size
     grid_height, grid_width = grid.shape
     rows = np.minimum(((np.arange(height) + 0.5) * grid_height / height).astype(np.int64), grid_height - 1)
     cols = np.minimum(((np.arange(width) + 0.5) * grid_width / width).astype(np.int64), grid_width - 1)
-    return grid[rows[:, None], cols[None, :]]
+    return grid[rows][:, cols]
 
 
 def label_dtype(num_labels: int) -> type[np.unsignedinteger]:
@@ -47,7 +48,17 @@ def label_dtype(num_labels: int) -> type[np.unsignedinteger]:
 def segment_picture_map(record: ImageRecord) -> np.ndarray:
     """``segments/<id>.png``: the visible segment map (0 = noise, 1..V) at the image's size."""
     visible = record.visible_segment_map()
-    return upsample_nearest(visible, record.orig_size).astype(label_dtype(int(visible.max()) + 1))
+    return upsample_nearest(visible.astype(label_dtype(int(visible.max()) + 1)), record.orig_size)
+
+
+def mask_of(record: ImageRecord, labels: np.ndarray, num_clusters: int) -> np.ndarray:
+    """The pseudo mask of one image: each segment's cluster id, at the image's size, in a PNG-ready dtype."""
+    return upsample_nearest(labels.astype(label_dtype(num_clusters))[record.segment_map], record.orig_size)
+
+
+def noise_of(record: ImageRecord) -> np.ndarray:
+    """Which pixels of the image belong to noise segments (what the paper protocol leaves out)."""
+    return upsample_nearest(record.is_noise[record.segment_map], record.orig_size)
 
 
 class FileWriterPool:
@@ -75,29 +86,39 @@ class FileWriterPool:
 def write_label_files(results: Results, record: ImageRecord, mask: np.ndarray | None, num_clusters: int) -> None:
     """The pseudo mask (when given) and the segment map of one image."""
     if mask is not None:
-        write_png(results.image_file(MASKS, record.image_id), mask.astype(label_dtype(num_clusters)))
+        write_png(results.image_file(MASKS, record.image_id), mask.astype(label_dtype(num_clusters), copy=False))
     write_png(results.image_file(SEGMENTS, record.image_id), segment_picture_map(record))
 
 
+def picture_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of colour masks and overlays: the image's, reduced to at most MAX_PICTURE_SIDE."""
+    scale = min(1.0, MAX_PICTURE_SIDE / max(size))
+    return max(1, round(size[1] * scale)), max(1, round(size[0] * scale))
+
+
 def write_colour_files(results: Results, image_id: str, image_path: str, table: np.ndarray) -> None:
-    """Colour mask of the mask as written, and the overlay on the input image when it can still be read."""
-    mask = read_label_png(results.image_file(MASKS, image_id))
-    colours = colourise(mask, table, ignore_index=-1)
+    """Colour mask of the mask as written, and the overlay on the input image when it can still be read.
+
+    Both are pictures for people, so images larger than :data:`MAX_PICTURE_SIDE` get
+    proportionally smaller ones (nearest neighbour for the labels); the label mask itself is
+    always full size.
+    """
+    with Image.open(results.image_file(MASKS, image_id)) as stored:
+        full = (stored.height, stored.width)
+        target = picture_size(full)
+        labels = np.asarray(stored.resize(target, Image.Resampling.NEAREST) if stored.size != target else stored)
+    colours = colourise(labels, table, ignore_index=-1)
     write_png(results.image_file(COLOUR, image_id), colours)
     try:
-        picture, size = load_rgb(image_path, min_side=MAX_OVERLAY_SIDE)
+        picture, size = load_rgb(image_path, min_side=MAX_PICTURE_SIDE)
     except UnreadableFile as error:  # the input may have moved since prediction: no overlay, no crash
         log.warning("no overlay for %s: %s", image_path, error)
         return
-    if size != mask.shape:
+    if size != full:
         log.warning("no overlay for %s: the image changed size since prediction", image_path)
         return
-    scale = min(1.0, MAX_OVERLAY_SIDE / max(size))
-    target = (max(1, round(size[1] * scale)), max(1, round(size[0] * scale)))
     if picture.size != target:
         picture = picture.resize(target, Image.Resampling.BILINEAR)
-    if colours.shape[:2] != (target[1], target[0]):
-        colours = np.asarray(Image.fromarray(colours).resize(target, Image.Resampling.NEAREST))
     blended = overlay(np.asarray(picture), colours)
     write_png(results.image_file(OVERLAY, image_id), blended, compress_level=1)
 

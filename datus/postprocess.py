@@ -32,7 +32,7 @@ from datus.crf import CRFJob, CRFParams, refine_many
 from datus.errors import ConfigurationError
 from datus.fit import fit_identity, fit_or_load, segment_labels, segment_probabilities_of
 from datus.io import UnreadableFile, read_json, write_image, write_json
-from datus.paint import FileWriterPool, upsample_nearest, write_colour_files, write_label_files
+from datus.paint import FileWriterPool, mask_of, noise_of, write_colour_files, write_label_files
 from datus.report import make_report
 from datus.run import COLOUR, LEGEND_FILE, MASKS, METRICS_FILE, OVERLAY, PAINTED_FILE, SEGMENTS, SKIPPED_FILE, Results, Run
 from datus.score import Scorer, class_info
@@ -117,7 +117,7 @@ def postprocess(
         if item.write or not results.image_file(SEGMENTS, record.image_id).is_file():
             writes.submit(write_label_files, results, record, item.mask if item.write else None, cluster.num_clusters)
         if scorer is not None and item.mask is not None:
-            noise = upsample_nearest(record.is_noise[record.segment_map], record.orig_size)
+            noise = noise_of(record)
             scorer.update(record, item.mask, noise)
             if unrefined is not None and item.unrefined is not None:
                 unrefined.update(record, item.unrefined, noise)
@@ -231,7 +231,7 @@ def _masks(
                 yield _Painting(record, write), labels
 
     def unrefined(item: _Painting, labels: np.ndarray) -> np.ndarray:
-        return upsample_nearest(labels[item.record.segment_map], item.record.orig_size)
+        return mask_of(item.record, labels, cluster.num_clusters)
 
     if not cluster.crf:
         for item, labels in planned():

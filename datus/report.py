@@ -274,11 +274,6 @@ def _placeholder(size: tuple[int, int], fill: tuple[int, int, int], text: str) -
     return tile
 
 
-def _labels_tile(colours: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """Label colours resized with nearest neighbour: interpolation would invent colours between labels."""
-    return Image.fromarray(np.ascontiguousarray(colours.astype(np.uint8))).resize(size, Image.Resampling.NEAREST)
-
-
 def _heat_tile(attention: np.ndarray, size: tuple[int, int]) -> Image.Image:
     """CLS attention, min-max normalised per image (only its shape matters), bilinear, viridis."""
     values = attention.astype(np.float32)
@@ -308,19 +303,27 @@ def _mask_tile(record: ImageRecord, results: Results, facts: _RunFacts, size: tu
     if colour_path.is_file():
         with Image.open(colour_path) as stored:
             return stored.convert("RGB").resize(size, Image.Resampling.NEAREST)
-    mask = read_label_png(results.image_file(MASKS, record.image_id))
+    mask = _label_thumbnail(results.image_file(MASKS, record.image_id), size)
     num_clusters = facts.num_clusters or int(mask.max()) + 1
     table = colour_table(num_clusters, facts.num_classes, facts.mapping)
-    return _labels_tile(colourise(mask, table, ignore_index=-1), size)
+    return Image.fromarray(colourise(mask, table, ignore_index=-1))
 
 
 def _ground_truth_tile(record: ImageRecord, facts: _RunFacts, class_count: int, size: tuple[int, int]) -> Image.Image:
     """Ground truth in the class palette of the colour masks (``palette(K + C)[class]``); 255 black."""
     if not record.mask_path:
         return _placeholder(size, NO_DATA_GREY, "no mask")
-    labels = read_label_png(Path(record.mask_path))
+    labels = _label_thumbnail(Path(record.mask_path), size)
     colours = palette((facts.num_clusters or 0) + class_count)[:class_count]
-    return _labels_tile(colourise(labels, colours, ignore_index=255), size)
+    return Image.fromarray(colourise(labels, colours, ignore_index=255))
+
+
+def _label_thumbnail(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A label map shrunk by PIL with nearest neighbour before it becomes an array (huge maps stay cheap)."""
+    with Image.open(path) as stored:
+        if stored.mode not in ("L", "P", "I;16", "I", "1"):
+            raise ValueError(f"{path}: not a single-channel label map (mode {stored.mode})")
+        return np.asarray(stored.resize(size, Image.Resampling.NEAREST))
 
 
 def _photo_tile(record: ImageRecord, size: tuple[int, int]) -> Image.Image:

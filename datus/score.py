@@ -34,6 +34,16 @@ class ClassInfo:
     source: str = "--eval.num_classes"
 
 
+BLOCK_PIXELS = 1 << 22
+"""Pixels scored at once (about 4 MP: a few tens of MB of 64-bit temporaries)."""
+
+
+def _blocks(array: np.ndarray) -> list[np.ndarray]:
+    """Row blocks of an H x W array holding about :data:`BLOCK_PIXELS` pixels each (views, no copies)."""
+    rows = max(1, BLOCK_PIXELS // max(array.shape[1], 1))
+    return [array[start : start + rows] for start in range(0, array.shape[0], rows)]
+
+
 def find_class_file(mask_path: str | Path) -> Path | None:
     """``classes.json`` of a DatUS-layout dataset, at most three folders above a mask."""
     for folder in list(Path(mask_path).parents)[:4]:
@@ -96,7 +106,7 @@ class Scorer:
                 "fix the mask (datus prepare crops SUIM's tall masks) so that sizes match",
             )
         ignore, count = self.settings.ignore_index, self.classes.num_classes
-        invalid = np.unique(target[(target >= count) & (target != ignore)])
+        invalid = np.unique(np.concatenate([block[(block >= count) & (block != ignore)] for block in _blocks(target)]))
         if invalid.size:
             return self._refuse(
                 record,
@@ -111,10 +121,16 @@ class Scorer:
         return None
 
     def update(self, record: ImageRecord, mask: np.ndarray, noise: np.ndarray) -> None:
+        """Add one image, in blocks of rows so that a 250 MP image never needs 64-bit copies of itself."""
         target = self.ground_truth(record)
-        if target is not None:
-            to = self.device
-            self.metric.update(torch.from_numpy(mask).to(to), torch.from_numpy(target).to(to), torch.from_numpy(noise).to(to))
+        if target is None:
+            return
+        for preds, truth, flags in zip(_blocks(mask), _blocks(target), _blocks(noise)):
+            self.metric.update(
+                torch.from_numpy(preds.astype(np.int64)).to(self.device),
+                torch.from_numpy(truth.astype(np.int64)).to(self.device),
+                torch.from_numpy(flags).to(self.device),
+            )
 
     def compute(self) -> dict[str, Any]:
         """Both protocols on the counts of every rank (a collective: every rank calls it)."""

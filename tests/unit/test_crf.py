@@ -58,7 +58,7 @@ def mean_iou(predicted: np.ndarray, truth: np.ndarray, num_labels: int) -> float
 
 
 def assert_hole_free(labels: np.ndarray, size: tuple[int, int], num_labels: int) -> None:
-    assert labels.shape == size and labels.dtype == np.int64
+    assert labels.shape == size and labels.dtype == np.uint8
     assert labels.min() >= 0 and labels.max() < num_labels
 
 
