@@ -3,30 +3,33 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUIM_RAW ?= ../shared/data/suim-sample
-DEMO_DATA ?= runs/data/suim
+DEMO_DATA ?= runs/data/demo
 DEMO_OUT ?= runs/demo
 # Offline machines cannot fetch DINO weights: the demo defaults to an announced random-weight
 # run. `make demo DEMO_WEIGHTS=pretrained` fetches the official ViT-S/16; a file path works too.
 DEMO_WEIGHTS ?= random
 
-.PHONY: setup demo test test-all clean
+.PHONY: demo test test-all clean
 
-setup: $(VENV)/.installed
-
-$(VENV)/.installed: pyproject.toml
+# The demo needs only pip; the tests also build the CRF extra (pydensecrf2, a C++ compiler).
+$(VENV)/.demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[demo]'
 	touch $@
 
-demo: setup
-	@test -d $(SUIM_RAW) || { echo "SUIM not found at $(SUIM_RAW): download SUIM and run 'make demo SUIM_RAW=/path/to/SUIM' (the folder holding train_val/)"; exit 1; }
-	$(BIN)/datus prepare suim $(SUIM_RAW) $(DEMO_DATA) --classes coarse --overwrite
+$(VENV)/.test: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,crf,demo]'
+	touch $@
+
+demo: $(VENV)/.demo
+	$(BIN)/python scripts/demo_data.py $(DEMO_DATA) --suim $(SUIM_RAW)
 	$(BIN)/datus predict --config configs/demo.yaml --data.root $(DEMO_DATA) --output_dir $(DEMO_OUT) --model.weights $(DEMO_WEIGHTS)
 
-test: setup
+test: $(VENV)/.test
 	$(BIN)/python -m pytest -q
 
-test-all: setup
+test-all: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m ''
 
 clean:

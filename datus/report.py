@@ -384,6 +384,8 @@ def _title(facts: _RunFacts, num_images: int, results: Results, run: Run) -> str
     if facts.miou is not None:
         dense, paper = (f"{100 * value:.1f}" if value is not None else "n/a" for value in facts.miou)
         parts.append(f"mIoU dense {dense} / paper {paper}")
+    else:
+        parts.append("no ground truth: not scored")
     return "   |   ".join(parts)
 
 
