@@ -8,10 +8,11 @@ matter for inference; every option is declared once (the module's and data modul
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 from jsonargparse import ArgumentError
@@ -55,7 +56,9 @@ class DatusCLI(LightningCLI):
     """
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--output_dir", type=str, help="Folder for every output of the run (created if missing).")
+        parser.add_argument(
+            "--output_dir", type=Optional[str], default=None, help="Folder for every output of the run (created if missing)."
+        )
         parser.add_lightning_class_args(self._model_class, "model")
         parser.add_lightning_class_args(self._datamodule_class, "data")
         parser.add_class_arguments(ClusterSettings, "cluster", instantiate=False)
@@ -144,8 +147,16 @@ def build_cli(args: Sequence[str]) -> DatusCLI:
 
 
 def _first_line(error: Exception) -> str:
+    """jsonargparse's message as one line that names the flag: ``--model.image_size: expected int, got 'abc'``."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines[:2]) if lines else type(error).__name__
+    text = " ".join(lines[:2]) if lines else type(error).__name__
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', text)
+    if match:
+        key, rest = match.groups()
+        rest = re.sub(r"Expected a <class '(\w+)'>", r"expected \1", rest)
+        rest = re.sub(r"Expected a typing\.Literal\[(.*?)\]", r"expected one of \1", rest)
+        text = f"--{key}: {rest.replace('. Got value:', ', got')}"
+    return text
 
 
 def run_predict(args: Sequence[str]) -> DatusCLI:

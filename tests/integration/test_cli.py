@@ -171,3 +171,60 @@ def test_recluster_with_the_torch_engine(finished_run: Path) -> None:
     metrics = json.loads((finished_run / "clusters" / "k4" / "metrics.json").read_text())
     assert metrics["num_clusters"] == 4 and metrics["num_images"] == NUM_IMAGES
     assert json.loads((finished_run / "clusters" / "k4" / "settings.json").read_text())["settings"]["engine"] == "torch"
+
+
+def run_console(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """The ``datus`` console script in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "datus", *arguments], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_predict_help_shows_datus_options_first_and_only_inference_trainer_flags() -> None:
+    completed = run_console("predict", "--help")
+    text = completed.stdout
+    assert completed.returncode == 0 and len(text.splitlines()) < 400
+    assert "--model.backbone" in "\n".join(text.splitlines()[:60])  # datus's own options come first
+    assert text.index("--model.backbone") < text.index("--data.root") < text.index("--cluster.num_clusters")
+    assert text.index("--cluster.num_clusters") < text.index("--trainer.devices")
+    for flag in ("--trainer.accelerator", "--trainer.precision", "--trainer.strategy", "--crf.iterations", "--eval.num_classes"):
+        assert flag in text
+    for absent in ("max_epochs", "gradient_clip_val", "--optimizer", "--lr_scheduler", "Customize every aspect"):
+        assert absent not in text
+
+
+def test_a_typo_is_one_line_and_the_version_is_there(tmp_path: Path) -> None:
+    typo = run_console("predict", "--config", TINY, "--modle.backbone", "x", "--output_dir", str(tmp_path / "out"))
+    assert typo.returncode == 2 and typo.stderr.strip().count("\n") == 0
+    assert typo.stderr.startswith("datus: error: unrecognized arguments: --modle.backbone")
+    missing = run_console("predict", "--config", TINY, "--data.root", str(tmp_path))
+    assert missing.returncode == 2 and "datus: error: --output_dir is required" in missing.stderr
+    wrong_type = run_console("cluster", "--run", str(tmp_path), "--cluster.crf", "maybe")
+    assert wrong_type.returncode == 2 and wrong_type.stderr.count("\n") == 1 and "--cluster.crf" in wrong_type.stderr
+    version = run_console("--version")
+    assert version.returncode == 0 and version.stdout.startswith("datus ")
+
+
+def test_the_console_states_each_fact_once(dataset: Path, tmp_path: Path) -> None:
+    """One RANDOM WEIGHTS line, no Lightning chatter, the summary on lines of its own; a resume likewise."""
+    arguments = ("predict", "--config", TINY, "--data.root", str(dataset), "--data.split", "train",
+                 "--output_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false")  # fmt: skip
+    for attempt in ("first", "resumed"):
+        completed = run_console(*arguments)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        both = completed.stdout + completed.stderr
+        assert both.count("RANDOM WEIGHTS") == 1, attempt
+        for noise in ("Tip", "litlogger", "LeafSpec", "Total length of", "GPU available", "Seed set", "Warning:", "warnings.warn"):
+            assert noise not in both, (attempt, noise)
+        assert completed.stdout.startswith("datus: 7 images"), completed.stdout[:200]
+    assert "0 predicted now, 7 from an earlier run" in completed.stdout
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "optimizer" not in config and "lr_scheduler" not in config
+
+
+def test_cluster_reports_only_what_it_did(finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["cluster", "--run", str(finished_run), "--cluster.num_clusters", "2"])
+    out = capsys.readouterr().out
+    assert "predicted now" not in out and "backbone_forward" not in out
+    assert "clustering" in out and "K = 2" in out
