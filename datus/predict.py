@@ -66,7 +66,8 @@ class DatusCLI(LightningCLI):
         parser.add_class_arguments(CRFParams, "crf", instantiate=False)
         skipped = {name for name in _trainer_parameters() if name not in INFERENCE_TRAINER_FLAGS}
         parser.add_class_arguments(self.trainer_class, "trainer", instantiate=False, sub_configs=True, skip=skipped)
-        parser.groups["trainer"].description = "Lightning Trainer options for inference (devices, precision, ...)"
+        parser.groups["trainer"].title = "Lightning Trainer options for inference (devices, precision, ...)"
+        parser.groups["trainer"].description = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("output_dir", "data.exclude")
