@@ -1,10 +1,12 @@
-"""Backbone creation, weight resolution and the last-block key hook.
+"""Backbone and segment-embedder creation, weight resolution and the last-block key hook.
 
 A backbone is any timm Vision Transformer with a fused ``qkv`` projection in its blocks (DINO,
-DINOv2, most timm ViTs). Weights come from, in this order: an explicit local file, the official
-DINO release (checksummed, cached in the torch hub cache), or timm's own pretrained source.
-Random weights are used only when asked for with ``weights="random"``, and loudly: a pseudo
-mask made with a random network looks plausible and is worthless.
+DINOv2, most timm ViTs). A segment embedder is any timm model (a ViT, or a CNN such as the
+MoCo v2 ResNet-50 of the original DatUS code). Both resolve their weights the same way, in
+this order: an explicit local file, the official DINO release (checksummed, cached in the
+torch hub cache), or timm's own pretrained source. Random weights are used only when asked
+for with ``"random"``, and loudly: a pseudo mask made with a random network looks plausible
+and is worthless.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datus.errors import ConfigurationError
@@ -30,6 +33,22 @@ RANDOM_WEIGHTS = "random"
 
 DEFAULT_WEIGHTS = "pretrained"
 """Value of ``weights`` that resolves the published weights for the backbone name."""
+
+MOCO_QUERY_ENCODER = "module.encoder_q."
+"""Key prefix of the network a MoCo (v1/v2) training checkpoint trains; the rest is training state."""
+
+
+@dataclass(frozen=True)
+class Role:
+    """Which network a weights file is for, so that every message names the options the user set."""
+
+    network: str
+    model_option: str
+    weights_option: str
+
+
+BACKBONE = Role("backbone", "--model.backbone", "--model.weights")
+EMBEDDER = Role("segment embedder", "--model.embedder", "--model.embedder_weights")
 
 
 @dataclass(frozen=True)
@@ -75,11 +94,19 @@ def sha256_of(path: Path) -> str:
 
 
 def _strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Turn a DINO training checkpoint's teacher weights into plain backbone weights.
+    """Turn a training checkpoint's weights into plain timm weights of the trained network.
 
-    Training checkpoints hold ``module.backbone.blocks.0...`` keys (DDP wrapper + MultiCropWrapper)
-    and the projection ``head.*``, which is not part of the backbone.
+    DINO training checkpoints hold ``module.backbone.blocks.0...`` keys (DDP wrapper +
+    MultiCropWrapper) and the projection ``head.*``, which is not part of the backbone. MoCo
+    checkpoints hold the query encoder under ``module.encoder_q.`` with an ``fc.*`` projection
+    head (an MLP in v2) that pretext training needed and embedding must not use, beside the key
+    encoder and the queue.
     """
+    if any(key.startswith(MOCO_QUERY_ENCODER) for key in state_dict):
+        encoder = {
+            key[len(MOCO_QUERY_ENCODER) :]: value for key, value in state_dict.items() if key.startswith(MOCO_QUERY_ENCODER)
+        }
+        return {key: value for key, value in encoder.items() if not key.startswith("fc.")}
     cleaned: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         for prefix in ("module.", "backbone."):
@@ -91,17 +118,20 @@ def _strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return cleaned
 
 
-def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Read backbone weights from a local file in any supported format.
+def read_state_dict(path: Path, role: Role = BACKBONE) -> dict[str, Tensor]:
+    """Read network weights from a local file in any supported format.
 
     Supported: the official DINO ``.pth`` (a plain state dict with timm's key names), a full
     DINO training checkpoint (weights under ``teacher`` or ``student`` with ``module.`` /
-    ``backbone.`` prefixes and a ``head.*`` to drop), a ``{"state_dict": ...}`` or
-    ``{"model": ...}`` wrapper, and ``.safetensors``.
+    ``backbone.`` prefixes and a ``head.*`` to drop), a MoCo v1/v2 training checkpoint
+    (``{"state_dict": {"module.encoder_q.*": ...}}``, projection ``fc.*`` dropped), a
+    ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper, and ``.safetensors``.
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"--model.weights: no file at {path}. Give the path of a DINO checkpoint.")
+        raise WeightsError(
+            f"{role.weights_option}: no file at {path}. Give the path of a checkpoint of the {role.network}."
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -129,30 +159,33 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return _strip_prefixes(tensors)
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+def load_state_dict_strict(
+    model: nn.Module, state_dict: Mapping[str, Tensor], source: str, role: Role = BACKBONE
+) -> None:
     """Load with ``strict=True`` semantics and an error that lists what did not match."""
     expected = set(model.state_dict())
     given = set(state_dict)
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
         raise WeightsError(
-            f"weights from {source} do not match the backbone: missing keys {missing[:10]}"
+            f"weights from {source} do not match the {role.network}: missing keys {missing[:10]}"
             f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all), unexpected keys "
             f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all). "
-            "Check that --model.backbone names the architecture the checkpoint was trained with."
+            f"Check that {role.model_option} names the architecture the checkpoint was trained with, or give "
+            f"another file with {role.weights_option}."
         )
     state_dict = dict(state_dict)
     own_pos_embed = model.state_dict().get("pos_embed")
     if own_pos_embed is not None and state_dict["pos_embed"].shape != own_pos_embed.shape:
         raise WeightsError(
             f"weights from {source}: pos_embed has shape {tuple(state_dict['pos_embed'].shape)}, the "
-            f"backbone expects {tuple(own_pos_embed.shape)}. Check the patch size in --model.backbone."
+            f"{role.network} expects {tuple(own_pos_embed.shape)}. Check the patch size in {role.model_option}."
         )
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:  # same keys, other shapes (embed_dim, mlp_ratio, ...)
         raise WeightsError(
-            f"weights from {source} do not fit the backbone ({error}). Check that --model.backbone "
+            f"weights from {source} do not fit the {role.network} ({error}). Check that {role.model_option} "
             "names the architecture the checkpoint was trained with."
         ) from error
 
@@ -161,7 +194,7 @@ def hub_cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _fetch_official(name: str, checkpoint: OfficialCheckpoint) -> Path:
+def _fetch_official(name: str, checkpoint: OfficialCheckpoint, role: Role) -> Path:
     """Return the cached official file, downloading and verifying it if needed."""
     destination = hub_cache_dir() / checkpoint.file_name
     if not destination.is_file():
@@ -172,8 +205,8 @@ def _fetch_official(name: str, checkpoint: OfficialCheckpoint) -> Path:
             raise WeightsError(
                 f"could not download the official weights of {name} from {checkpoint.url} ({error}). "
                 f"On a machine without internet, download that file elsewhere and either put it at "
-                f"{destination} or pass --model.weights /path/to/{checkpoint.file_name}. "
-                f"For a smoke test without real weights pass --model.weights {RANDOM_WEIGHTS}."
+                f"{destination} or pass {role.weights_option} /path/to/{checkpoint.file_name}. "
+                f"For a smoke test without real weights pass {role.weights_option} {RANDOM_WEIGHTS}."
             ) from error
     if checkpoint.num_bytes is not None and destination.stat().st_size != checkpoint.num_bytes:
         raise WeightsError(
@@ -201,7 +234,7 @@ def describe_weights(backbone: str, weights: str) -> str:
     return official.url if official is not None else f"timm:{backbone}"
 
 
-def load_weights(model: nn.Module, backbone: str, weights: str) -> None:
+def load_weights(model: nn.Module, backbone: str, weights: str, role: Role = BACKBONE) -> None:
     """Load weights into ``model``.
 
     Args:
@@ -209,33 +242,35 @@ def load_weights(model: nn.Module, backbone: str, weights: str) -> None:
         backbone: the timm name (decides which official checkpoint applies).
         weights: a file path, ``"pretrained"`` (official DINO file or timm's source), or
             ``"random"`` (no loading, one loud warning).
+        role: which network this is; only the wording of messages depends on it.
     """
     if weights == RANDOM_WEIGHTS:
         log.warning(
-            "RANDOM WEIGHTS: backbone %s is untrained (weights=%r). Segments and pseudo masks of this run are "
+            "RANDOM WEIGHTS: %s %s is untrained (weights=%r). Segments and pseudo masks of this run are "
             "meaningless; use it only for smoke tests.",
+            role.network,
             backbone,
             RANDOM_WEIGHTS,
         )
         return
     if weights != DEFAULT_WEIGHTS:
         path = Path(os.path.expanduser(weights))
-        load_state_dict_strict(model, read_state_dict(path), str(path))
+        load_state_dict_strict(model, read_state_dict(path, role), str(path), role)
         return
     official = OFFICIAL_DINO_CHECKPOINTS.get(backbone)
     if official is not None:
-        path = _fetch_official(backbone, official)
-        load_state_dict_strict(model, read_state_dict(path), official.url)
+        path = _fetch_official(backbone, official, role)
+        load_state_dict_strict(model, read_state_dict(path, role), official.url, role)
         return
     try:
         pretrained = timm.create_model(backbone, pretrained=True, num_classes=0)
     except Exception as error:
         raise WeightsError(
             f"could not fetch timm's pretrained weights for {backbone} ({error}). Without internet, "
-            f"pass a local file with --model.weights PATH (a state dict or .safetensors with timm's "
-            f"key names), or --model.weights {RANDOM_WEIGHTS} for a smoke test."
+            f"pass a local file with {role.weights_option} PATH (a state dict or .safetensors with timm's "
+            f"key names), or {role.weights_option} {RANDOM_WEIGHTS} for a smoke test."
         ) from error
-    load_state_dict_strict(model, pretrained.state_dict(), f"timm:{backbone}")
+    load_state_dict_strict(model, pretrained.state_dict(), f"timm:{backbone}", role)
 
 
 def create_backbone(backbone: str, weights: str = DEFAULT_WEIGHTS, **overrides: object) -> tuple[nn.Module, str]:
@@ -249,9 +284,9 @@ def create_backbone(backbone: str, weights: str = DEFAULT_WEIGHTS, **overrides: 
     return model, describe_weights(backbone, weights)
 
 
-def load_frozen_weights(model: nn.Module, backbone: str, weights: str) -> None:
+def load_frozen_weights(model: nn.Module, backbone: str, weights: str, role: Role = BACKBONE) -> None:
     """Load weights (see :func:`load_weights`), then freeze the model in eval mode."""
-    load_weights(model, backbone, weights)
+    load_weights(model, backbone, weights, role)
     model.eval().requires_grad_(False)
 
 
@@ -263,12 +298,8 @@ def build_backbone(backbone: str, **overrides: object) -> nn.Module:
     size (the positional embeddings are interpolated). ``overrides`` are passed to
     ``timm.create_model`` (e.g. ``depth`` and ``embed_dim`` for tiny test networks).
     """
-    if not timm.is_model(backbone):
-        raise ConfigurationError(
-            f"--model.backbone: unknown timm model {backbone!r}. Use a timm ViT name such as "
-            "'vit_small_patch8_224.dino' or 'vit_small_patch14_dinov2.lvd142m' "
-            "(python -c \"import timm; print(timm.list_models('*dino*', pretrained=True))\")."
-        )
+    examples = "a timm ViT name such as 'vit_small_patch8_224.dino' or 'vit_small_patch14_dinov2.lvd142m'"
+    _require_timm_model(backbone, BACKBONE, examples, "*dino*")
     try:
         model = timm.create_model(backbone, pretrained=False, num_classes=0, dynamic_img_size=True, **overrides)
     except TypeError as error:  # CNNs and other non-ViT models reject dynamic_img_size
@@ -284,6 +315,68 @@ def build_backbone(backbone: str, **overrides: object) -> nn.Module:
             "a ViT whose blocks have attn.qkv (DINO, DINOv2 and most timm ViTs do)."
         )
     return model
+
+
+def _require_timm_model(name: str, role: Role, examples: str, pattern: str) -> None:
+    """Refuse a misspelt model name in one line that says how to list the valid ones."""
+    if not timm.is_model(name):
+        raise ConfigurationError(
+            f"{role.model_option}: unknown timm model {name!r}. Use {examples} "
+            f"(python -c \"import timm; print(timm.list_models('{pattern}', pretrained=True))\")."
+        )
+
+
+def build_embedder(embedder: str) -> nn.Module:
+    """A timm model for segment embedding, randomly initialised; weights come separately.
+
+    Built with ``num_classes=0`` so that it holds no classifier and its pooled output is the
+    feature itself. Any architecture works (ViT, ResNet, ConvNeXt, ...): it only sees crops.
+    """
+    _require_timm_model(embedder, EMBEDDER, "a timm model name such as 'resnet50' or 'vit_base_patch8_224.dino'", "resnet*")
+    return timm.create_model(embedder, pretrained=False, num_classes=0)
+
+
+def has_cls_token(model: nn.Module) -> bool:
+    """Whether the model's first output token is a CLS token (timm ViTs with a class token)."""
+    return getattr(model, "cls_token", None) is not None
+
+
+def embedding_dim_of(model: nn.Module) -> int:
+    """Width of :func:`embed`'s output for ``model`` (CLS token, else the pooled pre-logits feature)."""
+    if has_cls_token(model):
+        return int(model.num_features)
+    return int(getattr(model, "head_hidden_size", model.num_features))
+
+
+def pooled_features(model: nn.Module, features: Tensor) -> Tensor:
+    """One vector per input from ``forward_features``' output, not yet normalised.
+
+    The CLS token where the network has one (the DINO protocol, and what DatUS embeds with),
+    else the network's own global pooling (``forward_head`` without the classifier): a CNN has
+    no token to pick.
+    """
+    return features[:, 0] if has_cls_token(model) else model.forward_head(features, pre_logits=True)
+
+
+def embed(model: nn.Module, inputs: Tensor) -> Tensor:
+    """L2-normalised embeddings (float32) of normalised ``inputs`` with ``model``."""
+    return F.normalize(pooled_features(model, model.forward_features(inputs)).float(), dim=-1)
+
+
+def embedder_input_of(model: nn.Module) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
+    """Input side, mean and std that a built segment embedder was trained with (its pretrained config).
+
+    The side is the model's default input size (e.g. 224 for ``resnet50``), which segment crops
+    are resized to: a model sees objects at the scale it was trained on.
+    """
+    config = timm.data.resolve_model_data_config(model)
+    _, height, width = config["input_size"]
+    if height != width:
+        raise ConfigurationError(
+            f"{EMBEDDER.model_option}: its default input is {height}x{width}; segment crops are square, "
+            "choose a model with a square input."
+        )
+    return int(height), tuple(config["mean"]), tuple(config["std"])  # type: ignore[return-value]
 
 
 def patch_size_of(model: nn.Module) -> int:

@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 
 FIT_FILE = "settings.json"
 
-EMBEDDING_IDENTITY = ("backbone", "weights", "image_size", "patch_size", "embedding", "crop_recipe", "embedding_dim")
+EMBEDDING_IDENTITY = (
+    "backbone", "weights", "embedder", "embedder_weights", "image_size", "patch_size", "embedding", "crop_recipe",
+    "embedding_dim",
+)
 """Model settings two runs must share for one run's centroids to label the other's segments."""
 
 

@@ -4,10 +4,12 @@
 prediction writer does file I/O) and runs no collective (DDP ranks may see different numbers
 of batches in predict).
 
-Only valid segments go through the backbone a second time. Noise segments (at most tau
-patches) take the label of a donor chosen from what the discovery pass already computed: the
-valid segment of the same image whose mean key is most similar to theirs (the same keys whose
-products built the patch graph, so "most similar" means what the graph means by similar).
+Only valid segments are embedded, by the discovery backbone again (the default) or by a
+separate segment embedder (any timm model, e.g. the MoCo v2 ResNet-50 of the original DatUS
+code). Noise segments (at most tau patches) take the label of a donor chosen from what the
+discovery pass already computed: the valid segment of the same image whose mean key is most
+similar to theirs (the same keys whose products built the patch graph, so "most similar"
+means what the graph means by similar).
 """
 
 from __future__ import annotations
@@ -23,16 +25,22 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from datus.backbones import (
     DEFAULT_WEIGHTS,
+    EMBEDDER,
     LastBlockKeys,
     build_backbone,
+    build_embedder,
     describe_weights,
+    embed,
+    embedder_input_of,
+    embedding_dim_of,
     load_frozen_weights,
     normalization_of,
     patch_size_of,
+    pooled_features,
 )
 from datus.communities import CommunityPool, LouvainEngine, SegmentPartition
 from datus.errors import ConfigurationError
@@ -93,17 +101,25 @@ class DatusModule(L.LightningModule):
             ``vit_small_patch14_dinov2.lvd142m``, ...).
         weights: ``pretrained`` (official DINO file, else timm's source), a local checkpoint
             path, or ``random`` (untrained; smoke tests only, announced loudly).
+        embedder: timm name of a separate segment embedder (any architecture; ``resnet50``
+            with the MoCo v2 file reproduces the original DatUS code), or None to embed with
+            the discovery backbone. Its crops have its own default input size and are
+            normalised with its own mean and std; a ViT gives its CLS token, another network
+            its globally pooled feature.
+        embedder_weights: the embedder's weights, resolved like ``weights`` (MoCo v1/v2
+            training checkpoints too); only with ``embedder``.
         image_size: side of the square model input; must be a multiple of the patch size.
         min_patches: segments of at most this many patches are noise (tau; paper: 5).
         resolution: Louvain resolution (paper: 1.0; higher gives more, smaller segments).
         louvain: ``fast`` (datus's engine, same partitions as scikit-network's at a fraction
             of its cost) or ``sknetwork`` (scikit-network itself, the reference).
-        embedding: ``crop`` (the paper: one backbone pass per valid segment's crop) or
-            ``packed`` (one pass per image: each valid segment's own CLS token attends only to
-            its patch tokens, through a block-diagonal attention mask; no resizing).
+        embedding: ``crop`` (the paper: one embedding pass per valid segment's crop) or
+            ``packed`` (one backbone pass per image: each valid segment's own CLS token attends
+            only to its patch tokens, through a block-diagonal attention mask; no resizing; needs
+            the discovery backbone as embedder).
         crop_recipe: ``fit`` keeps the whole segment (square around its box, padded) or
             ``paper`` (shorter side to 256, centre crop 224: cuts elongated segments).
-        crop_batch_size: segment crops per backbone forward pass (bounds device memory).
+        crop_batch_size: segment crops per embedding forward pass (bounds device memory).
         louvain_workers: CPU processes for Louvain; 0 runs it in the main process. ``auto``:
             none when the backbone runs on the CPU (workers would only take cores from its
             threads), else as many as keep up with the device, measured on the first batch.
@@ -115,6 +131,8 @@ class DatusModule(L.LightningModule):
         self,
         backbone: str = "vit_small_patch8_224.dino",
         weights: str = DEFAULT_WEIGHTS,
+        embedder: str | None = None,
+        embedder_weights: str = DEFAULT_WEIGHTS,
         image_size: int = 224,
         min_patches: int = 5,
         resolution: float = 1.0,
@@ -136,6 +154,16 @@ class DatusModule(L.LightningModule):
             raise ConfigurationError(f"--model.crop_batch_size must be >= 1, got {crop_batch_size}")
         if louvain_workers != "auto" and louvain_workers < 0:
             raise ConfigurationError(f"--model.louvain_workers must be 'auto' or >= 0, got {louvain_workers}")
+        if embedder is None and embedder_weights != DEFAULT_WEIGHTS:
+            raise ConfigurationError(
+                f"--model.embedder_weights {embedder_weights} needs --model.embedder NAME; without one, segments "
+                "are embedded by the backbone with --model.weights."
+            )
+        if embedder is not None and embedding == "packed":
+            raise ConfigurationError(
+                f"--model.embedding packed embeds with the discovery backbone itself, not --model.embedder {embedder}; "
+                "drop --model.embedder or use --model.embedding crop."
+            )
         self.save_hyperparameters()
         self.backbone_name = backbone
         self.image_size = image_size
@@ -147,6 +175,8 @@ class DatusModule(L.LightningModule):
         self.crop_batch_size = crop_batch_size
         self.louvain_workers = louvain_workers
         self.backbone = build_backbone(backbone, **(backbone_kwargs or {}))  # weights last, after every check
+        self.embedder_name = embedder
+        self.embedder: nn.Module | None = build_embedder(embedder) if embedder is not None else None
         self.patch_size = patch_size_of(self.backbone)
         if image_size % self.patch_size:
             raise ConfigurationError(
@@ -162,22 +192,37 @@ class DatusModule(L.LightningModule):
         mean, std = normalization_of(backbone)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.crop_size, embed_mean, embed_std = (
+            (image_size, mean, std) if self.embedder is None else embedder_input_of(self.embedder)
+        )
+        self.register_buffer("embed_mean", torch.tensor(embed_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("embed_std", torch.tensor(embed_std).view(1, 3, 1, 1), persistent=False)
         self.weights_source = describe_weights(backbone, weights)
+        self.embedder_weights_source = describe_weights(embedder, embedder_weights) if embedder is not None else None
         load_frozen_weights(self.backbone, backbone, weights)
+        if self.embedder is not None:
+            load_frozen_weights(self.embedder, embedder, embedder_weights, EMBEDDER)
         self.keys = LastBlockKeys(self.backbone)
         self._pool: CommunityPool | None = None
         self._pending: PendingBatch | None = None
         self._calibrate_workers = False
 
     @property
+    def segment_embedder(self) -> nn.Module:
+        """The network that embeds segments: the separate embedder, else the discovery backbone."""
+        return self.backbone if self.embedder is None else self.embedder
+
+    @property
     def embedding_dim(self) -> int:
-        return int(self.backbone.num_features)
+        return embedding_dim_of(self.segment_embedder)
 
     def describe(self) -> dict[str, Any]:
         """Settings that decide the records: a resumed run must match them exactly."""
         return {
             "backbone": self.backbone_name,
             "weights": self.weights_source,
+            "embedder": self.embedder_name,
+            "embedder_weights": self.embedder_weights_source,
             "image_size": self.image_size,
             "patch_size": self.patch_size,
             "min_patches": self.min_patches,
@@ -201,7 +246,10 @@ class DatusModule(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         precision = self.trainer.precision if self._trainer is not None else "32-true"
         where = "measured on the first batch" if self._calibrate_workers else f"{workers} worker processes" if workers else "the main process"
-        log.info("%s on %s (%s); Louvain (%s) in %s", self.backbone_name, device, precision, self.louvain, where)
+        embedder = f", segments embedded by {self.embedder_name}" if self.embedder_name is not None else ""
+        log.info(
+            "%s on %s (%s)%s; Louvain (%s) in %s", self.backbone_name, device, precision, embedder, self.louvain, where
+        )
 
     def on_predict_end(self) -> None:
         self._pending = None
@@ -264,7 +312,10 @@ class DatusModule(L.LightningModule):
     def embed_segments_cropped(
         self, images: Tensor, valid_maps: Tensor, counts: Tensor, timer: StageTimer | None = None
     ) -> Tensor:
-        """Stage 5 as in the paper: L2-normalised CLS embedding of every valid segment's masked crop.
+        """Stage 5 as in the paper: the L2-normalised embedding of every valid segment's masked crop.
+
+        Crops have the segment embedder's input size and are normalised with its mean and std;
+        the embedding is its CLS token, or its pooled feature when it has none (a CNN).
 
         Args:
             images: B x 3 x H x W normalised images.
@@ -275,17 +326,30 @@ class DatusModule(L.LightningModule):
             sum(V_b) x D embeddings, in image order then segment id.
         """
         masks, image_index = segment_masks(valid_maps, counts)
+        return self._embed_crops(images, masks, image_index, self.crop_recipe, timer)
+
+    def embed_whole_images(self, images: Tensor) -> Tensor:
+        """The separate embedder's embedding of each whole image, for images with no valid segment.
+
+        The image is treated as one segment covering it, cropped with ``fit`` (the whole image).
+        It must live in the segments' embedding space, which the discovery CLS token does not
+        when another network embeds the segments.
+        """
+        masks = torch.ones((len(images), *self.grid), dtype=torch.bool, device=images.device)
+        return self._embed_crops(images, masks, torch.arange(len(images), device=images.device), "fit")
+
+    def _embed_crops(
+        self, images: Tensor, masks: Tensor, image_index: Tensor, recipe: CropRecipe, timer: StageTimer | None = None
+    ) -> Tensor:
+        """Masked crops of ``masks`` (S x h x w) on their images, embedded in chunks of ``crop_batch_size``."""
         pixels = images * self.std + self.mean
         embeddings = []
         for start in range(0, len(masks), self.crop_batch_size):
             chunk = slice(start, start + self.crop_batch_size)
-            crops = masked_crops(
-                pixels, masks[chunk], image_index[chunk], self.patch_size, self.crop_recipe, self.image_size
-            )
+            crops = masked_crops(pixels, masks[chunk], image_index[chunk], self.patch_size, recipe, self.crop_size)
             if timer is not None:
                 timer.lap("crops")
-            features = self.backbone.forward_features((crops - self.mean) / self.std)
-            embeddings.append(F.normalize(features[:, 0].float(), dim=-1))
+            embeddings.append(embed(self.segment_embedder, (crops - self.embed_mean) / self.embed_std))
             if timer is not None:
                 timer.lap("crop_embeddings")
         return torch.cat(embeddings)
@@ -320,8 +384,13 @@ class DatusModule(L.LightningModule):
         with self.keys.capture():
             features = self.backbone.forward_features(pending.images)
         pending.keys, pending.cls_attention = self.keys.keys_and_attention()
-        pending.image_embeddings = F.normalize(features[:, 0].float(), dim=-1)
-        timer.lap("backbone_forward")
+        if self.embedder is None:
+            pending.image_embeddings = F.normalize(pooled_features(self.backbone, features).float(), dim=-1)
+            timer.lap("backbone_forward")
+        else:
+            timer.lap("backbone_forward")
+            pending.image_embeddings = self.embed_whole_images(pending.images)
+            timer.lap("image_embeddings")
         adjacency = list(pack_adjacency(key_adjacency(pending.keys)))
         timer.lap("affinity")
         pending.futures = self._pool.submit(adjacency, self.grid)
@@ -369,7 +438,8 @@ class DatusModule(L.LightningModule):
             )
             offset += count
         embedding_passes = len(embeddings) if self.embedding == "crop" else len(partitions) * bool(len(embeddings))
-        passes = len(partitions) + embedding_passes
+        image_passes = len(partitions) * (1 if self.embedder is None else 2)
+        passes = image_passes + embedding_passes
         return PredictionBatch(records, skipped, dict(timer.seconds), backbone_passes=passes)
 
     def _size_worker_pool(self, louvain_seconds: float, timer: StageTimer) -> None:

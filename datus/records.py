@@ -33,7 +33,8 @@ class ImageRecord:
             segments) of the valid segment whose label it takes (its own for a valid segment);
             -1 everywhere when the image has no valid segment.
         embeddings: V x D float16, L2-normalised embeddings of the valid segments.
-        image_embedding: D float16, L2-normalised CLS token of the discovery pass.
+        image_embedding: D float16, L2-normalised embedding of the whole image in the segments' space (the
+            discovery pass's CLS token, or the separate segment embedder's embedding of the image).
         cls_attention: h x w float16, last-block CLS attention (for pictures).
     """
 
