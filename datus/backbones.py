@@ -185,7 +185,8 @@ def load_state_dict_strict(
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:  # same keys, other shapes (embed_dim, mlp_ratio, ...)
         raise WeightsError(
-            f"weights from {source} do not fit the {role.network} ({error}). Check that {role.model_option} "
+            f"weights from {source} do not fit the {role.network} ({' '.join(str(error).split())}). Check that "
+            f"{role.model_option} "
             "names the architecture the checkpoint was trained with."
         ) from error
 

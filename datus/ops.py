@@ -114,12 +114,16 @@ def mask_boxes(masks: Tensor) -> Tensor:
     return torch.stack([x0, y0, x1, y1], dim=1)
 
 
-def crop_regions(boxes: Tensor, recipe: CropRecipe, output_size: int, paper_resize: int = 256) -> Tensor:
+PAPER_CENTRE_FRACTION = 224 / 256
+"""The paper's crops resize the box's shorter side to 256 and keep the centred 224 square."""
+
+
+def crop_regions(boxes: Tensor, recipe: CropRecipe) -> Tensor:
     """The image region each segment's crop samples, in pixels, as float (x0, y0, x1, y1).
 
-    ``paper``: the original recipe, resize the box's shorter side to ``paper_resize`` then take
-    a centred ``output_size`` square: a centred square of side ``short * output_size /
-    paper_resize``. It cuts off the ends of elongated segments.
+    ``paper``: the original recipe, resize the box's shorter side to 256 then take a centred
+    224 square: a centred square of side ``short * 224 / 256``, whatever size the crop is then
+    sampled at. It cuts off the ends of elongated segments.
     ``fit``: the smallest centred square that holds the whole box (zero padding where it leaves
     the image), so nothing of the segment is lost and its aspect ratio is kept.
     """
@@ -127,7 +131,7 @@ def crop_regions(boxes: Tensor, recipe: CropRecipe, output_size: int, paper_resi
     centre_x, centre_y = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     box_width, box_height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     if recipe == "paper":
-        side = torch.minimum(box_width, box_height) * output_size / paper_resize
+        side = torch.minimum(box_width, box_height) * PAPER_CENTRE_FRACTION
     elif recipe == "fit":
         side = torch.maximum(box_width, box_height)
     else:
@@ -160,7 +164,7 @@ def masked_crops(
     """
     pixel_masks = masks.repeat_interleave(patch_size, dim=1).repeat_interleave(patch_size, dim=2)
     segments_alone = images[image_index] * pixel_masks[:, None].to(images.dtype)
-    regions = crop_regions(mask_boxes(masks) * patch_size, recipe, output_size)
+    regions = crop_regions(mask_boxes(masks) * patch_size, recipe)
     rois = torch.cat([torch.arange(len(regions), device=regions.device, dtype=regions.dtype)[:, None], regions], 1)
     return roi_align(
         segments_alone, rois.to(segments_alone.dtype), output_size=output_size, sampling_ratio=-1, aligned=True

@@ -165,10 +165,10 @@ def test_segment_masks_and_boxes_for_a_batch() -> None:
 
 def test_crop_regions_paper_and_fit() -> None:
     boxes = torch.tensor([[0, 0, 64, 32]])  # 64 wide, 32 high, centre (32, 16)
-    paper = crop_regions(boxes, "paper", output_size=224)
+    paper = crop_regions(boxes, "paper")
     side = 32 * 224 / 256  # shorter side to 256, centre 224: a square of 87.5% of the short side
     assert torch.allclose(paper, torch.tensor([[32 - side / 2, 16 - side / 2, 32 + side / 2, 16 + side / 2]]))
-    fit = crop_regions(boxes, "fit", output_size=224)
+    fit = crop_regions(boxes, "fit")
     assert torch.allclose(fit, torch.tensor([[0.0, -16.0, 64.0, 48.0]]))
 
 
