@@ -228,3 +228,21 @@ def test_cluster_reports_only_what_it_did(finished_run: Path, capsys: pytest.Cap
     out = capsys.readouterr().out
     assert "predicted now" not in out and "backbone_forward" not in out
     assert "clustering" in out and "K = 2" in out
+
+
+def test_fitted_centroids_label_new_images_and_reproduce_the_fitting_run(dataset: Path, finished_run: Path, tmp_path: Path) -> None:
+    """--cluster.centroids: the fitting run's own images get exactly its labels; other settings are refused."""
+    centroids = finished_run / "clusters" / "k3"
+    applied = tmp_path / "applied"
+    predict(dataset, applied, "--cluster.centroids", str(centroids))
+    for image_id in image_ids(dataset):
+        assert np.array_equal(
+            read_label_png(applied / "masks" / f"{image_id}.png"), read_label_png(finished_run / "masks" / f"{image_id}.png")
+        ), image_id
+    assert np.array_equal(np.load(applied / "clusters" / "k3" / "centroids.npy"), np.load(centroids / "centroids.npy"))
+    with pytest.raises(ConfigurationError, match=r"embedded differently \(image_size: 64 there, 80 here"):
+        predict(dataset, tmp_path / "other", "--cluster.centroids", str(centroids), "--model.image_size", "80")
+    with pytest.raises(ConfigurationError, match="has K = 3; set --cluster.num_clusters 3"):
+        predict(dataset, tmp_path / "k4", "--cluster.centroids", str(centroids), "--cluster.num_clusters", "4")
+    with pytest.raises(ConfigurationError, match="holds no fitted clusters"):
+        predict(dataset, tmp_path / "none", "--cluster.centroids", str(tmp_path))
