@@ -246,3 +246,20 @@ def test_fitted_centroids_label_new_images_and_reproduce_the_fitting_run(dataset
         predict(dataset, tmp_path / "k4", "--cluster.centroids", str(centroids), "--cluster.num_clusters", "4")
     with pytest.raises(ConfigurationError, match="holds no fitted clusters"):
         predict(dataset, tmp_path / "none", "--cluster.centroids", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["cluster", "--help"], ["evaluate", "--help"], ["prepare", "--help"], ["cluster", "--run", "{run}", "--cluster.num_clusters", "2"]],
+)
+def test_offline_commands_load_neither_lightning_nor_timm(finished_run: Path, arguments: list[str]) -> None:
+    probe = (
+        "import sys\nfrom datus.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'timm'}))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", probe, *(part.format(run=finished_run) for part in arguments)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip().splitlines()[-1] == "[]"
