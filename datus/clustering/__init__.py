@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from datus.clustering.model import ClusterModel
+from datus.clustering.model import ClusterModel, Iterations
 from datus.settings import ClusterSettings
 
-__all__ = ["ClusterModel", "fit_clusters"]
+__all__ = ["ClusterModel", "Iterations", "fit_clusters"]
 
 
 def fit_clusters(
@@ -52,20 +52,11 @@ def fit_clusters(
         ValueError: empty input, non-finite values, K larger than the number of embeddings,
             more PCA components than features or samples, or bad iteration settings.
     """
-    if max_iter < 1 or n_init < 1 or batch_size < 1 or not 0 <= tol < float("inf"):
-        raise ValueError(
-            f"max_iter, n_init and batch_size must be >= 1 and tol a finite number >= 0, got max_iter={max_iter}, "
-            f"n_init={n_init}, batch_size={batch_size}, tol={tol}"
-        )
+    iterations = Iterations(max_iter, tol, n_init, batch_size)
     if settings.engine == "sklearn":
         from datus.clustering.sklearn_engine import fit_sklearn
 
-        return fit_sklearn(
-            embeddings, settings.num_clusters, settings.init, settings.pca_components, settings.seed,
-            max_iter, tol, n_init, settings.minibatch, batch_size,
-        )
+        return fit_sklearn(embeddings, settings, iterations)
     from datus.clustering.torch_engine import fit_torch
 
-    return fit_torch(
-        embeddings, settings.num_clusters, settings.init, settings.pca_components, settings.seed, max_iter, tol, n_init
-    )
+    return fit_torch(embeddings, settings, iterations)

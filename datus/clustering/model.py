@@ -34,6 +34,30 @@ PCA_MEAN_FILE = "pca_mean.npy"
 PCA_COMPONENTS_FILE = "pca_components.npy"
 
 
+@dataclass(frozen=True)
+class Iterations:
+    """How long k-means runs: settings of the algorithm, not of the run (both engines read them).
+
+    Attributes:
+        max_iter: most Lloyd iterations (epochs with mini-batches) per initialisation.
+        tol: stop once the summed squared centroid shift is at most ``tol`` times the mean
+            per-feature variance of the data (scikit-learn's convention).
+        n_init: initialisations; the one with the lowest inertia is kept.
+        batch_size: mini-batch size of MiniBatchKMeans.
+    """
+
+    max_iter: int = 300
+    tol: float = 1e-4
+    n_init: int = 1
+    batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_iter < 1 or self.n_init < 1 or self.batch_size < 1 or not 0 <= self.tol < float("inf"):
+            raise ValueError(
+                f"max_iter, n_init and batch_size must be >= 1 and tol a finite number >= 0, got {self}"
+            )
+
+
 @dataclass(eq=False)
 class ClusterModel:
     """A fitted clustering: centroids, the PCA that precedes them, and how they were made.

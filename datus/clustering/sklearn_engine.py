@@ -11,22 +11,13 @@ from torch import Tensor
 
 from datus.clustering.checks import check_data
 from datus.clustering.kernels import as_tensor, count_nonfinite, exact_float32, project
-from datus.clustering.model import ClusterModel
+from datus.clustering.model import ClusterModel, Iterations
+from datus.settings import ClusterSettings
 
 
-def fit_sklearn(
-    embeddings: np.ndarray | Tensor,
-    num_clusters: int,
-    init: str,
-    pca_components: int | None,
-    seed: int,
-    max_iter: int,
-    tol: float,
-    n_init: int,
-    minibatch: bool,
-    batch_size: int,
-) -> ClusterModel:
+def fit_sklearn(embeddings: np.ndarray | Tensor, settings: ClusterSettings, iterations: Iterations) -> ClusterModel:
     """PCA then (MiniBatch)KMeans from scikit-learn, in this process."""
+    num_clusters, init, pca_components, seed = settings.num_clusters, settings.init, settings.pca_components, settings.seed
     from sklearn.cluster import KMeans, MiniBatchKMeans
     from sklearn.decomposition import PCA
 
@@ -46,19 +37,24 @@ def fit_sklearn(
         components = pca.components_.astype(np.float32)
         with torch.no_grad(), exact_float32(torch.device("cpu")):
             data = project(torch.from_numpy(data), torch.from_numpy(pca_mean), torch.from_numpy(components)).numpy()
-    if minibatch:
+    if settings.minibatch:
         estimator: KMeans | MiniBatchKMeans = MiniBatchKMeans(
             n_clusters=num_clusters,
             init=init,
-            n_init=n_init,
-            max_iter=max_iter,
-            tol=tol,
-            batch_size=batch_size,
+            n_init=iterations.n_init,
+            max_iter=iterations.max_iter,
+            tol=iterations.tol,
+            batch_size=iterations.batch_size,
             random_state=seed,
         )
     else:
         estimator = KMeans(
-            n_clusters=num_clusters, init=init, n_init=n_init, max_iter=max_iter, tol=tol, random_state=seed
+            n_clusters=num_clusters,
+            init=init,
+            n_init=iterations.n_init,
+            max_iter=iterations.max_iter,
+            tol=iterations.tol,
+            random_state=seed,
         )
     estimator.fit(data)
     return ClusterModel(

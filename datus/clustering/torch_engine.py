@@ -28,8 +28,9 @@ from datus.clustering.kernels import (
     squared_distances,
     squared_norms,
 )
-from datus.clustering.model import ClusterModel
+from datus.clustering.model import ClusterModel, Iterations
 from datus.collective import Collective
+from datus.settings import ClusterSettings
 
 INIT_SAMPLE_MIN = 10_000
 INIT_SAMPLE_PER_CLUSTER = 10
@@ -37,17 +38,9 @@ STREAM_SAMPLE = 0
 STREAM_INIT = 1
 
 
-def fit_torch(
-    embeddings: np.ndarray | Tensor,
-    num_clusters: int,
-    init: str,
-    pca_components: int | None,
-    seed: int,
-    max_iter: int,
-    tol: float,
-    n_init: int,
-) -> ClusterModel:
+def fit_torch(embeddings: np.ndarray | Tensor, settings: ClusterSettings, iterations: Iterations) -> ClusterModel:
     """PCA and Lloyd's k-means with tensors, reducing only small statistics across ranks."""
+    num_clusters, init, pca_components, seed = settings.num_clusters, settings.init, settings.pca_components, settings.seed
     tensor, _ = as_tensor(embeddings)
     tensor = tensor.detach()
     device = tensor.device
@@ -67,15 +60,15 @@ def fit_torch(
         if pca_components is not None:
             pca_mean, components = _torch_pca(tensor, pca_components, num_samples, group)
             data = project(tensor, pca_mean, components)
-        tolerance = tol * _mean_variance(data, num_samples, group)
+        tolerance = iterations.tol * _mean_variance(data, num_samples, group)
         sample = _gather_init_sample(data, counts, num_clusters, seed, group)
         best: tuple[Tensor, float, int] | None = None
-        for run in range(n_init):
+        for run in range(iterations.n_init):
             centroids = _initial_centroids(sample, num_clusters, init, _generator(seed, STREAM_INIT, run))
             # Every rank computed the same thing; the broadcast makes it bit-identical even if
             # kernels differ between devices, so that all ranks run the same iterations.
             centroids = group.broadcast(centroids)
-            fitted = lloyd(data, centroids, max_iter, tolerance, group)
+            fitted = lloyd(data, centroids, iterations.max_iter, tolerance, group)
             if best is None or fitted[1] < best[1]:
                 best = fitted
     assert best is not None
