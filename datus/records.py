@@ -35,6 +35,8 @@ class ImageRecord:
         embeddings: V x D float16, L2-normalised embeddings of the valid segments.
         image_embedding: D float16, L2-normalised CLS token of the discovery pass.
         cls_attention: h x w float16, last-block CLS attention (for pictures).
+        modularity: modularity of the image's Louvain communities on its patch graph (a
+            label-free diagnostic); NaN when not recorded (shards of earlier datus versions).
     """
 
     image_id: str
@@ -48,6 +50,7 @@ class ImageRecord:
     embeddings: np.ndarray
     image_embedding: np.ndarray
     cls_attention: np.ndarray
+    modularity: float = float("nan")
 
     @property
     def num_valid(self) -> int:
