@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datus.diagnostics import console_line
 from datus.io import UnreadableFile, json_text, read_json, write_json, write_text
 from datus.metrics import format_table
 from datus.run import CLASSES_FILE, MANIFEST_FILE, MASKS, SKIPPED_FILE, SUMMARY_FILE, Results, Run
@@ -98,6 +99,8 @@ def format_summary(summary: dict[str, Any], metrics: dict[str, Any] | None, clas
         f"segments: {summary['segments']} valid + {summary['noise_segments']} noise, K = {summary['num_clusters']}",
         "seconds: " + ", ".join(f"{stage} {value:.2f}" for stage, value in summary["stage_seconds"].items()),
     ]
+    if "diagnostics" in summary:
+        lines.append(console_line(summary["diagnostics"]))
     for skip in summary["skipped"][:10]:
         lines.append(f"  skipped {skip['path']}: {skip['reason']}")
     if len(summary["skipped"]) > 10:

@@ -434,6 +434,7 @@ class DatusModule(L.LightningModule):
                     embeddings=embeddings[offset : offset + count],
                     image_embedding=image_embeddings[index],
                     cls_attention=attention[index],
+                    modularity=partition.modularity,
                 )
             )
             offset += count

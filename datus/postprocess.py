@@ -1,4 +1,4 @@
-"""Stages 6-8 on a run's shards, in order: fit, paint and score, colour, describe.
+"""Stages 6-8 on a run's shards, in order: fit, paint and score, colour, galleries, describe.
 
 One function serves the end of ``datus predict`` (the :class:`callbacks.pipeline.ClusterPaintEvaluate`
 callback, on every DDP rank) and ``datus cluster`` (one process re-clustering saved shards with
@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 from datus.clustering import ClusterModel
 from datus.collective import Collective
 from datus.describe import PredictionLog, format_summary, write_dataset_files, write_summary
+from datus.diagnostics import diagnostics_panel, measure, records_by_shard
 from datus.drawing import colour_table, legend_picture
 from datus.crf import CRFJob, CRFParams, refine_many
 from datus.errors import ConfigurationError
 from datus.fit import fit_identity, fit_or_load, segment_labels, segment_probabilities_of
+from datus.gallery import matched_names, write_galleries
 from datus.io import UnreadableFile, read_json, write_image, write_json
 from datus.paint import FileWriterPool, mask_of, noise_of, write_colour_files, write_label_files
 from datus.report import make_report
@@ -142,9 +144,9 @@ def postprocess(
     if collective.is_main:
         write_dataset_files(run, results, cluster.num_clusters, mapping, class_names)
 
+    table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, mapping)
     if cluster.colour:
         started = time.perf_counter()
-        table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, mapping)
         colour_identity = {**identity, "mapping": mapping}
         _paint_colours(own, results, table, previous.get("colour") == colour_identity, collective)
         if collective.is_main:
@@ -166,7 +168,16 @@ def postprocess(
     summary: dict[str, Any] = {}
     if collective.is_main:
         started = time.perf_counter()
-        make_report(run, results)
+        diagnostics = measure(records_by_shard(shards), model, cluster)
+        facts["diagnostics"] = diagnostics.summary()
+        seconds["diagnostics"] = time.perf_counter() - started
+        if cluster.gallery:
+            started = time.perf_counter()
+            names = matched_names(cluster.num_clusters, mapping, class_names)
+            write_galleries(records_by_shard(shards), results, model, diagnostics.clusters, names, cluster.seed)
+            seconds["gallery"] = time.perf_counter() - started
+        started = time.perf_counter()
+        make_report(run, results, diagnostics=diagnostics_panel(diagnostics, table, cluster.gallery))
         seconds["report"] = time.perf_counter() - started
         prediction_seconds = prediction.stage_seconds if prediction else {}
         facts["stage_seconds"] = {**prediction_seconds, **seconds}

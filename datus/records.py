@@ -36,6 +36,8 @@ class ImageRecord:
         image_embedding: D float16, L2-normalised embedding of the whole image in the segments' space (the
             discovery pass's CLS token, or the separate segment embedder's embedding of the image).
         cls_attention: h x w float16, last-block CLS attention (for pictures).
+        modularity: modularity of the image's Louvain communities on its patch graph (a
+            label-free diagnostic); NaN when not recorded (shards of earlier datus versions).
     """
 
     image_id: str
@@ -49,6 +51,7 @@ class ImageRecord:
     embeddings: np.ndarray
     image_embedding: np.ndarray
     cls_attention: np.ndarray
+    modularity: float = float("nan")
 
     @property
     def num_valid(self) -> int:

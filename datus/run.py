@@ -59,6 +59,9 @@ CLASSES_FILE = "classes.json"
 """Class names and ids, beside a prepared dataset and in every results folder (runs are datasets too)."""
 PAINTED_FILE = "painted.json"
 GALLERY_DIR = "gallery"
+GALLERY_INDEX = "index.png"
+"""The overview of every cluster's galleries, in ``GALLERY_DIR``."""
+_GALLERY_SHEET = re.compile(r"cluster_(\d+)\.png")
 
 _SHARD_NAME = re.compile(r"rank(\d{3})-(\d{7})\.npz")
 _UNSAFE_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\:*?\"<>|\ud800-\udfff]")
@@ -130,6 +133,20 @@ class Results:
     def file(self, name: str) -> Path:
         """A dataset-level file of these results (``metrics.json``, ``report.png``, ...)."""
         return self.root / name
+
+    def gallery_sheet(self, cluster: int) -> Path:
+        """``gallery/cluster_<k>.png``: the typical and random segments of one cluster."""
+        return self.root / GALLERY_DIR / f"cluster_{cluster}.png"
+
+    def gallery_index(self) -> Path:
+        return self.root / GALLERY_DIR / GALLERY_INDEX
+
+    def gallery_sheets(self) -> dict[int, Path]:
+        """The cluster sheets present now, by cluster id (to remove those of a larger earlier K)."""
+        folder = self.root / GALLERY_DIR
+        if not folder.is_dir():
+            return {}
+        return {int(match[1]): path for path in folder.iterdir() if (match := _GALLERY_SHEET.fullmatch(path.name))}
 
 
 class Run:

@@ -39,6 +39,9 @@ class ClusterSettings:
         colour: also write colour masks, overlays and a legend for people to look at.
         crf: refine the masks with a dense CRF on the image (``--crf.*`` sets it up); ``both``
             writes refined masks and scores them with and without refinement.
+        gallery: also draw ``gallery/cluster_<k>.png`` (each cluster's most typical and some
+            random segments, cut from their images) and ``gallery/index.png``, to see what a
+            cluster means without labels; costs a few image decodes per cluster.
     """
 
     num_clusters: int = 6
@@ -50,6 +53,7 @@ class ClusterSettings:
     centroids: Path | None = None
     colour: bool = True
     crf: bool | Literal["both"] = False
+    gallery: bool = True
 
     def __post_init__(self) -> None:
         _check_choices(self, "cluster")

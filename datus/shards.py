@@ -25,6 +25,8 @@ from datus.run import check_image_id
 _PER_IMAGE = ("image_ids", "image_paths", "mask_paths", "orig_sizes", "segment_maps", "segment_counts",
               "image_embeddings", "cls_attention")
 _PER_SEGMENT = ("sizes", "is_noise", "donors")
+_OPTIONAL_PER_IMAGE = ("modularity",)
+"""Per-image arrays added after the first shard format: a shard without them still reads (as NaN)."""
 
 
 class ShardError(ConfigurationError):
@@ -43,6 +45,7 @@ def write_shard(path: Path, records: Sequence[ImageRecord]) -> None:
             "segment_counts": np.array([len(r.sizes) for r in records], dtype=np.int64),
             "image_embeddings": np.stack([r.image_embedding for r in records]).astype(np.float16),
             "cls_attention": np.stack([r.cls_attention for r in records]).astype(np.float16),
+            "modularity": np.array([r.modularity for r in records], dtype=np.float64),
             "sizes": np.concatenate([r.sizes for r in records]).astype(np.int32),
             "is_noise": np.concatenate([r.is_noise for r in records]).astype(bool),
             "donors": np.concatenate([r.donors for r in records]).astype(np.int32),
@@ -51,13 +54,14 @@ def write_shard(path: Path, records: Sequence[ImageRecord]) -> None:
     )
 
 
-def _load(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+def _load(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (all required) and those of ``optional`` that the shard holds."""
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [key for key in keys if key not in data.files]
             if missing:
                 raise ShardError(_damaged(path, f"it lacks {', '.join(missing)}"))
-            return {key: data[key] for key in keys}
+            return {key: data[key] for key in (*keys, *optional) if key in data.files}
     except ShardError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
@@ -73,8 +77,9 @@ def _damaged(path: Path, reason: str) -> str:
 
 def read_records(path: Path) -> list[ImageRecord]:
     """The records of one shard, in the order they were written, after checking every array."""
-    arrays = _load(path, (*_PER_IMAGE, *_PER_SEGMENT, "embeddings"))
+    arrays = _load(path, (*_PER_IMAGE, *_PER_SEGMENT, "embeddings"), _OPTIONAL_PER_IMAGE)
     _check(path, arrays)
+    modularity = arrays.get("modularity", np.full(len(arrays["image_ids"]), np.nan))
     counts = arrays["segment_counts"]
     ends = np.cumsum(counts)
     valid_counts = [int((~arrays["is_noise"][end - count : end]).sum()) for count, end in zip(counts, ends)]
@@ -95,6 +100,7 @@ def read_records(path: Path) -> list[ImageRecord]:
                 embeddings=arrays["embeddings"][valid_start:valid_end],
                 image_embedding=arrays["image_embeddings"][i],
                 cls_attention=arrays["cls_attention"][i],
+                modularity=float(modularity[i]),
             )
         )
     return records
@@ -113,6 +119,10 @@ def _check(path: Path, arrays: dict[str, np.ndarray]) -> None:
     for key in ("image_ids", "image_paths", "mask_paths"):
         if arrays[key].dtype.kind != "U":
             refuse(f"{key} is not text")
+    if "modularity" in arrays:
+        quality = arrays["modularity"]
+        if quality.shape != (images,) or quality.dtype.kind != "f" or np.isinf(quality).any():
+            refuse(f"modularity must be {images} finite or NaN numbers, one per image")
     counts, maps = arrays["segment_counts"], arrays["segment_maps"]
     if images == 0 or maps.ndim != 3 or arrays["orig_sizes"].shape != (images, 2) or counts.dtype.kind not in "iu":
         refuse("no images, or image arrays of the wrong shape")

@@ -1,0 +1,369 @@
+"""Label-free diagnostics: numbers that tell a broken run from a healthy one without ground truth.
+
+Most collections have no masks, and a run can fail quietly: a threshold that turns most of an
+image into noise, a backbone whose patch graph has no community structure, one cluster that
+swallows everything, or a K that the embeddings do not support. These numbers catch those
+cases from the shards and the fitted model alone (no ViT, no images decoded):
+
+- segments per image, valid and noise, as histograms;
+- the share of pixels in noise segments (pixel-weighted: each segment counts its share of the
+  patch grid times its image's pixels);
+- cluster sizes in valid segments and in pixels of the dense masks (noise segments counted in
+  their donor's cluster, as painted; masks refined by a CRF are not re-read);
+- the mean modularity of the Louvain partitions (recorded per image at prediction);
+- stability: the adjusted Rand index, over valid segments (each counts once), between the run's
+  clusters and a second k-means with the next seed on the same embeddings.
+
+They go to ``summary.json`` (``diagnostics``) and, drawn by :func:`diagnostics_panel`, to the
+bottom of ``report.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from datus.clustering import ClusterModel, fit_clusters
+from datus.drawing import BACKGROUND, INK, fit_text, font_of, text_width
+from datus.fit import segment_labels
+from datus.metrics import agreement_scores
+from datus.records import ImageRecord
+from datus.settings import ClusterSettings
+from datus.shards import read_records
+
+log = logging.getLogger(__name__)
+
+HISTOGRAM_BINS = 20
+"""Most bars of a segments-per-image histogram; counts up to this many get one bar per value."""
+
+PANEL_WIDTH = 640
+"""Width of the report's diagnostics panel: beside a confusion matrix it stays at scale 1."""
+CHART_HEIGHT = 110
+"""Height of the bars area of each chart in the panel."""
+_LINE = 17
+_PAD = 8
+_BAR_GREY = (150, 150, 150)
+
+
+def records_by_shard(shards: Sequence[Path]) -> Iterator[list[ImageRecord]]:
+    """The records of each shard in turn: a whole run streams through with one shard in memory."""
+    for shard in shards:
+        yield read_records(shard)
+
+
+@dataclass(frozen=True)
+class ClusterSizes:
+    """How big each cluster is, in valid segments and in pixels of the dense (unrefined) masks.
+
+    Attributes:
+        segments: K valid-segment counts.
+        pixels: K pixel counts, estimated from patch counts (a segment holds its share of the
+            patch grid of its image's pixels), so that they sum to the run's pixels exactly.
+    """
+
+    segments: np.ndarray
+    pixels: np.ndarray
+
+    @property
+    def segment_share(self) -> np.ndarray:
+        return self.segments / max(int(self.segments.sum()), 1)
+
+    @property
+    def pixel_share(self) -> np.ndarray:
+        return self.pixels / max(float(self.pixels.sum()), 1.0)
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """The label-free diagnostics of one clustering of a run.
+
+    Attributes:
+        valid_per_image: valid segments of every image, in image-id order.
+        noise_per_image: noise segments of every image, same order.
+        noise_pixels: pixels in noise segments, all images together.
+        total_pixels: pixels of all images.
+        clusters: cluster sizes.
+        modularity: every image's Louvain modularity (NaN where the shards did not record it).
+        stability: ARI against the second k-means, or None when it could not be fitted.
+        stability_seed: the second k-means' seed.
+    """
+
+    valid_per_image: np.ndarray
+    noise_per_image: np.ndarray
+    noise_pixels: float
+    total_pixels: float
+    clusters: ClusterSizes
+    modularity: np.ndarray
+    stability: float | None
+    stability_seed: int
+
+    @property
+    def num_images(self) -> int:
+        return int(len(self.valid_per_image))
+
+    @property
+    def noise_pixel_fraction(self) -> float:
+        return self.noise_pixels / self.total_pixels if self.total_pixels else 0.0
+
+    @property
+    def images_without_valid_segments(self) -> int:
+        return int((self.valid_per_image == 0).sum())
+
+    def modularity_summary(self) -> dict[str, Any]:
+        measured = self.modularity[np.isfinite(self.modularity)]
+        if not len(measured):
+            return {"mean": None, "min": None, "max": None, "images": 0}
+        return {
+            "mean": float(measured.mean()),
+            "min": float(measured.min()),
+            "max": float(measured.max()),
+            "images": int(len(measured)),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The ``diagnostics`` object of ``summary.json`` (README: how to read it)."""
+        sizes = self.clusters
+        return {
+            "segments_per_image": {
+                "valid": count_summary(self.valid_per_image),
+                "noise": count_summary(self.noise_per_image),
+            },
+            "images_without_valid_segments": self.images_without_valid_segments,
+            "noise_pixel_fraction": self.noise_pixel_fraction,
+            "clusters": {
+                "segments": sizes.segments.tolist(),
+                "pixels": np.rint(sizes.pixels).astype(np.int64).tolist(),
+                "segment_share": sizes.segment_share.tolist(),
+                "pixel_share": sizes.pixel_share.tolist(),
+                "largest_pixel_share": float(sizes.pixel_share.max()),
+                "empty": [int(k) for k in np.flatnonzero(sizes.segments == 0)],
+            },
+            "modularity": self.modularity_summary(),
+            "stability": {
+                "ari": self.stability,
+                "over": "valid segments",
+                "against": f"k-means with seed {self.stability_seed}",
+            },
+        }
+
+
+def console_line(summary: dict[str, Any]) -> str:
+    """One line of the end-of-run console text from the ``diagnostics`` object of ``summary.json``."""
+    modularity, ari = summary["modularity"]["mean"], summary["stability"]["ari"]
+    return (
+        f"diagnostics: {100 * summary['noise_pixel_fraction']:.1f}% of pixels in noise segments, "
+        f"largest cluster {100 * summary['clusters']['largest_pixel_share']:.1f}% of pixels, "
+        f"mean modularity {'n/a' if modularity is None else f'{modularity:.3f}'}, "
+        f"stability ARI {'n/a' if ari is None else f'{ari:.3f}'}"
+    )
+
+
+def count_summary(counts: np.ndarray) -> dict[str, Any]:
+    """Mean, median, range and an integer-binned histogram of per-image counts."""
+    counts = np.asarray(counts, dtype=np.int64)
+    edges, histogram = count_histogram(counts)
+    return {
+        "mean": float(counts.mean()) if len(counts) else None,
+        "median": float(np.median(counts)) if len(counts) else None,
+        "min": int(counts.min()) if len(counts) else None,
+        "max": int(counts.max()) if len(counts) else None,
+        "histogram": {"bin_edges": edges.tolist(), "counts": histogram.tolist()},
+    }
+
+
+def count_histogram(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(edges, counts) of integer bins ``[edge_i, edge_i+1)`` from 0 past the largest count.
+
+    One bin per value up to :data:`HISTOGRAM_BINS` values, wider equal integer bins beyond.
+    """
+    largest = int(counts.max()) if len(counts) else 0
+    width = -(-(largest + 1) // HISTOGRAM_BINS)
+    edges = np.arange(0, largest + width + 1, width)
+    return edges, np.histogram(counts, bins=edges)[0]
+
+
+def measure(batches: Iterable[Sequence[ImageRecord]], model: ClusterModel, settings: ClusterSettings) -> Diagnostics:
+    """Every diagnostic of the clustering ``model`` on the records of ``batches`` (rank 0 only).
+
+    Labels come as painting gives them (:func:`datus.fit.segment_labels`); the second k-means
+    sees the valid-segment embeddings ordered by image id, like the run's own fit.
+
+    Args:
+        batches: the run's records, one list per shard (:func:`records_by_shard`).
+        model: the run's fitted clusters.
+        settings: the run's cluster settings (K, PCA, initialisation and seed of the second fit).
+    """
+    num_clusters = model.num_clusters
+    images: list[tuple[str, int, int, float]] = []
+    pieces: list[tuple[str, np.ndarray, np.ndarray]] = []
+    segments = np.zeros(num_clusters, dtype=np.int64)
+    pixels = np.zeros(num_clusters, dtype=np.float64)
+    noise_pixels = total_pixels = 0.0
+    for records in batches:
+        for record, labels in zip(records, segment_labels(model, records)):
+            image_pixels = float(record.orig_size[0] * record.orig_size[1])
+            segment_pixels = record.sizes.astype(np.float64) * image_pixels / record.segment_map.size
+            valid = ~record.is_noise
+            noise_pixels += float(segment_pixels[record.is_noise].sum())
+            total_pixels += image_pixels
+            pixels += np.bincount(labels, weights=segment_pixels, minlength=num_clusters)
+            segments += np.bincount(labels[valid], minlength=num_clusters)
+            images.append((record.image_id, int(valid.sum()), int(record.is_noise.sum()), record.modularity))
+            pieces.append((record.image_id, record.embeddings, labels[valid]))
+    images.sort(key=lambda image: image[0])
+    pieces.sort(key=lambda piece: piece[0])
+    embeddings = np.concatenate([piece[1] for piece in pieces]) if pieces else np.zeros((0, model.input_dim))
+    run_labels = np.concatenate([piece[2] for piece in pieces]) if pieces else np.zeros(0, dtype=np.int64)
+    second = second_settings(settings)
+    return Diagnostics(
+        valid_per_image=np.array([image[1] for image in images], dtype=np.int64),
+        noise_per_image=np.array([image[2] for image in images], dtype=np.int64),
+        noise_pixels=noise_pixels,
+        total_pixels=total_pixels,
+        clusters=ClusterSizes(segments, pixels),
+        modularity=np.array([image[3] for image in images], dtype=np.float64),
+        stability=stability(embeddings, run_labels, second),
+        stability_seed=second.seed,
+    )
+
+
+def second_settings(settings: ClusterSettings) -> ClusterSettings:
+    """The run's clustering with the next seed, in scikit-learn in this process.
+
+    scikit-learn, whatever the run's engine: diagnostics run on rank 0 alone, where the torch
+    engine would wait for the other ranks.
+    """
+    return dataclasses.replace(settings, seed=(settings.seed + 1) % 2**32, engine="sklearn", centroids=None)
+
+
+def stability(embeddings: np.ndarray, labels: np.ndarray, second: ClusterSettings) -> float | None:
+    """ARI, over the valid segments, between ``labels`` and a k-means fitted with ``second``.
+
+    1 means a fresh k-means finds the same clusters; well below 1 means the clusters depend on
+    the seed (K too high, or embeddings without clear groups). None when there are fewer than
+    two segments or the second fit is impossible (e.g. applied centroids with K above the
+    segments).
+    """
+    if len(embeddings) < 2:
+        return None
+    data = np.asarray(embeddings, dtype=np.float32)
+    try:
+        other = fit_clusters(data, second).assign(data)
+    except ValueError as error:
+        log.warning("diagnostics: no stability score, the second k-means failed: %s", error)
+        return None
+    k = max(int(labels.max()), int(other.max())) + 1
+    contingency = np.bincount(labels * k + other, minlength=k * k).reshape(k, k)
+    return agreement_scores(contingency)["ari"]
+
+
+def diagnostics_panel(diagnostics: Diagnostics, colours: np.ndarray, gallery: bool) -> Image.Image:
+    """The report's panel: key numbers, segments-per-image histograms and cluster sizes.
+
+    Args:
+        diagnostics: what :func:`measure` found.
+        colours: K x 3 cluster colours, as in the colour masks (so bars match the masks).
+        gallery: whether cluster galleries were written (a line then says where).
+    """
+    title_font, font, small = font_of(15), font_of(12), font_of(10)
+    modularity = diagnostics.modularity_summary()
+    lines = [
+        f"noise: {100 * diagnostics.noise_pixel_fraction:.1f}% of pixels in noise segments; "
+        f"{diagnostics.images_without_valid_segments} of {diagnostics.num_images} images without a valid segment",
+        "Louvain modularity: "
+        + (
+            f"mean {modularity['mean']:.3f} (min {modularity['min']:.3f}, max {modularity['max']:.3f})"
+            if modularity["mean"] is not None
+            else "not recorded in these shards"
+        ),
+        "stability: "
+        + (
+            f"ARI {diagnostics.stability:.3f} against k-means with seed {diagnostics.stability_seed} (valid segments)"
+            if diagnostics.stability is not None
+            else "not measured"
+        ),
+        f"largest cluster: {100 * float(diagnostics.clusters.pixel_share.max()):.1f}% of pixels",
+    ]
+    if gallery:
+        lines.append("cluster galleries: gallery/index.png and gallery/cluster_<k>.png beside this report")
+    half = (PANEL_WIDTH - 3 * _PAD) // 2
+    valid_chart = _histogram_chart(diagnostics.valid_per_image, "valid segments per image", half, small)
+    noise_chart = _histogram_chart(diagnostics.noise_per_image, "noise segments per image", half, small)
+    sizes_chart = _sizes_chart(diagnostics.clusters, colours, PANEL_WIDTH - 2 * _PAD, small)
+    height = _PAD + 22 + _LINE * len(lines) + _PAD + valid_chart.height + _PAD + sizes_chart.height + _PAD
+    panel = Image.new("RGB", (PANEL_WIDTH, height), BACKGROUND)
+    draw = ImageDraw.Draw(panel)
+    draw.rectangle([0, 0, PANEL_WIDTH - 1, height - 1], outline=(200, 200, 200))
+    draw.text((_PAD, _PAD), "label-free diagnostics (README: how to read them)", fill=INK, font=title_font)
+    y = _PAD + 22
+    for line in lines:
+        draw.text((_PAD, y), fit_text(line, font, PANEL_WIDTH - 2 * _PAD), fill=INK, font=font)
+        y += _LINE
+    y += _PAD
+    panel.paste(valid_chart, (_PAD, y))
+    panel.paste(noise_chart, (2 * _PAD + half, y))
+    y += valid_chart.height + _PAD
+    panel.paste(sizes_chart, (_PAD, y))
+    return panel
+
+
+def _histogram_chart(counts: np.ndarray, title: str, width: int, font: Any) -> Image.Image:
+    """Bars of :func:`count_histogram` with the first and last edges and the tallest bar's count."""
+    edges, histogram = count_histogram(np.asarray(counts, dtype=np.int64))
+    chart = Image.new("RGB", (width, CHART_HEIGHT + 3 * 14), BACKGROUND)
+    draw = ImageDraw.Draw(chart)
+    draw.text((0, 0), title, fill=INK, font=font)
+    top, bottom = 14, 14 + CHART_HEIGHT
+    tallest = max(int(histogram.max()), 1)
+    bar = (width - 2) / len(histogram)
+    for index, count in enumerate(histogram.tolist()):
+        if count:
+            x0 = 1 + round(index * bar)
+            x1 = max(x0, 1 + round((index + 1) * bar) - 2)
+            draw.rectangle([x0, bottom - round(count / tallest * (CHART_HEIGHT - 4)), x1, bottom], fill=_BAR_GREY)
+    draw.line([0, bottom, width - 1, bottom], fill=INK)
+    draw.text((width - text_width(f"{tallest} images", font) - 2, top), f"{tallest} images", fill=INK, font=font)
+    step = int(edges[1] - edges[0])
+    first, last = (f"{int(low)}" if step == 1 else f"{int(low)}-{int(low) + step - 1}" for low in (edges[0], edges[-2]))
+    draw.text((1, bottom + 2), first, fill=INK, font=font)
+    draw.text((width - text_width(last, font) - 2, bottom + 2), last, fill=INK, font=font)
+    note = "one bar per count" if step == 1 else f"bars of {step} counts"
+    draw.text(((width - text_width(note, font)) // 2, bottom + 2), note, fill=(90, 90, 90), font=font)
+    return chart
+
+
+def _sizes_chart(sizes: ClusterSizes, colours: np.ndarray, width: int, font: Any) -> Image.Image:
+    """Per cluster, its share of pixels (its mask colour) beside its share of valid segments (grey)."""
+    num_clusters = len(sizes.segments)
+    title = "cluster sizes: share of pixels (mask colour) and of valid segments (grey)"
+    chart = Image.new("RGB", (width, CHART_HEIGHT + 3 * 14), BACKGROUND)
+    draw = ImageDraw.Draw(chart)
+    draw.text((0, 0), title, fill=INK, font=font)
+    bottom = 14 + CHART_HEIGHT
+    tallest = max(float(sizes.pixel_share.max()), float(sizes.segment_share.max()), 1e-12)
+    slot = (width - 2) / num_clusters
+    gap = 0 if slot < 8 else max(2, round(0.2 * slot))
+    for k in range(num_clusters):
+        x0, x1 = 1 + round(k * slot), 1 + round((k + 1) * slot) - gap
+        middle = (x0 + x1) // 2
+        for share, colour, left, right in (
+            (sizes.pixel_share[k], tuple(int(c) for c in colours[k]), x0, middle),
+            (sizes.segment_share[k], _BAR_GREY, middle, x1),
+        ):
+            height = round(float(share) / tallest * (CHART_HEIGHT - 4))
+            if height:
+                draw.rectangle([left, bottom - height, max(left, right - 1), bottom], fill=colour, outline=(90, 90, 90))
+        label_every = max(1, -(-(text_width(str(num_clusters), font) + 4) // max(int(slot), 1)))
+        if k % label_every == 0:
+            draw.text((middle - text_width(str(k), font) // 2, bottom + 2), str(k), fill=INK, font=font)
+    draw.line([0, bottom, width - 1, bottom], fill=INK)
+    peak = f"top: {100 * tallest:.1f}%"
+    draw.text((width - text_width(peak, font) - 2, 14), peak, fill=INK, font=font)
+    return chart
