@@ -31,8 +31,10 @@ measures agreement and CPU time side by side.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
 from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
 
 TOL_OPTIMIZATION = 1e-3
 """scikit-network's default: minimum float32 gain of a local-moving pass to run another pass."""
@@ -41,142 +43,315 @@ TOL_AGGREGATION = 1e-3
 """scikit-network's default: minimum gain of a level (compared in float64) to aggregate again."""
 
 _ONE = np.uint64(1)
-_SIX = np.uint64(6)
-_LOW6 = np.uint64(63)
+
+_BITSET_COST = 4
+"""Edge counts per cluster come from popcounts of a row against cluster bitsets, not from a scan
+of the row, when clusters x words < nodes x this (measured: a popcount of two words costs about a
+quarter of a step of the scan)."""
+
+
+@intrinsic
+def _popcount(typingctx, value):  # type: ignore[no-untyped-def]
+    """LLVM's ``ctpop`` on a uint64 (numba has no popcount of its own)."""
+    signature = types.uint64(types.uint64)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        function = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+        return builder.call(function, args)
+
+    return signature, codegen
 
 
 @njit(cache=True, nogil=True)
-def _symmetrise(adjacency: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """``A + A^T`` as uint8 (0, 1, 2), out- and in-degrees, and the number of edges of ``A``.
+def _pack_rows(adjacency: np.ndarray) -> np.ndarray:
+    """Rows as bitsets: bit ``j % 64`` of word ``j // 64`` of row ``i`` is ``A[i, j]``.
 
-    Why: the core needs the symmetrised weights row by row; building them once with cache-sized
-    tiles avoids the strided column reads a per-node lookup of ``A[j, i]`` would cost.
+    The array has ``64 * words`` rows (the padding rows are zero) so that it transposes by
+    whole 64 x 64 blocks.
     """
     n = adjacency.shape[0]
-    out_degree = np.zeros(n, dtype=np.int64)
-    in_degree = np.zeros(n, dtype=np.int64)
+    words = (n + 63) >> 6
+    packed = np.zeros((words << 6, words), dtype=np.uint64)
     for i in range(n):
-        row_sum = 0
-        for j in range(n):
-            value = adjacency[i, j]
-            row_sum += value
-            in_degree[j] += value
-        out_degree[i] = row_sum
-    edges = 0
-    for i in range(n):
-        edges += out_degree[i]
-    both = np.empty((n, n), dtype=np.uint8)
-    tile = 64
-    for i0 in range(0, n, tile):
-        for j0 in range(0, n, tile):
-            for i in range(i0, min(i0 + tile, n)):
-                for j in range(j0, min(j0 + tile, n)):
-                    both[i, j] = adjacency[i, j] + adjacency[j, i]
-    return both, out_degree, in_degree, edges
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _best_move(
-    i: int,
-    label: int,
-    labels: np.ndarray,
-    seen: np.ndarray,
-    cluster_weights: np.ndarray,
-    out_weights: np.ndarray,
-    in_weights: np.ndarray,
-    out_cluster_weights: np.ndarray,
-    in_cluster_weights: np.ndarray,
-    self_loops: np.ndarray,
-    resolution: np.float32,
-) -> np.float32:
-    """Move node ``i`` to its best neighbouring cluster, as ``louvain_core.pyx`` does; return the gain.
-
-    Why a bitset: ``seen`` marks the neighbouring clusters, and walking its set bits visits them
-    in increasing label order, the iteration order of the ``std::set`` that decides ties.
-    Clears ``seen`` and the visited ``cluster_weights`` on the way.
-    """
-    two = np.float32(2.0)
-    seen[label >> 6] &= ~(_ONE << np.uint64(label & 63))
-    nonempty = False
-    for word in range(seen.shape[0]):
-        if seen[word] != 0:
-            nonempty = True
-            break
-    best_gain = np.float32(0.0)
-    if nonempty:
-        out_weight = out_weights[i]
-        in_weight = in_weights[i]
-        delta = two * (cluster_weights[label] - self_loops[i])
-        delta = delta - resolution * out_weight * (in_cluster_weights[label] - in_weight)
-        delta = delta - resolution * in_weight * (out_cluster_weights[label] - out_weight)
-        best = label
-        for word in range(seen.shape[0]):
-            bits = seen[word]
-            seen[word] = 0
-            while bits != 0:
-                target = (word << 6) + np.int64(trailing_zeros(bits))
-                bits &= bits - _ONE
-                gain = two * cluster_weights[target]
-                gain = gain - resolution * out_weight * in_cluster_weights[target]
-                gain = gain - resolution * in_weight * out_cluster_weights[target]
-                gain = gain - delta
-                if gain > best_gain:
-                    best_gain = gain
-                    best = target
-                cluster_weights[target] = 0
-        if best != label:
-            labels[i] = best
-            out_cluster_weights[label] -= out_weight
-            in_cluster_weights[label] -= in_weight
-            out_cluster_weights[best] += out_weight
-            in_cluster_weights[best] += in_weight
-        else:
-            best_gain = np.float32(0.0)
-    cluster_weights[label] = 0
-    return best_gain
+        for word in range(words):
+            base = word << 6
+            value = np.uint64(0)
+            for bit in range(min(64, n - base)):
+                value |= np.uint64(adjacency[i, base + bit]) << np.uint64(bit)
+            packed[i, word] = value
+    return packed
 
 
 @njit(cache=True, nogil=True)
-def _optimize_dense(
-    both: np.ndarray,
-    weight_of: np.ndarray,
+def _transpose_bits(packed: np.ndarray) -> np.ndarray:
+    """Transpose of a bit matrix from :func:`_pack_rows`, by 64 x 64 blocks (recursive block swaps)."""
+    words = packed.shape[1]
+    transposed = np.empty_like(packed)
+    block = np.empty(64, dtype=np.uint64)
+    for block_row in range(words):
+        for block_col in range(words):
+            for r in range(64):
+                block[r] = packed[(block_row << 6) + r, block_col]
+            width = 32
+            mask = np.uint64(0x00000000FFFFFFFF)
+            while width != 0:
+                shift = np.uint64(width)
+                for k in range(64):
+                    if k & width == 0:
+                        swap = ((block[k] >> shift) ^ block[k + width]) & mask
+                        block[k] ^= swap << shift
+                        block[k + width] ^= swap
+                width >>= 1
+                mask ^= mask << np.uint64(width)
+            for r in range(64):
+                transposed[(block_col << 6) + r, block_row] = block[r]
+    return transposed
+
+
+@njit(cache=True, nogil=True)
+def _running_sums(step: float, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``table[m]``: ``step`` added ``m`` times, one addition after the other (float32, float64).
+
+    Why: on a symmetric unweighted graph every edge has the same weight, so the weight a node
+    sees in a cluster, summed edge by edge in scikit-network (float32 in its core, float64 in the
+    aggregation), depends only on the number of edges.
+    """
+    single = np.zeros(length + 1, dtype=np.float32)
+    double = np.zeros(length + 1, dtype=np.float64)
+    step32 = np.float32(step)
+    for m in range(1, length + 1):
+        single[m] = single[m - 1] + step32
+        double[m] = double[m - 1] + step
+    return single, double
+
+
+@njit(cache=True, nogil=True)
+def _to_float32(values: np.ndarray) -> np.ndarray:
+    """Round float64 to float32, as scikit-network does before its core."""
+    rounded = np.empty(values.shape[0], dtype=np.float32)
+    for i in range(values.shape[0]):
+        rounded[i] = np.float32(values[i])
+    return rounded
+
+
+@njit(cache=True, nogil=True)
+def _compact(
+    size: int,
+    cluster_label: np.ndarray,
+    cluster_in: np.ndarray,
+    cluster_out: np.ndarray,
+    cluster_size: np.ndarray,
+    members: np.ndarray,
+    position: np.ndarray,
+) -> int:
+    """Drop emptied clusters from the compact cluster arrays (order kept); return the new count."""
+    remap = np.empty(size, dtype=np.int64)
+    kept = 0
+    for k in range(size):
+        if cluster_size[k] > 0:
+            cluster_label[kept] = cluster_label[k]
+            cluster_in[kept] = cluster_in[k]
+            cluster_out[kept] = cluster_out[k]
+            cluster_size[kept] = cluster_size[k]
+            for word in range(members.shape[1]):
+                members[kept, word] = members[k, word]
+            remap[k] = kept
+            kept += 1
+    for j in range(position.shape[0]):
+        position[j] = remap[position[j]]
+    return kept
+
+
+@njit(cache=True, nogil=True)
+def _optimize_symmetric(
+    adjacency: np.ndarray,
+    packed: np.ndarray,
+    count_weight: np.ndarray,
     out_weights: np.ndarray,
     in_weights: np.ndarray,
     self_loops: np.ndarray,
     resolution: np.float32,
     tol: np.float32,
 ) -> tuple[np.ndarray, np.float32]:
-    """Local moving on the first level, reading ``A + A^T`` rows directly (weight ``weight_of[a_ij]``).
+    """First-level local moving on a symmetric 0/1 graph, from edge counts instead of weight sums.
 
-    Why dense: at the first level the CSR rows of scikit-network list columns in increasing
-    order, which is exactly a scan of the dense row, so no CSR is ever built.
+    Same decisions as ``louvain_core.pyx``: the float32 weight towards a cluster is
+    ``count_weight[edges into it]`` (see :func:`_running_sums`), candidates are visited in
+    increasing label order. Clusters live in compact arrays (emptied ones are dropped now and
+    then, which keeps the order); a node's edge counts come from a scan of its row while there
+    are many clusters, and from popcounts of its row against cluster bitsets once few are left.
     """
-    n = both.shape[0]
+    n = adjacency.shape[0]
+    words = packed.shape[1]
+    two = np.float32(2.0)
     labels = np.arange(n)
-    out_cluster_weights = out_weights.copy()
-    in_cluster_weights = in_weights.copy()
-    cluster_weights = np.zeros(n, dtype=np.float32)
-    seen = np.zeros((n + 63) >> 6, dtype=np.uint64)
+    size = n
+    cluster_label = np.arange(n)
+    cluster_in = in_weights.copy()
+    cluster_out = out_weights.copy()
+    cluster_size = np.ones(n, dtype=np.int64)
+    members = np.zeros((n, words), dtype=np.uint64)
+    for i in range(n):
+        members[i, i >> 6] = _ONE << np.uint64(i & 63)
+    position = np.arange(n)
+    counts = np.zeros(n, dtype=np.int64)
+    emptied = 0
     increase = np.float32(0.0)
     while True:
         increase_pass = np.float32(0.0)
         for i in range(n):
-            label = labels[i]
-            row = both[i]
-            for j in range(n):
-                value = row[j]
-                if value != 0:
-                    target = labels[j]
-                    cluster_weights[target] += weight_of[value]
-                    seen[target >> 6] |= _ONE << np.uint64(target & 63)
-            increase_pass += _best_move(
-                i, label, labels, seen, cluster_weights, out_weights, in_weights,
-                out_cluster_weights, in_cluster_weights, self_loops, resolution,
-            )
+            own = position[i]
+            if size * words < n * _BITSET_COST:
+                bits = packed[i]
+                for k in range(size):
+                    total = np.uint64(0)
+                    for word in range(words):
+                        total += _popcount(bits[word] & members[k, word])
+                    counts[k] = total
+            else:
+                row = adjacency[i]
+                for j in range(n):
+                    counts[position[j]] += row[j]
+            own_count = counts[own]
+            counts[own] = 0
+            out_weight = out_weights[i]
+            in_weight = in_weights[i]
+            delta = two * (count_weight[own_count] - self_loops[i])
+            delta = delta - resolution * out_weight * (cluster_in[own] - in_weight)
+            delta = delta - resolution * in_weight * (cluster_out[own] - out_weight)
+            best_gain = np.float32(0.0)
+            best = own
+            for k in range(size):
+                count = counts[k]
+                if count != 0:
+                    counts[k] = 0
+                    gain = two * count_weight[count]
+                    gain = gain - resolution * out_weight * cluster_in[k]
+                    gain = gain - resolution * in_weight * cluster_out[k]
+                    gain = gain - delta
+                    if gain > best_gain:
+                        best_gain = gain
+                        best = k
+            if best != own:
+                increase_pass += best_gain
+                labels[i] = cluster_label[best]
+                position[i] = best
+                cluster_out[own] -= out_weight
+                cluster_in[own] -= in_weight
+                cluster_out[best] += out_weight
+                cluster_in[best] += in_weight
+                bit = _ONE << np.uint64(i & 63)
+                members[own, i >> 6] &= ~bit
+                members[best, i >> 6] |= bit
+                cluster_size[own] -= 1
+                cluster_size[best] += 1
+                if cluster_size[own] == 0:
+                    emptied += 1
+                    if 4 * emptied > size:
+                        size = _compact(
+                            size, cluster_label, cluster_in, cluster_out, cluster_size, members, position
+                        )
+                        emptied = 0
         increase += increase_pass
         if increase_pass <= tol:
             break
     return labels, increase
+
+
+@njit(cache=True, nogil=True)
+def _to_clusters_symmetric(
+    adjacency: np.ndarray, packed: np.ndarray, count_weight: np.ndarray, labels: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``B = A M``, first half of the first aggregation of a symmetric 0/1 graph, from edge counts.
+
+    Row ``i`` of ``B`` lists the clusters in reverse order of their first neighbour of ``i``
+    (``csr_matmat``'s linked list), each with weight ``count_weight[edges]`` (float64).
+    """
+    n = adjacency.shape[0]
+    words = packed.shape[1]
+    counts = np.zeros(count, dtype=np.int64)
+    first = np.empty(count, dtype=np.int64)
+    order = np.empty(count, dtype=np.int64)
+    b_indptr = np.zeros(n + 1, dtype=np.int64)
+    b_indices = np.empty(n * count, dtype=np.int64)
+    b_data = np.empty(n * count, dtype=np.float64)
+    use_bits = count * words < n * _BITSET_COST
+    members = np.zeros((count, words), dtype=np.uint64)
+    for i in range(n):
+        members[labels[i], i >> 6] |= _ONE << np.uint64(i & 63)
+    nnz = 0
+    for i in range(n):
+        length = 0
+        if use_bits:
+            bits = packed[i]
+            for k in range(count):
+                total = np.uint64(0)
+                for word in range(words):
+                    total += _popcount(bits[word] & members[k, word])
+                if total != 0:
+                    counts[k] = total
+                    hit = 0
+                    while bits[hit] & members[k, hit] == 0:
+                        hit += 1
+                    where = (hit << 6) + np.int64(trailing_zeros(bits[hit] & members[k, hit]))
+                    slot = length
+                    while slot > 0 and first[slot - 1] > where:
+                        first[slot] = first[slot - 1]
+                        order[slot] = order[slot - 1]
+                        slot -= 1
+                    first[slot] = where
+                    order[slot] = k
+                    length += 1
+        else:
+            row = adjacency[i]
+            for j in range(n):
+                if row[j] != 0:
+                    k = labels[j]
+                    if counts[k] == 0:
+                        order[length] = k
+                        length += 1
+                    counts[k] += 1
+        for slot in range(length - 1, -1, -1):
+            k = order[slot]
+            b_indices[nnz] = k
+            b_data[nnz] = count_weight[counts[k]]
+            counts[k] = 0
+            nnz += 1
+        b_indptr[i + 1] = nnz
+    return b_indptr, b_indices[:nnz], b_data[:nnz]
+
+
+@njit(cache=True, nogil=True)
+def _directed_csr(
+    packed: np.ndarray, transposed: np.ndarray, n: int, scale: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-network's first-level graph of a directed input: ``(A + A^T) * scale`` as sorted CSR.
+
+    Row ``i`` of ``A + A^T`` is row ``i`` of ``A`` plus row ``i`` of the transposed bit matrix, so
+    no column is ever read. Edges weigh ``scale`` one way and ``2 * scale`` both ways.
+    """
+    words = packed.shape[1]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    for i in range(n):
+        total = 0
+        for word in range(words):
+            total += _popcount(packed[i, word] | transposed[i, word])
+        indptr[i + 1] = indptr[i] + total
+    indices = np.empty(indptr[n], dtype=np.int64)
+    data = np.empty(indptr[n], dtype=np.float64)
+    position = 0
+    for i in range(n):
+        for word in range(words):
+            outgoing = packed[i, word]
+            incoming = transposed[i, word]
+            bits = outgoing | incoming
+            while bits != 0:
+                bit = trailing_zeros(bits)
+                bits &= bits - _ONE
+                indices[position] = (word << 6) + np.int64(bit)
+                data[position] = np.float64(((outgoing >> bit) & _ONE) + ((incoming >> bit) & _ONE)) * scale
+                position += 1
+    return indptr, indices, data
 
 
 @njit(cache=True, nogil=True)
@@ -190,8 +365,13 @@ def _optimize_sparse(
     resolution: np.float32,
     tol: np.float32,
 ) -> tuple[np.ndarray, np.float32]:
-    """Local moving on an aggregate level, a CSR graph whose column order is scipy's (float32 data)."""
+    """``louvain_core.pyx`` line for line on a CSR graph (float32 data): aggregate levels, directed inputs.
+
+    The neighbouring clusters, a ``std::set`` there, are a bitset here: walking its set bits
+    visits them in the same increasing label order, which decides ties.
+    """
     n = indptr.shape[0] - 1
+    two = np.float32(2.0)
     labels = np.arange(n)
     out_cluster_weights = out_weights.copy()
     in_cluster_weights = in_weights.copy()
@@ -206,14 +386,138 @@ def _optimize_sparse(
                 target = labels[indices[position]]
                 cluster_weights[target] += data[position]
                 seen[target >> 6] |= _ONE << np.uint64(target & 63)
-            increase_pass += _best_move(
-                i, label, labels, seen, cluster_weights, out_weights, in_weights,
-                out_cluster_weights, in_cluster_weights, self_loops, resolution,
-            )
+            seen[label >> 6] &= ~(_ONE << np.uint64(label & 63))
+            out_weight = out_weights[i]
+            in_weight = in_weights[i]
+            delta = two * (cluster_weights[label] - self_loops[i])
+            delta = delta - resolution * out_weight * (in_cluster_weights[label] - in_weight)
+            delta = delta - resolution * in_weight * (out_cluster_weights[label] - out_weight)
+            best_gain = np.float32(0.0)
+            best = label
+            for word in range(seen.shape[0]):
+                bits = seen[word]
+                seen[word] = 0
+                while bits != 0:
+                    target = (word << 6) + np.int64(trailing_zeros(bits))
+                    bits &= bits - _ONE
+                    gain = two * cluster_weights[target]
+                    gain = gain - resolution * out_weight * in_cluster_weights[target]
+                    gain = gain - resolution * in_weight * out_cluster_weights[target]
+                    gain = gain - delta
+                    if gain > best_gain:
+                        best_gain = gain
+                        best = target
+                    cluster_weights[target] = 0
+            cluster_weights[label] = 0
+            if best != label:
+                increase_pass += best_gain
+                labels[i] = best
+                out_cluster_weights[label] -= out_weight
+                in_cluster_weights[label] -= in_weight
+                out_cluster_weights[best] += out_weight
+                in_cluster_weights[best] += in_weight
         increase += increase_pass
         if increase_pass <= tol:
             break
     return labels, increase
+
+
+@njit(cache=True, nogil=True)
+def _flush_row(
+    head: int, length: int, nxt: np.ndarray, sums: np.ndarray, indices: np.ndarray, data: np.ndarray, nnz: int
+) -> int:
+    """Write one accumulated row the way ``csr_matmat`` does (linked-list order, zeros dropped)."""
+    for _ in range(length):
+        if sums[head] != 0:
+            indices[nnz] = head
+            data[nnz] = sums[head]
+            nnz += 1
+        previous = head
+        head = nxt[head]
+        nxt[previous] = -1
+        sums[previous] = 0
+    return nnz
+
+
+@njit(cache=True, nogil=True)
+def _aggregate_rows(
+    b_indptr: np.ndarray, b_indices: np.ndarray, b_data: np.ndarray, labels: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``M^T B`` with scipy's ``csr_matmat`` order: the aggregate graph between clusters.
+
+    ``M^T`` in CSR form lists the nodes of each cluster in increasing order.
+    """
+    nodes_in = np.zeros(count + 1, dtype=np.int64)
+    for i in range(labels.shape[0]):
+        nodes_in[labels[i] + 1] += 1
+    for c in range(count):
+        nodes_in[c + 1] += nodes_in[c]
+    fill = nodes_in[:-1].copy()
+    nodes = np.empty(labels.shape[0], dtype=np.int64)
+    for i in range(labels.shape[0]):
+        nodes[fill[labels[i]]] = i
+        fill[labels[i]] += 1
+    nxt = np.full(count, -1, dtype=np.int64)
+    sums = np.zeros(count, dtype=np.float64)
+    indptr = np.zeros(count + 1, dtype=np.int64)
+    capacity = min(count * count, b_indices.shape[0])
+    indices = np.empty(capacity, dtype=np.int64)
+    data = np.empty(capacity, dtype=np.float64)
+    nnz = 0
+    for c in range(count):
+        head = -2
+        length = 0
+        for member in range(nodes_in[c], nodes_in[c + 1]):
+            i = nodes[member]
+            for position in range(b_indptr[i], b_indptr[i + 1]):
+                k = b_indices[position]
+                sums[k] += b_data[position]
+                if nxt[k] == -1:
+                    nxt[k] = head
+                    head = k
+                    length += 1
+        nnz = _flush_row(head, length, nxt, sums, indices, data, nnz)
+        indptr[c + 1] = nnz
+    return indptr, indices[:nnz], data[:nnz]
+
+
+@njit(cache=True, nogil=True)
+def _to_clusters(
+    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, labels: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``B = A M`` for a CSR level graph, as scipy's ``csr_matmat`` computes and orders it (float64)."""
+    n = indptr.shape[0] - 1
+    nxt = np.full(count, -1, dtype=np.int64)
+    sums = np.zeros(count, dtype=np.float64)
+    b_indptr = np.zeros(n + 1, dtype=np.int64)
+    b_indices = np.empty(indices.shape[0], dtype=np.int64)
+    b_data = np.empty(indices.shape[0], dtype=np.float64)
+    nnz = 0
+    for i in range(n):
+        head = -2
+        length = 0
+        for position in range(indptr[i], indptr[i + 1]):
+            k = labels[indices[position]]
+            sums[k] += data[position]
+            if nxt[k] == -1:
+                nxt[k] = head
+                head = k
+                length += 1
+        nnz = _flush_row(head, length, nxt, sums, b_indices, b_data, nnz)
+        b_indptr[i + 1] = nnz
+    return b_indptr, b_indices[:nnz], b_data[:nnz]
+
+
+@njit(cache=True, nogil=True)
+def _diagonal(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """``adjacency.diagonal()`` of a CSR level graph: the self-loop weights."""
+    n = indptr.shape[0] - 1
+    diagonal = np.zeros(n, dtype=np.float64)
+    for i in range(n):
+        for position in range(indptr[i], indptr[i + 1]):
+            if indices[position] == i:
+                diagonal[i] += data[position]
+    return diagonal
 
 
 @njit(cache=True, nogil=True)
@@ -244,136 +548,12 @@ def _sum_by_cluster(values: np.ndarray, labels: np.ndarray, count: int) -> np.nd
 
 
 @njit(cache=True, nogil=True)
-def _members(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes of each cluster in increasing order: the CSR form of ``membership.T``."""
-    start = np.zeros(count + 1, dtype=np.int64)
+def _sizes(labels: np.ndarray, count: int) -> np.ndarray:
+    """Number of nodes per cluster."""
+    sizes = np.zeros(count, dtype=np.int64)
     for i in range(labels.shape[0]):
-        start[labels[i] + 1] += 1
-    for c in range(count):
-        start[c + 1] += start[c]
-    fill = start[:-1].copy()
-    nodes = np.empty(labels.shape[0], dtype=np.int64)
-    for i in range(labels.shape[0]):
-        nodes[fill[labels[i]]] = i
-        fill[labels[i]] += 1
-    return start, nodes
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _flush_row(
-    head: int, length: int, nxt: np.ndarray, sums: np.ndarray, indices: np.ndarray, data: np.ndarray, nnz: int
-) -> int:
-    """Write one accumulated row the way ``csr_matmat`` does (linked-list order, zeros dropped)."""
-    for _ in range(length):
-        if sums[head] != 0:
-            indices[nnz] = head
-            data[nnz] = sums[head]
-            nnz += 1
-        previous = head
-        head = nxt[head]
-        nxt[previous] = -1
-        sums[previous] = 0
-    return nnz
-
-
-@njit(cache=True, nogil=True)
-def _aggregate_rows(
-    b_indptr: np.ndarray, b_indices: np.ndarray, b_data: np.ndarray, labels: np.ndarray, count: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``membership.T @ B`` with scipy's ``csr_matmat`` order: the aggregate graph between clusters."""
-    start, nodes = _members(labels, count)
-    width = count
-    nxt = np.full(width, -1, dtype=np.int64)
-    sums = np.zeros(width, dtype=np.float64)
-    indptr = np.zeros(count + 1, dtype=np.int64)
-    capacity = min(count * width, b_indices.shape[0])
-    indices = np.empty(capacity, dtype=np.int64)
-    data = np.empty(capacity, dtype=np.float64)
-    nnz = 0
-    for c in range(count):
-        head = -2
-        length = 0
-        for member in range(start[c], start[c + 1]):
-            i = nodes[member]
-            for position in range(b_indptr[i], b_indptr[i + 1]):
-                k = b_indices[position]
-                sums[k] += b_data[position]
-                if nxt[k] == -1:
-                    nxt[k] = head
-                    head = k
-                    length += 1
-        nnz = _flush_row(head, length, nxt, sums, indices, data, nnz)
-        indptr[c + 1] = nnz
-    return indptr, indices[:nnz], data[:nnz]
-
-
-@njit(cache=True, nogil=True)
-def _aggregate_dense(
-    both: np.ndarray, weight_of: np.ndarray, labels: np.ndarray, count: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """First aggregation, ``M^T ((A + A^T) / total) M``, from the dense rows (float64, scipy's order)."""
-    n = both.shape[0]
-    nxt = np.full(count, -1, dtype=np.int64)
-    sums = np.zeros(count, dtype=np.float64)
-    b_indptr = np.zeros(n + 1, dtype=np.int64)
-    b_indices = np.empty(n * count, dtype=np.int64)
-    b_data = np.empty(n * count, dtype=np.float64)
-    nnz = 0
-    for i in range(n):
-        head = -2
-        length = 0
-        row = both[i]
-        for j in range(n):
-            value = row[j]
-            if value != 0:
-                k = labels[j]
-                sums[k] += weight_of[value]
-                if nxt[k] == -1:
-                    nxt[k] = head
-                    head = k
-                    length += 1
-        nnz = _flush_row(head, length, nxt, sums, b_indices, b_data, nnz)
-        b_indptr[i + 1] = nnz
-    return _aggregate_rows(b_indptr, b_indices[:nnz], b_data[:nnz], labels, count)
-
-
-@njit(cache=True, nogil=True)
-def _aggregate_sparse(
-    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, labels: np.ndarray, count: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Later aggregations, ``M^T (A M)`` on a CSR level graph (float64, scipy's order)."""
-    n = indptr.shape[0] - 1
-    nxt = np.full(count, -1, dtype=np.int64)
-    sums = np.zeros(count, dtype=np.float64)
-    b_indptr = np.zeros(n + 1, dtype=np.int64)
-    b_indices = np.empty(indices.shape[0], dtype=np.int64)
-    b_data = np.empty(indices.shape[0], dtype=np.float64)
-    nnz = 0
-    for i in range(n):
-        head = -2
-        length = 0
-        for position in range(indptr[i], indptr[i + 1]):
-            k = labels[indices[position]]
-            sums[k] += data[position]
-            if nxt[k] == -1:
-                nxt[k] = head
-                head = k
-                length += 1
-        nnz = _flush_row(head, length, nxt, sums, b_indices, b_data, nnz)
-        b_indptr[i + 1] = nnz
-    return _aggregate_rows(b_indptr, b_indices[:nnz], b_data[:nnz], labels, count)
-
-
-@njit(cache=True, nogil=True)
-def _diagonal(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """``adjacency.diagonal()`` of a CSR level graph, cast to float32 as the core's self-loops."""
-    n = indptr.shape[0] - 1
-    diagonal = np.zeros(n, dtype=np.float64)
-    for i in range(n):
-        for position in range(indptr[i], indptr[i + 1]):
-            if indices[position] == i:
-                diagonal[i] += data[position]
-    return diagonal.astype(np.float32)
+        sizes[labels[i]] += 1
+    return sizes
 
 
 @njit(cache=True, nogil=True)
@@ -386,47 +566,62 @@ def _louvain_core(
     and the cluster sizes; both empty when the graph has no edge.
     """
     n = adjacency.shape[0]
-    both, out_degree, in_degree, edges = _symmetrise(adjacency)
-    if edges == 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     resolution32 = np.float32(resolution)
     tol32 = np.float32(tol_optimization)
-    scale = 1.0 / (2.0 * edges)
-    weight64 = np.array([0.0, scale, 2.0 * scale])
-    weight32 = weight64.astype(np.float32)
-    out_weights = out_degree / np.float64(edges)
-    in_weights = in_degree / np.float64(edges)
-    self_loops = np.empty(n, dtype=np.float32)
+    packed = _pack_rows(adjacency)
+    transposed = _transpose_bits(packed)
+    symmetric = True
+    out_degree = np.zeros(n, dtype=np.int64)
+    in_degree = np.zeros(n, dtype=np.int64)
+    edges = 0
     for i in range(n):
-        self_loops[i] = weight32[both[i, i]]
+        for word in range(packed.shape[1]):
+            symmetric &= packed[i, word] == transposed[i, word]
+            out_degree[i] += _popcount(packed[i, word])
+            in_degree[i] += _popcount(transposed[i, word])
+        edges += out_degree[i]
+    if edges == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    scale = 1.0 / (2.0 * edges)
+    out_weights = np.empty(n, dtype=np.float64)
+    in_weights = np.empty(n, dtype=np.float64)
+    for i in range(n):
+        out_weights[i] = out_degree[i] / np.float64(edges)
+        in_weights[i] = in_degree[i] / np.float64(edges)
 
-    labels, increase = _optimize_dense(
-        both, weight32, out_weights.astype(np.float32), in_weights.astype(np.float32), self_loops,
-        resolution32, tol32,
-    )
-    labels, count = _renumber(labels)
-    node_cluster = labels
-    if count > 1 and np.float64(increase) > tol_aggregation:
-        indptr, indices, data = _aggregate_dense(both, weight64, labels, count)
+    node_cluster = np.arange(n)
+    if symmetric:
+        count_weight32, count_weight64 = _running_sums(2.0 * scale, n)
+        self_loops = np.zeros(n, dtype=np.float32)
+        for i in range(n):
+            self_loops[i] = count_weight32[adjacency[i, i]]
+        labels, increase = _optimize_symmetric(
+            adjacency, packed, count_weight32, _to_float32(out_weights), _to_float32(in_weights), self_loops,
+            resolution32, tol32,
+        )
+        node_cluster, count = _renumber(labels)
+        if count == 1 or np.float64(increase) <= tol_aggregation:
+            return node_cluster, _sizes(node_cluster, count)
+        indptr, indices, data = _aggregate_rows(
+            *_to_clusters_symmetric(adjacency, packed, count_weight64, node_cluster, count), node_cluster, count
+        )
+        out_weights = _sum_by_cluster(out_weights, node_cluster, count)
+        in_weights = _sum_by_cluster(in_weights, node_cluster, count)
+    else:
+        indptr, indices, data = _directed_csr(packed, transposed, n, scale)
+    while True:
+        labels, increase = _optimize_sparse(
+            indptr, indices, _to_float32(data), _to_float32(out_weights), _to_float32(in_weights),
+            _to_float32(_diagonal(indptr, indices, data)), resolution32, tol32,
+        )
+        labels, count = _renumber(labels)
+        for i in range(n):
+            node_cluster[i] = labels[node_cluster[i]]
+        if count == 1 or np.float64(increase) <= tol_aggregation:
+            return node_cluster, _sizes(node_cluster, count)
+        indptr, indices, data = _aggregate_rows(*_to_clusters(indptr, indices, data, labels, count), labels, count)
         out_weights = _sum_by_cluster(out_weights, labels, count)
         in_weights = _sum_by_cluster(in_weights, labels, count)
-        while True:
-            labels, increase = _optimize_sparse(
-                indptr, indices, data.astype(np.float32), out_weights.astype(np.float32),
-                in_weights.astype(np.float32), _diagonal(indptr, indices, data), resolution32, tol32,
-            )
-            labels, count = _renumber(labels)
-            for i in range(n):
-                node_cluster[i] = labels[node_cluster[i]]
-            if count == 1 or np.float64(increase) <= tol_aggregation:
-                break
-            indptr, indices, data = _aggregate_sparse(indptr, indices, data, labels, count)
-            out_weights = _sum_by_cluster(out_weights, labels, count)
-            in_weights = _sum_by_cluster(in_weights, labels, count)
-    sizes = np.zeros(count, dtype=np.int64)
-    for i in range(n):
-        sizes[node_cluster[i]] += 1
-    return node_cluster, sizes
 
 
 def louvain(adjacency: np.ndarray, resolution: float = 1.0) -> np.ndarray:
