@@ -127,6 +127,25 @@ def test_block_structured_key_graphs() -> None:
     assert min(communities(assert_agreement(graphs))) > 1
 
 
+def small_cliques_graph(rng: np.random.Generator, nodes: int, link_probability: float) -> np.ndarray:
+    """Cliques of 2-3 nodes plus random links: hundreds of clusters after the first level, then more levels."""
+    sizes = rng.integers(2, 4, nodes)
+    starts = np.cumsum(sizes)
+    starts = np.concatenate([[0], starts[starts < nodes], [nodes]])
+    adjacency = np.zeros((nodes, nodes), dtype=bool)
+    for start, stop in zip(starts[:-1], starts[1:]):
+        adjacency[start:stop, start:stop] = True
+    links = rng.random((nodes, nodes)) < link_probability
+    return adjacency | links | links.T
+
+
+def test_many_small_clique_graphs() -> None:
+    """Many clusters at the first aggregation (its row-scan branch) and up to four levels."""
+    rng = np.random.default_rng(4)
+    graphs = [small_cliques_graph(rng, 784, p) for p in (0.0, 0.002, 0.003, 0.005, 0.01)]
+    assert_agreement(graphs)
+
+
 @pytest.mark.parametrize("resolution", [0.5, 1.5, 3.0])
 def test_resolution(resolution: float) -> None:
     rng = np.random.default_rng(2)
