@@ -44,10 +44,13 @@ TOL_AGGREGATION = 1e-3
 
 _ONE = np.uint64(1)
 
+_BIT_STEP = 2
+"""Walking a row's set bits costs about this many steps of a scan of its bytes (measured): rows
+with fewer than nodes / this edges are walked bit by bit, others scanned byte by byte."""
+
 _BITSET_COST = 4
-"""Edge counts per cluster come from popcounts of a row against cluster bitsets, not from a scan
-of the row, when clusters x words < nodes x this (measured: a popcount of two words costs about a
-quarter of a step of the scan)."""
+"""A popcount of a row word against a cluster word costs about 1 / this of a scan step (measured):
+edge counts per cluster come from cluster bitsets when clusters x words < this x scan steps."""
 
 
 @intrinsic
@@ -135,6 +138,23 @@ def _to_float32(values: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def _gain(
+    weight: np.float32,
+    cluster_in: np.float32,
+    cluster_out: np.float32,
+    out_weight: np.float32,
+    in_weight: np.float32,
+    resolution: np.float32,
+    delta: np.float32,
+) -> np.float32:
+    """Modularity gain of a move to a cluster, ``delta_local`` of ``louvain_core.pyx`` (float32, same order)."""
+    gain = np.float32(2.0) * weight
+    gain = gain - resolution * out_weight * cluster_in
+    gain = gain - resolution * in_weight * cluster_out
+    return gain - delta
+
+
+@njit(cache=True, nogil=True)
 def _compact(
     size: int,
     cluster_label: np.ndarray,
@@ -166,6 +186,7 @@ def _compact(
 def _optimize_symmetric(
     adjacency: np.ndarray,
     packed: np.ndarray,
+    degree: np.ndarray,
     count_weight: np.ndarray,
     out_weights: np.ndarray,
     in_weights: np.ndarray,
@@ -178,10 +199,12 @@ def _optimize_symmetric(
     Same decisions as ``louvain_core.pyx``: the float32 weight towards a cluster is
     ``count_weight[edges into it]`` (see :func:`_running_sums`), candidates are visited in
     increasing label order. Clusters live in compact arrays (emptied ones are dropped now and
-    then, which keeps the order); a node's edge counts come from a scan of its row while there
-    are many clusters, and from popcounts of its row against cluster bitsets once few are left.
+    then, which keeps the order). A node's edge counts per cluster come from whichever is
+    cheapest: popcounts of its row against cluster bitsets (few clusters left), a walk over the
+    set bits of its row (few edges; a bitset then lists the clusters met, in order), or a scan of
+    its row's bytes.
     """
-    n = adjacency.shape[0]
+    n = degree.shape[0]
     words = packed.shape[1]
     two = np.float32(2.0)
     labels = np.arange(n)
@@ -195,19 +218,30 @@ def _optimize_symmetric(
         members[i, i >> 6] = _ONE << np.uint64(i & 63)
     position = np.arange(n)
     counts = np.zeros(n, dtype=np.int64)
+    seen = np.zeros((n + 63) >> 6, dtype=np.uint64)
     emptied = 0
     increase = np.float32(0.0)
     while True:
         increase_pass = np.float32(0.0)
         for i in range(n):
             own = position[i]
-            if size * words < n * _BITSET_COST:
-                bits = packed[i]
+            bits = packed[i]
+            sparse_row = _BIT_STEP * degree[i] < n
+            few_clusters = size * words < _BITSET_COST * (_BIT_STEP * degree[i] if sparse_row else n)
+            if few_clusters:
                 for k in range(size):
                     total = np.uint64(0)
                     for word in range(words):
                         total += _popcount(bits[word] & members[k, word])
                     counts[k] = total
+            elif sparse_row:
+                for word in range(words):
+                    value = bits[word]
+                    while value != 0:
+                        k = position[(word << 6) + np.int64(trailing_zeros(value))]
+                        value &= value - _ONE
+                        counts[k] += 1
+                        seen[k >> 6] |= _ONE << np.uint64(k & 63)
             else:
                 row = adjacency[i]
                 for j in range(n):
@@ -221,17 +255,29 @@ def _optimize_symmetric(
             delta = delta - resolution * in_weight * (cluster_out[own] - out_weight)
             best_gain = np.float32(0.0)
             best = own
-            for k in range(size):
-                count = counts[k]
-                if count != 0:
-                    counts[k] = 0
-                    gain = two * count_weight[count]
-                    gain = gain - resolution * out_weight * cluster_in[k]
-                    gain = gain - resolution * in_weight * cluster_out[k]
-                    gain = gain - delta
-                    if gain > best_gain:
-                        best_gain = gain
-                        best = k
+            if sparse_row and not few_clusters:
+                seen[own >> 6] &= ~(_ONE << np.uint64(own & 63))
+                for word in range((size + 63) >> 6):
+                    value = seen[word]
+                    seen[word] = 0
+                    while value != 0:
+                        k = (word << 6) + np.int64(trailing_zeros(value))
+                        value &= value - _ONE
+                        weight = count_weight[counts[k]]
+                        gain = _gain(weight, cluster_in[k], cluster_out[k], out_weight, in_weight, resolution, delta)
+                        counts[k] = 0
+                        if gain > best_gain:
+                            best_gain = gain
+                            best = k
+            else:
+                for k in range(size):
+                    if counts[k] != 0:
+                        weight = count_weight[counts[k]]
+                        gain = _gain(weight, cluster_in[k], cluster_out[k], out_weight, in_weight, resolution, delta)
+                        counts[k] = 0
+                        if gain > best_gain:
+                            best_gain = gain
+                            best = k
             if best != own:
                 increase_pass += best_gain
                 labels[i] = cluster_label[best]
@@ -260,14 +306,16 @@ def _optimize_symmetric(
 
 @njit(cache=True, nogil=True)
 def _to_clusters_symmetric(
-    adjacency: np.ndarray, packed: np.ndarray, count_weight: np.ndarray, labels: np.ndarray, count: int
+    packed: np.ndarray, count_weight: np.ndarray, labels: np.ndarray, count: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``B = A M``, first half of the first aggregation of a symmetric 0/1 graph, from edge counts.
 
     Row ``i`` of ``B`` lists the clusters in reverse order of their first neighbour of ``i``
-    (``csr_matmat``'s linked list), each with weight ``count_weight[edges]`` (float64).
+    (``csr_matmat``'s linked list), each with weight ``count_weight[edges]`` (float64). With few
+    clusters the counts and first neighbours come from cluster bitsets (then sorted by insertion,
+    hence the ``count**2`` in the cost), else from a walk over the row's set bits.
     """
-    n = adjacency.shape[0]
+    n = labels.shape[0]
     words = packed.shape[1]
     counts = np.zeros(count, dtype=np.int64)
     first = np.empty(count, dtype=np.int64)
@@ -275,15 +323,17 @@ def _to_clusters_symmetric(
     b_indptr = np.zeros(n + 1, dtype=np.int64)
     b_indices = np.empty(n * count, dtype=np.int64)
     b_data = np.empty(n * count, dtype=np.float64)
-    use_bits = count * words < n * _BITSET_COST
     members = np.zeros((count, words), dtype=np.uint64)
     for i in range(n):
         members[labels[i], i >> 6] |= _ONE << np.uint64(i & 63)
     nnz = 0
     for i in range(n):
         length = 0
-        if use_bits:
-            bits = packed[i]
+        bits = packed[i]
+        edges = 0
+        for word in range(words):
+            edges += _popcount(bits[word])
+        if count * (words + count) < _BITSET_COST * _BIT_STEP * edges:
             for k in range(count):
                 total = np.uint64(0)
                 for word in range(words):
@@ -303,10 +353,11 @@ def _to_clusters_symmetric(
                     order[slot] = k
                     length += 1
         else:
-            row = adjacency[i]
-            for j in range(n):
-                if row[j] != 0:
-                    k = labels[j]
+            for word in range(words):
+                value = bits[word]
+                while value != 0:
+                    k = labels[(word << 6) + np.int64(trailing_zeros(value))]
+                    value &= value - _ONE
                     if counts[k] == 0:
                         order[length] = k
                         length += 1
@@ -400,10 +451,10 @@ def _optimize_sparse(
                 while bits != 0:
                     target = (word << 6) + np.int64(trailing_zeros(bits))
                     bits &= bits - _ONE
-                    gain = two * cluster_weights[target]
-                    gain = gain - resolution * out_weight * in_cluster_weights[target]
-                    gain = gain - resolution * in_weight * out_cluster_weights[target]
-                    gain = gain - delta
+                    gain = _gain(
+                        cluster_weights[target], in_cluster_weights[target], out_cluster_weights[target],
+                        out_weight, in_weight, resolution, delta,
+                    )
                     if gain > best_gain:
                         best_gain = gain
                         best = target
@@ -596,14 +647,14 @@ def _louvain_core(
         for i in range(n):
             self_loops[i] = count_weight32[adjacency[i, i]]
         labels, increase = _optimize_symmetric(
-            adjacency, packed, count_weight32, _to_float32(out_weights), _to_float32(in_weights), self_loops,
+            adjacency, packed, out_degree, count_weight32, _to_float32(out_weights), _to_float32(in_weights), self_loops,
             resolution32, tol32,
         )
         node_cluster, count = _renumber(labels)
         if count == 1 or np.float64(increase) <= tol_aggregation:
             return node_cluster, _sizes(node_cluster, count)
         indptr, indices, data = _aggregate_rows(
-            *_to_clusters_symmetric(adjacency, packed, count_weight64, node_cluster, count), node_cluster, count
+            *_to_clusters_symmetric(packed, count_weight64, node_cluster, count), node_cluster, count
         )
         out_weights = _sum_by_cluster(out_weights, node_cluster, count)
         in_weights = _sum_by_cluster(in_weights, node_cluster, count)
