@@ -647,8 +647,8 @@ def _louvain_core(
         for i in range(n):
             self_loops[i] = count_weight32[adjacency[i, i]]
         labels, increase = _optimize_symmetric(
-            adjacency, packed, out_degree, count_weight32, _to_float32(out_weights), _to_float32(in_weights), self_loops,
-            resolution32, tol32,
+            adjacency, packed, out_degree, count_weight32, _to_float32(out_weights), _to_float32(in_weights),
+            self_loops, resolution32, tol32,
         )
         node_cluster, count = _renumber(labels)
         if count == 1 or np.float64(increase) <= tol_aggregation:
