@@ -32,8 +32,8 @@ SOURCES = {
 }
 IMAGES_PER_SOURCE = 5
 DEPTH = 2
-"""Blocks of the random test ViTs: a shallow network keeps the fixture fast; the graphs stay as
-dense as those of the full-depth network (most pairs connected)."""
+"""Blocks of the random test ViTs: a shallow network keeps the fixture fast, and its graphs are as
+dense as the full network's (60-100 % of pairs connected)."""
 
 _spec = importlib.util.spec_from_file_location("benchmark_louvain", REPO / "scripts" / "benchmark_louvain.py")
 assert _spec is not None and _spec.loader is not None
@@ -47,7 +47,7 @@ def reference(adjacency: np.ndarray, resolution: float = 1.0) -> np.ndarray:
 
 
 def assert_agreement(graphs: list[np.ndarray], resolution: float = 1.0) -> list[np.ndarray]:
-    """Same partition on >= 99 % of ``graphs`` (all of them below 100 graphs), same labels too.
+    """Same partition on >= 99 % of ``graphs`` (all of them below 100 graphs); same labels when so.
 
     Returns scikit-network's labels, for checks that the family is not trivial.
     """
@@ -55,7 +55,11 @@ def assert_agreement(graphs: list[np.ndarray], resolution: float = 1.0) -> list[
     results = [(reference(graph, resolution), louvain(graph, resolution)) for graph in graphs]
     different = [i for i, (expected, labels) in enumerate(results) if not same_partition(expected, labels)]
     assert len(different) <= math.floor(0.01 * len(graphs)), f"partitions differ on graphs {different}"
-    renumbered = [i for i, (expected, labels) in enumerate(results) if not np.array_equal(expected, labels)]
+    renumbered = [
+        i
+        for i, (expected, labels) in enumerate(results)
+        if i not in different and not np.array_equal(expected, labels)
+    ]
     assert not renumbered, f"same partitions, other label numbers on graphs {renumbered}"
     return [expected for expected, _ in results]
 
@@ -140,7 +144,7 @@ def small_cliques_graph(rng: np.random.Generator, nodes: int, link_probability: 
 
 
 def test_many_small_clique_graphs() -> None:
-    """Many clusters at the first aggregation (its row-scan branch) and up to four levels."""
+    """Hundreds of clusters at the first aggregation (its bit-walk branch), and up to four levels."""
     rng = np.random.default_rng(4)
     graphs = [small_cliques_graph(rng, 784, p) for p in (0.0, 0.002, 0.003, 0.005, 0.01)]
     assert_agreement(graphs)
