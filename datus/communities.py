@@ -170,8 +170,14 @@ def discover_segments(
     return SegmentPartition(partition.segment_map, partition.sizes, partition.is_noise, seconds, quality)
 
 
-def _ready() -> None:
-    """No-op task: submitting it makes the pool start its worker processes."""
+def warm_up(engine: LouvainEngine) -> None:
+    """Load (or, the very first time, compile and cache) the engine on a two-node graph.
+
+    Done in the parent before workers start, so that they find numba's cache instead of each
+    compiling the engine at once; submitted to every worker too, so that their start-up
+    overlaps the data loader's rather than the first batch.
+    """
+    louvain_communities(np.ones((2, 2), dtype=bool), 1.0, engine)
 
 
 class CommunityPool:
@@ -186,9 +192,11 @@ class CommunityPool:
             raise ValueError(f"--model.louvain_workers must be >= 0, got {num_workers}")
         self.settings = (resolution, min_patches, engine)
         self._executor: ProcessPoolExecutor | None = None
+        warm_up(engine)
         if num_workers > 0:
             self._executor = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
-            self._executor.submit(_ready)  # start the workers now, while the caller sets up the model
+            for _ in range(num_workers):  # start the workers now, while the caller sets up the model
+                self._executor.submit(warm_up, engine)
 
     def submit(self, packed: Sequence[np.ndarray], grid: tuple[int, int]) -> list[Future[SegmentPartition]]:
         """Start the work for a batch; results come back in order through the futures."""

@@ -106,22 +106,24 @@ def test_noise_threshold_is_at_most_min_patches(size: int, noise: bool) -> None:
     assert bool(partition.is_noise[segment]) is noise
 
 
-def test_discover_segments_on_a_two_region_image() -> None:
+@pytest.mark.parametrize("engine", ["fast", "sknetwork"])
+def test_discover_segments_on_a_two_region_image(engine: str) -> None:
     """Keys of the left and right halves of a 6x6 grid point in opposite directions."""
     grid = np.zeros((6, 6), dtype=int)
     grid[:, 3:] = 1
     keys = np.where(grid.ravel()[:, None] == 0, 1.0, -1.0) * np.ones((36, 4))
     packed = np.packbits(keys @ keys.T > 0, axis=-1)
-    partition = discover_segments(packed, (6, 6), resolution=1.0, min_patches=5, engine="sknetwork")
+    partition = discover_segments(packed, (6, 6), resolution=1.0, min_patches=5, engine=engine)
     assert same_partition(partition.segment_map, grid)
     assert partition.sizes.tolist() == [18, 18] and not partition.is_noise.any()
 
 
-def test_pool_with_workers_matches_inline() -> None:
+def test_pool_with_workers_matches_inline_scikit_network() -> None:
+    """The fast engine in two worker processes finds scikit-network's partitions, computed inline."""
     rng = np.random.default_rng(1)
     keys = rng.normal(size=(3, 64, 8))
     packed = [np.packbits(k @ k.T > 0, axis=-1) for k in keys]
-    inline_pool, worker_pool = CommunityPool(0, 1.0, 5, "sknetwork"), CommunityPool(2, 1.0, 5, "sknetwork")
+    inline_pool, worker_pool = CommunityPool(0, 1.0, 5, "sknetwork"), CommunityPool(2, 1.0, 5, "fast")
     try:
         inline = [f.result() for f in inline_pool.submit(packed, (8, 8))]
         workers = [f.result() for f in worker_pool.submit(packed, (8, 8))]
