@@ -142,6 +142,15 @@ def write_image(destination: Path, image: Image.Image, compress_level: int = 6) 
     _write_with(destination, lambda stream: image.save(stream, format="PNG", compress_level=compress_level))
 
 
+def write_jpeg(destination: Path, array: np.ndarray, quality: int = 90) -> None:
+    """Write an RGB picture (H x W x 3 uint8) as JPEG, atomically: photographs, not labels.
+
+    Ten times faster to encode than a PNG of a photograph, and several times smaller.
+    """
+    image = Image.fromarray(np.ascontiguousarray(array))
+    _write_with(destination, lambda stream: image.save(stream, format="JPEG", quality=quality))
+
+
 def write_npz(destination: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write arrays to an uncompressed ``.npz``, atomically (no pickled objects inside)."""
     _write_with(destination, lambda stream: np.savez(stream, **arrays))

@@ -285,6 +285,7 @@ class DatusModule(L.LightningModule):
         Tokens are one copy of the (position-embedded) CLS token per valid segment, followed by
         the patch tokens of valid segments only (with their positional embeddings already
         added, so dropping noise patches changes nothing for the others), padded per batch.
+        Images without a valid segment are left out of the pass.
 
         Args:
             images: B x 3 x H x W normalised images.
@@ -292,6 +293,8 @@ class DatusModule(L.LightningModule):
             counts: B valid-segment counts.
         """
         model = self.backbone
+        has_segments = counts > 0  # images whose segments are all noise need no pass at all
+        images, segment_ids, counts = images[has_segments], segment_ids[has_segments], counts[has_segments]
         tokens = model._pos_embed(model.patch_embed(images))
         cls, patches = tokens[:, :1], tokens[:, 1:]
         keep = segment_ids >= 0
@@ -438,7 +441,7 @@ class DatusModule(L.LightningModule):
                 )
             )
             offset += count
-        embedding_passes = len(embeddings) if self.embedding == "crop" else len(partitions) * bool(len(embeddings))
+        embedding_passes = len(embeddings) if self.embedding == "crop" else sum(bool(r.num_valid) for r in records)
         image_passes = len(partitions) * (1 if self.embedder is None else 2)
         passes = image_passes + embedding_passes
         return PredictionBatch(records, skipped, dict(timer.seconds), backbone_passes=passes)

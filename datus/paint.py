@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from datus.drawing import colourise, overlay, segment_outlines
-from datus.io import UnreadableFile, load_rgb, write_png
+from datus.io import UnreadableFile, load_rgb, write_jpeg, write_png
 from datus.records import ImageRecord
 from datus.run import COLOUR, MASKS, OVERLAY, SEGMENTS, Results
 
@@ -120,7 +120,7 @@ def write_colour_files(results: Results, image_id: str, image_path: str, table: 
     if picture.size != target:
         picture = picture.resize(target, Image.Resampling.BILINEAR)
     blended = overlay(np.asarray(picture), colours)
-    write_png(results.image_file(OVERLAY, image_id), blended, compress_level=1)
+    write_jpeg(results.image_file(OVERLAY, image_id), blended)
 
 
 def outline_picture(record: ImageRecord, picture: np.ndarray) -> np.ndarray:

@@ -45,8 +45,8 @@ MASKS = "masks"
 SEGMENTS = "segments"
 COLOUR = "color"
 OVERLAY = "overlay"
-IMAGE_FOLDERS = (MASKS, SEGMENTS, COLOUR, OVERLAY)
-"""Folders with one PNG per image, named by image id."""
+IMAGE_FOLDERS = {MASKS: ".png", SEGMENTS: ".png", COLOUR: ".png", OVERLAY: ".jpg"}
+"""Folders with one file per image, named by image id, and that file's suffix (overlays are photographs)."""
 
 METRICS_FILE = "metrics.json"
 METRICS_TABLE = "metrics.txt"
@@ -119,10 +119,10 @@ class Results:
     root: Path
 
     def image_file(self, folder: str, image_id: str) -> Path:
-        """``root/<folder>/<id>.png`` for a checked id, refused if it would resolve outside ``root``."""
+        """``root/<folder>/<id>.png`` (``.jpg`` for overlays) for a checked id, refused if it would resolve outside ``root``."""
         if folder not in IMAGE_FOLDERS:
             raise ValueError(f"unknown image folder {folder!r}")
-        path = self.root / folder / f"{image_id}.png"
+        path = self.root / folder / f"{image_id}{IMAGE_FOLDERS[folder]}"
         resolved_root = self.root.resolve()
         if not path.resolve().is_relative_to(resolved_root):
             raise ConfigurationError(

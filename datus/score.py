@@ -17,7 +17,7 @@ import torch
 
 from datus.drawing import save_confusion_png
 from datus.io import UnreadableFile, read_json, read_label_png, write_json, write_text
-from datus.metrics import MatchedSegmentationMetric, format_table
+from datus.metrics import MatchedSegmentationMetric, format_table, pixel_counts
 from datus.records import ImageRecord
 from datus.run import CLASSES_FILE, CONFUSION_FILE, METRICS_FILE, METRICS_TABLE, Results
 from datus.settings import EvaluationSettings
@@ -121,16 +121,16 @@ class Scorer:
         return None
 
     def update(self, record: ImageRecord, mask: np.ndarray, noise: np.ndarray) -> None:
-        """Add one image, in blocks of rows so that a 250 MP image never needs 64-bit copies of itself."""
+        """Add one image (mask ids < K by construction, ground truth checked), counted with numpy in
+        blocks of rows so that a 250 MP image never needs 64-bit copies of itself."""
         target = self.ground_truth(record)
         if target is None:
             return
-        for preds, truth, flags in zip(_blocks(mask), _blocks(target), _blocks(noise)):
-            self.metric.update(
-                torch.from_numpy(preds.astype(np.int64)).to(self.device),
-                torch.from_numpy(truth.astype(np.int64)).to(self.device),
-                torch.from_numpy(flags).to(self.device),
-            )
+        total = sum(
+            pixel_counts(preds, truth, flags, self.num_clusters, self.classes.num_classes, self.settings.ignore_index)
+            for preds, truth, flags in zip(_blocks(mask), _blocks(target), _blocks(noise))
+        )
+        self.metric.update(counts=torch.from_numpy(total))
 
     def compute(self) -> dict[str, Any]:
         """Both protocols on the counts of every rank (a collective: every rank calls it)."""

@@ -30,9 +30,11 @@ from lightning.pytorch.callbacks import Callback
 from callbacks.pipeline import ClusterPaintEvaluate
 from callbacks.writer import SegmentShardWriter
 from datamodules.images import ImageFolderDataModule
-from datus.io import CLASSES_FILE
 from datus.module import DatusModule
 from datus.prepare import prepare_suim
+from datus.run import CLASSES_FILE
+from datus.settings import ClusterSettings
+from datus.workers import available_cores
 
 SUIM_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "suim-sample"
 
@@ -113,19 +115,20 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             image_size=options.image_size,
             embedding=options.embedding,
             crop_batch_size=options.crop_batch_size,
+            louvain=options.louvain,
             louvain_workers=options.louvain_workers,
         )
     data = ImageFolderDataModule(
         data_root,
         split="train",
-        backbone=options.backbone,
         image_size=module.image_size,
         patch_size=module.patch_size,
         batch_size=options.batch_size,
         num_workers=options.num_workers,
     )
     waits = DataWaitTimer()
-    pipeline = ClusterPaintEvaluate(output_dir, num_clusters=options.num_clusters, engine=options.engine)
+    settings = ClusterSettings(num_clusters=options.num_clusters, engine=options.engine, gallery=False)
+    pipeline = ClusterPaintEvaluate(output_dir, settings)
     trainer = L.Trainer(
         accelerator=options.accelerator,
         devices=options.devices,
@@ -140,10 +143,12 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.predict(module, datamodule=data, return_predictions=False)
     total = time.perf_counter() - started
-    summary = pipeline.summary or {}
+    summary = pipeline.outcome.summary if pipeline.outcome else {}
     images = summary.get("images_in_run", 0)
     passes = summary.get("backbone_passes", 0)
     yardstick = backbone_alone_seconds(module, passes, options.crop_batch_size, options.precision)
+    stages = summary.get("stage_seconds", {})
+    louvain_per_image = (stages.get("louvain_cpu", 0.0) + stages.get("components_cpu", 0.0)) / max(images, 1)
     result = {
         "backbone": options.backbone,
         "weights": module.weights_source,
@@ -151,13 +156,13 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "image_size": options.image_size,
         "batch_size": options.batch_size,
         "data_workers": options.num_workers,
-        "louvain_workers": module.louvain_worker_count(),
+        "louvain": options.louvain,
         "precision": options.precision,
         "device": str(module.device),
         "images": images,
         "segments": summary.get("segments"),
         "noise_segments": summary.get("noise_segments"),
-        "mean_valid_segments_per_image": round((summary["segments"] - summary["noise_segments"]) / images, 2),
+        "mean_valid_segments_per_image": round(summary["segments"] / images, 2),
         "mean_noise_segments_per_image": round(summary["noise_segments"] / images, 2),
         "seconds_total": round(total, 2),
         "images_per_second": round(images / total, 3),
@@ -167,6 +172,11 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "backbone_alone_seconds": round(yardstick, 2),
         "backbone_alone_images_per_second": round(images / yardstick, 3) if yardstick else None,
         "percent_of_backbone_alone": round(100 * yardstick / total, 1),
+        "louvain_cpu_ms_per_image": round(1000 * louvain_per_image, 2),
+        "images_per_second_louvain_workers_sustain": {
+            workers: round(workers / louvain_per_image, 1) if louvain_per_image else None
+            for workers in (1, 2, 4, 8, available_cores())
+        },
         "peak_host_memory": peak_host_megabytes(),
         "peak_device_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "miou": summary.get("miou"),
@@ -187,12 +197,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--embedding", choices=["crop", "packed"], default="crop")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--crop_batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--num_workers", type=lambda value: value if value == "auto" else int(value), default="auto")
+    parser.add_argument("--louvain", choices=["fast", "sknetwork"], default="fast")
     parser.add_argument(
         "--louvain_workers",
         type=lambda value: value if value == "auto" else int(value),
         default="auto",
-        help="'auto' (none on CPU, half the cores beside an accelerator) or a count",
+        help="'auto' (none on CPU, measured on the first batch beside an accelerator) or a count",
     )
     parser.add_argument("--num_clusters", type=int, default=6)
     parser.add_argument("--engine", choices=["sklearn", "torch"], default="sklearn")

@@ -35,7 +35,7 @@ def test_predict_writes_every_output(dataset: Path, finished_run: Path) -> None:
         mask = read_label_png(finished_run / "masks" / f"{image_id}.png")
         assert mask.shape == (image.height, image.width) and mask.max() < 3
         assert (finished_run / "color" / f"{image_id}.png").is_file()
-        assert (finished_run / "overlay" / f"{image_id}.png").is_file()
+        assert (finished_run / "overlay" / f"{image_id}.jpg").is_file()
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["num_clusters"] == 3 and metrics["num_classes"] == 2 and metrics["num_images"] == NUM_IMAGES
     assert set(metrics["protocols"]) == {"dense", "paper"}

@@ -31,6 +31,7 @@ from datus.metrics import (
     format_table,
     match_clusters,
     metrics_from_confusion,
+    pixel_counts,
     protocol_scores,
 )
 
@@ -451,3 +452,13 @@ def test_ddp_sync_equals_single_process(tmp_path: Path, start_method: str) -> No
     expected = json.loads(json.dumps(run_metric(preds, target, noise, 5, 3)))
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+def test_numpy_pixel_counts_equal_the_metric_update() -> None:
+    preds, target, noise = random_case(5, 3, seed=11, size=5000)
+    preds = np.where(preds == IGNORE, 0, preds)  # datus's own masks are dense
+    counted = MatchedSegmentationMetric(5, 3, ignore_index=IGNORE)
+    counted.update(counts=torch.from_numpy(pixel_counts(preds, target, noise, 5, 3, IGNORE)))
+    assert counted.compute() == run_metric(preds, target, noise, 5, 3)
+    with pytest.raises(ValueError, match="counts must have shape"):
+        counted.update(counts=torch.zeros(2, 5, 3, dtype=torch.int64))
