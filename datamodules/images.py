@@ -26,13 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from datus.errors import ConfigurationError
-from datus.io import UnreadableFile, load_rgb
+from datus.io import IMAGE_EXTENSIONS, UnreadableFile, load_rgb
 from datus.run import RUN_FILE, Run, image_id_for
 from datus.workers import available_cores
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 MASK_EXTENSION = ".png"
 
 

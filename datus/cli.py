@@ -270,14 +270,32 @@ def _evaluate_parser() -> CommandParser:
     parser.add_argument("--num_clusters", type=int, default=None, help="default: largest predicted id + 1")
     parser.add_argument("--ignore_index", type=int, default=None, help="default: from classes.json, else 255")
     parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument(
+        "--crf",
+        choices=["false", "true", "both"],
+        default="false",
+        help="refine each prediction with a dense CRF on its image before scoring (both: with and without); needs --images",
+    )
+    parser.add_argument("--images", type=Path, default=None, help="the images the predictions were made from (same relative paths)")
+    parser.add_argument(
+        "--label_confidence", type=float, default=0.8, help="CRF input: probability of each pixel's own label (default 0.8)"
+    )
+    from datus.crf import CRFParams
+    from datus.settings import add_options
+
+    add_options(parser, CRFParams, "crf", {})
     return parser
 
 
 def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
+    from datus.crf import CRFParams
+    from datus.settings import from_options
+
     options = _evaluate_parser().parse_args(args)
     from datus.evaluate import evaluate_folders
     from datus.metrics import format_table
 
+    crf = {"false": False, "true": True, "both": "both"}[options.crf]
     with _missing_input_is_a_configuration_error():
         metrics = evaluate_folders(
             options.pred,
@@ -286,6 +304,10 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
             options.output_dir,
             ignore_index=options.ignore_index,
             num_clusters=options.num_clusters,
+            images_dir=options.images,
+            crf=crf,
+            crf_params=CRFParams(**from_options(options, CRFParams, "crf")),
+            label_confidence=options.label_confidence,
         )
     print(format_table(metrics, metrics["class_names"]))
     if metrics["classes_file"] is not None:

@@ -107,14 +107,6 @@ def format_summary(summary: dict[str, Any], metrics: dict[str, Any] | None, clas
         lines.append(f"  ... {len(summary['skipped']) - 10} more in skipped.json")
     if metrics:
         lines.append(format_table(metrics, class_names).rstrip())
-        if metrics.get("crf", {}).get("applied"):
-            lines.append("masks refined with a dense CRF")
-        if metrics.get("without_crf"):
-            plain = metrics["without_crf"]
-            lines.append(
-                f"without CRF: dense mIoU {100 * (plain['dense']['miou'] or 0):.2f}, "
-                f"paper mIoU {100 * (plain['paper']['miou'] or 0):.2f}"
-            )
     lines.append(f"outputs: {summary['results_dir']}")
     return "\n".join(lines)
 

@@ -7,9 +7,11 @@ streamed one pair at a time into a pooled confusion matrix: memory does not grow
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +19,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datus.errors import ConfigurationError
+from datus.crf import CRFJob, CRFParams, require_densecrf, refine_many
 from datus.drawing import save_confusion_png
-from datus.io import UnreadableFile, read_label_png, write_json, write_text
+from datus.errors import ConfigurationError
+from datus.io import IMAGE_EXTENSIONS, UnreadableFile, read_label_png, write_json, write_text
 from datus.metrics import MatchedSegmentationMetric, format_table
 from datus.run import CLASSES_FILE
+from datus.workers import available_cores
 
 log = logging.getLogger(__name__)
 
 LABEL_SUFFIXES = frozenset({".png", ".bmp", ".tif", ".tiff", ".gif", ".pgm"})
 """File suffixes read as label maps; lossy formats (JPEG) are left out on purpose: they corrupt ids."""
+
+LABEL_CONFIDENCE = 0.8
+"""Probability a label map's own label gets as the CRF's input (label maps carry no probabilities)."""
 
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "metrics.txt"
@@ -39,8 +46,8 @@ CLASSES_SEARCH_DEPTH = 3
 _LISTED = 5
 """File names shown in a warning; the full lists are in ``metrics.json``."""
 
-def _index_label_files(root: Path, skip: set[Path]) -> dict[str, Path]:
-    """Map "relative path without extension" to file for every label image under ``root``.
+def _index_label_files(root: Path, skip: set[Path], suffixes: frozenset[str] = LABEL_SUFFIXES) -> dict[str, Path]:
+    """Map "relative path without extension" to file for every label image (or ``suffixes`` file) under ``root``.
 
     Hidden files and folders are skipped (they include half-written temporaries of atomic writes),
     as are ``skip`` (this evaluation's own outputs, in case ``output_dir`` lies inside a scanned
@@ -52,7 +59,7 @@ def _index_label_files(root: Path, skip: set[Path]) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
-        if path.suffix.lower() not in LABEL_SUFFIXES or any(part.startswith(".") for part in relative.parts):
+        if path.suffix.lower() not in suffixes or any(part.startswith(".") for part in relative.parts):
             continue
         if not path.is_file() or path.resolve() in skip:
             continue
@@ -160,6 +167,10 @@ def evaluate_folders(
     ignore_index: int | None = None,
     num_clusters: int | None = None,
     class_names: Sequence[str] | None = None,
+    images_dir: Path | None = None,
+    crf: bool | str = False,
+    crf_params: CRFParams | None = None,
+    label_confidence: float = LABEL_CONFIDENCE,
 ) -> dict[str, Any]:
     """Score predicted label maps against ground truth with Hungarian matching, both protocols.
 
@@ -185,6 +196,13 @@ def evaluate_folders(
         num_clusters: K; defaults to the largest predicted id + 1 over all files.
         class_names: names of the C classes for the table and the picture; None: those of
             ``classes.json``, if any.
+        images_dir: the images the predictions were made from (same relative paths); needed
+            for ``crf``.
+        crf: refine each prediction with a dense CRF on its image before scoring; ``both``
+            scores it with and without (``without_crf`` in the result).
+        crf_params: the CRF's settings (STEGO's by default).
+        label_confidence: a label map has no probabilities, so each pixel's own label gets this
+            probability and the others share the rest (pixels without a prediction: uniform).
 
     Returns:
         The :meth:`MatchedSegmentationMetric.compute` dict plus ``num_images``, ``mapping`` (the
@@ -223,29 +241,26 @@ def evaluate_folders(
             f"at the same level of the dataset tree."
         )
 
+    if crf and images_dir is None:
+        raise ConfigurationError("--crf needs --images DIR: the images the predictions were made from (same relative paths)")
+    if crf:
+        require_densecrf()
+        if not 0 < label_confidence < 1:
+            raise ConfigurationError(f"--label_confidence must lie strictly between 0 and 1, got {label_confidence}")
+        if num_clusters is None:
+            num_clusters = max(_largest_id(_read_labels(path, "prediction"), ignore_index) for path in predictions.values()) + 1
     # Without an explicit K, start small and grow as larger ids show up: one pass over the files.
     metric = MatchedSegmentationMetric(num_clusters if num_clusters is not None else 1, num_classes, ignore_index)
+    unrefined = MatchedSegmentationMetric(metric.num_clusters, num_classes, ignore_index) if crf == "both" else None
     resized: list[str] = []
-    for key, gt_path in ground_truth.items():
-        pred_path = predictions.get(key)
-        target = _read_labels(gt_path, "ground-truth")
-        if pred_path is None:
-            preds = np.full(target.shape, ignore_index, dtype=np.int64)
-        else:
-            preds = _read_labels(pred_path, "prediction")
-            if preds.shape != target.shape:
-                resized.append(
-                    f"{pred_path.relative_to(pred_dir).as_posix()} ({preds.shape[1]}x{preds.shape[0]} -> "
-                    f"{target.shape[1]}x{target.shape[0]})"
-                )
-                try:
-                    preds = _resize_nearest(preds, target.shape)
-                except ValueError as error:
-                    raise ConfigurationError(f"prediction file {pred_path}: {error}") from None
+    pairs = _pairs(ground_truth, predictions, pred_dir, ignore_index, resized)
+    if crf:
+        images = _index_label_files(Path(images_dir), set(), IMAGE_EXTENSIONS)  # type: ignore[arg-type]
+        pairs = _refined(pairs, images, metric.num_clusters, ignore_index, crf_params or CRFParams(), label_confidence, unrefined)
+    for _, gt_path, pred_path, preds, target in pairs:
         try:
             if num_clusters is None:
-                valid = preds[preds != ignore_index]
-                needed = int(valid.max()) + 1 if valid.size else 1
+                needed = _largest_id(preds, ignore_index) + 1
                 if needed > metric.num_clusters:
                     metric = metric.expanded(needed)
             metric.update(torch.from_numpy(preds), torch.from_numpy(target))
@@ -261,6 +276,9 @@ def evaluate_folders(
     ]
     _warn_about_pairing(pred_dir, gt_dir, len(ground_truth), missing_predictions, missing_ground_truth, resized)
     scores = metric.compute()
+    scores["crf"] = {"applied": bool(crf), "settings": asdict(crf_params or CRFParams()) if crf else None}
+    if unrefined is not None:
+        scores["without_crf"] = unrefined.compute()["protocols"]
     dense = scores["protocols"]["dense"]
     result: dict[str, Any] = {
         **scores,
@@ -280,6 +298,78 @@ def evaluate_folders(
     write_text(output_dir / TABLE_FILE, format_table(scores, names))
     save_confusion_png(np.asarray(dense["confusion"]), dense["mapping"], output_dir / CONFUSION_FILE, names)
     return result
+
+
+def _largest_id(labels: np.ndarray, ignore_index: int) -> int:
+    valid = labels[labels != ignore_index]
+    return int(valid.max()) if valid.size else 0
+
+
+_Pair = tuple[str, Path, "Path | None", np.ndarray, np.ndarray]
+"""(key, gt file, prediction file, prediction, ground truth) of one ground-truth file."""
+
+
+def _pairs(
+    ground_truth: dict[str, Path], predictions: dict[str, Path], pred_dir: Path, ignore_index: int, resized: list[str]
+) -> Iterator[_Pair]:
+    """Every ground-truth file with its prediction resized to its size (all "no prediction" without one)."""
+    for key, gt_path in ground_truth.items():
+        pred_path = predictions.get(key)
+        target = _read_labels(gt_path, "ground-truth")
+        if pred_path is None:
+            yield key, gt_path, None, np.full(target.shape, ignore_index, dtype=np.int64), target
+            continue
+        preds = _read_labels(pred_path, "prediction")
+        if preds.shape != target.shape:
+            resized.append(
+                f"{pred_path.relative_to(pred_dir).as_posix()} ({preds.shape[1]}x{preds.shape[0]} -> "
+                f"{target.shape[1]}x{target.shape[0]})"
+            )
+            try:
+                preds = _resize_nearest(preds, target.shape)
+            except ValueError as error:
+                raise ConfigurationError(f"prediction file {pred_path}: {error}") from None
+        yield key, gt_path, pred_path, preds, target
+
+
+def _refined(
+    pairs: Iterator[_Pair],
+    images: dict[str, Path],
+    num_clusters: int,
+    ignore_index: int,
+    params: CRFParams,
+    confidence: float,
+    unrefined: MatchedSegmentationMetric | None,
+) -> Iterator[_Pair]:
+    """The same pairs with each prediction refined by a dense CRF on its image (in worker processes).
+
+    Each label becomes a "segment" whose probabilities are ``confidence`` on itself; pixels
+    without a prediction get a uniform row, so the CRF may fill them from their neighbours.
+    A pair without a matching image keeps its prediction, with a warning.
+    """
+    probabilities = np.full((num_clusters + 1, num_clusters), (1 - confidence) / max(num_clusters - 1, 1), np.float32)
+    np.fill_diagonal(probabilities[:num_clusters], confidence if num_clusters > 1 else 1.0)
+    probabilities[num_clusters] = 1 / num_clusters
+    for_jobs, for_results = itertools.tee(pairs)
+    jobs = (
+        CRFJob(images[key], probabilities, np.where(preds == ignore_index, num_clusters, preds))
+        for key, _, pred_path, preds, _ in for_jobs
+        if pred_path is not None and key in images
+    )
+    refined = refine_many(jobs, params, available_cores())
+    for key, gt_path, pred_path, preds, target in for_results:
+        if unrefined is not None:
+            unrefined.update(torch.from_numpy(preds), torch.from_numpy(target))
+        if pred_path is None or key not in images:
+            if pred_path is not None:
+                log.warning("no image for %s in --images: scored without CRF", pred_path)
+            yield key, gt_path, pred_path, preds, target
+            continue
+        labels = next(refined)
+        if labels is None or labels.shape != target.shape:
+            log.warning("no CRF for %s: its image cannot be read or has another size", pred_path)
+            labels = preds
+        yield key, gt_path, pred_path, labels.astype(np.int64), target
 
 
 def _resolve_classes(

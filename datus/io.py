@@ -44,6 +44,9 @@ TEMPORARY_PREFIX = ".datus-tmp-"
 TEMPORARY_NAME = re.compile(r"\.datus-tmp-[0-9a-f]{16}")
 """Full-match pattern of the temporaries :func:`atomic_path` creates, and of nothing else."""
 
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+"""File suffixes read as input images (compared in lower case)."""
+
 MAX_IMAGE_PIXELS = 250_000_000
 """Largest image datus decodes; large survey or aerial images are legitimate input (PIL stops at 89 MP)."""
 

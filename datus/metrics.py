@@ -429,4 +429,9 @@ def format_table(metrics: dict[str, Any], class_names: Sequence[str] | None = No
             f"({protocol['num_pixels']} pixels)"
         )
     lines.append(f"K = {metrics['num_clusters']} clusters, C = {num_classes} classes")
+    if (metrics.get("crf") or {}).get("applied"):
+        lines.append("masks refined with a dense CRF")
+    if metrics.get("without_crf"):
+        plain = metrics["without_crf"]
+        lines.append(f"without CRF: dense mIoU {_percent(plain['dense']['miou'])}, paper mIoU {_percent(plain['paper']['miou'])}")
     return "\n".join(lines) + "\n"

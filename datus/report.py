@@ -442,8 +442,8 @@ def _compose(
 
     The canvas is as wide as the widest of grid, title and banner, and exactly as tall as its
     parts (tests recompute it from the layout constants above). Bottom pictures (confusion
-    matrix, diagnostics) are enlarged by the same integer factor, at most
-    :data:`MAX_CONFUSION_SCALE`, so that side by side they span about the grid's width.
+    matrix, diagnostics) are each enlarged by an integer factor, at most
+    :data:`MAX_CONFUSION_SCALE`, to fill about their share of the grid's width.
     """
     title_font, small_font, banner_font = font_of(16), font_of(12), font_of(15)
     banner = "RANDOM WEIGHTS: the ViT is untrained; segments and masks only show the pipeline working"
@@ -452,9 +452,12 @@ def _compose(
     width = max(grid_width, text_width(title, title_font) + 2 * PAD)
     if random_weights:
         width = max(width, text_width(banner, banner_font) + 2 * PAD)
-    natural = sum(part.width for part in bottom) + PAD * (len(bottom) + 1)
-    scale = max(1, min(MAX_CONFUSION_SCALE, width // max(natural, 1)))
-    bottom = [part.resize((part.width * scale, part.height * scale), Image.Resampling.NEAREST) for part in bottom]
+    share = width // max(len(bottom), 1)  # each bottom picture is enlarged to about its share of the width
+    bottom = [
+        part.resize((part.width * scale, part.height * scale), Image.Resampling.NEAREST)
+        for part in bottom
+        if (scale := max(1, min(MAX_CONFUSION_SCALE, share // (part.width + 2 * PAD))))
+    ]
     width = max(width, sum(part.width for part in bottom) + PAD * (len(bottom) + 1))
     lines = _wrap_legend(legend, width, small_font)
     rows_height = sum(LINE_HEIGHT + row[0].height + PAD for row in rows)

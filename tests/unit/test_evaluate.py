@@ -282,3 +282,30 @@ def test_evaluate_a_prepared_dataset_without_num_classes(tmp_path: Path) -> None
     assert result["num_classes"] == 27 and result["class_names"][9] == "person"
     assert result["mapping"]["4"] == 9 and result["mapping"]["1"] == 22 and result["mapping"]["2"] == 23
     assert result["protocols"]["dense"]["pixel_accuracy"] == pytest.approx(1.0)
+
+
+def test_crf_moves_a_shifted_prediction_back_onto_the_colour_edge(tmp_path: Path) -> None:
+    """Any method's label maps can be scored with and without a dense CRF on their images."""
+    pytest.importorskip("pydensecrf.densecrf", reason="the 'crf' extra (pydensecrf2) is not installed")
+    rng = np.random.default_rng(0)
+    for folder in ("images", "gt", "pred"):
+        (tmp_path / folder).mkdir()
+    for index in range(2):
+        truth = np.zeros((96, 128), np.uint8)
+        truth[:, 64:] = 1
+        pixels = np.where(truth[..., None] == 1, [210, 50, 40], [30, 70, 190]).astype(np.float64)
+        Image.fromarray(np.clip(pixels + rng.normal(0, 6, pixels.shape), 0, 255).astype(np.uint8)).save(
+            tmp_path / "images" / f"im{index}.png"
+        )
+        Image.fromarray(truth).save(tmp_path / "gt" / f"im{index}.png")
+        shifted = np.zeros_like(truth)
+        shifted[:, 76:] = 1  # the border 12 px off
+        Image.fromarray(shifted).save(tmp_path / "pred" / f"im{index}.png")
+    result = evaluate_folders(
+        tmp_path / "pred", tmp_path / "gt", 2, tmp_path / "out", images_dir=tmp_path / "images", crf="both"
+    )
+    assert result["crf"]["applied"] and result["crf"]["settings"]["iterations"] == 10
+    before, after = result["without_crf"]["dense"]["miou"], result["protocols"]["dense"]["miou"]
+    assert before < 0.85 and after > 0.95, (before, after)
+    with pytest.raises(ConfigurationError, match="--crf needs --images"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "gt", 2, tmp_path / "out2", crf=True)
