@@ -17,6 +17,12 @@ from datus.io import write_image
 
 INK = (0, 0, 0)
 BACKGROUND = (255, 255, 255)
+PAD = 8
+"""Gap in pixels around a picture and between its cells (report, galleries)."""
+LINE_HEIGHT = 18
+"""Height of one line of small text: a legend line, a column header, a caption."""
+MISSING_GREY = (128, 128, 128)
+"""Fill of a tile whose file is missing or unreadable (an input image moved since the run)."""
 IGNORE_BLACK = (0, 0, 0)
 """Colour of ignored ground-truth pixels (255) and of labels beyond a colour table."""
 OUTLINE_YELLOW = (255, 221, 0)

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from datus.clustering import ClusterModel
 from datus.diagnostics import ClusterSizes
-from datus.drawing import BACKGROUND, INK, OUTLINE_YELLOW, fit_text, font_of
+from datus.drawing import BACKGROUND, INK, LINE_HEIGHT, MISSING_GREY, OUTLINE_YELLOW, PAD, fit_text, font_of
 from datus.io import UnreadableFile, load_rgb, write_image
 from datus.records import ImageRecord
 from datus.run import Results
@@ -55,11 +55,8 @@ DIM = 0.45
 OUTLINE_WIDTH = 2
 """Pixels of yellow drawn just outside the segment."""
 
-PAD = 8
 HEADER_HEIGHT = 50
 """Cluster title and its sizes, at the top of a sheet."""
-LINE_HEIGHT = 18
-"""A section title (typical / random)."""
 CAPTION_HEIGHT = 16
 """The image id under a crop."""
 INDEX_LABEL_WIDTH = 250
@@ -71,8 +68,6 @@ PNG_COMPRESSION = 1
 
 TILE_GREY = (200, 200, 200)
 """Background around a crop that is not square."""
-MISSING_GREY = (128, 128, 128)
-"""A crop whose image cannot be read any more."""
 
 
 @dataclass(frozen=True, eq=False)

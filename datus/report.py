@@ -31,6 +31,9 @@ from datus.drawing import (
     BACKGROUND,
     IGNORE_BLACK,
     INK,
+    LINE_HEIGHT,
+    MISSING_GREY,
+    PAD,
     colour_table,
     colourise,
     fit_text,
@@ -48,14 +51,10 @@ from datus.shards import read_image_ids, read_records
 
 log = logging.getLogger(__name__)
 
-PAD = 8
-"""Gap in pixels around the picture and between grid cells."""
 TITLE_HEIGHT = 26
 """Height of the title line (run, backbone, K, images, mIoU)."""
 BANNER_HEIGHT = 26
 """Height of the red ``RANDOM WEIGHTS`` banner, present only for runs with an untrained ViT."""
-LINE_HEIGHT = 18
-"""Height of one line of small text: a legend line, the column headers, a row caption."""
 MAX_ASPECT = 4.0
 """Widest thumbnail, as a multiple of its height; a panorama is shrunk to fit, not stretched."""
 MAX_CONFUSION_SCALE = 3
@@ -63,8 +62,6 @@ MAX_CONFUSION_SCALE = 3
 
 BANNER_RED = (200, 16, 16)
 """Fill of the random-weights banner (tests look for it)."""
-MISSING_GREY = (128, 128, 128)
-"""Fill of a tile whose file is missing or unreadable (an input image moved since the run)."""
 NO_DATA_GREY = (215, 215, 215)
 """Fill of a ground-truth tile for an image that has no mask."""
 

@@ -18,7 +18,8 @@ import datus.report
 from datus.cli import main
 from datus.drawing import palette
 from datus.records import ImageRecord
-from datus.report import BANNER_HEIGHT, BANNER_RED, LINE_HEIGHT, MAX_CONFUSION_SCALE, MISSING_GREY, PAD, TITLE_HEIGHT
+from datus.drawing import LINE_HEIGHT, MISSING_GREY, PAD
+from datus.report import BANNER_HEIGHT, BANNER_RED, MAX_CONFUSION_SCALE, TITLE_HEIGHT
 from datus.report import make_report as draw_report
 from datus.run import Run
 from tests.generated import TINY, two_region_size, write_datus_layout, write_two_region_dataset
