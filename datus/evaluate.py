@@ -222,6 +222,7 @@ def evaluate_folders(
         raise ConfigurationError(
             f"--num_clusters must be >= 1 (or left out: largest predicted id + 1), got {num_clusters}"
         )
+    _check_output_dir(output_dir, pred_dir, gt_dir)
     classes_file = find_classes_file(gt_dir)
     num_classes, names, ignore_index = _resolve_classes(classes_file, gt_dir, num_classes, class_names, ignore_index)
 
@@ -298,6 +299,43 @@ def evaluate_folders(
     write_text(output_dir / TABLE_FILE, format_table(scores, names))
     save_confusion_png(np.asarray(dense["confusion"]), dense["mapping"], output_dir / CONFUSION_FILE, names)
     return result
+
+
+def _check_output_dir(output_dir: Path, pred_dir: Path, gt_dir: Path) -> None:
+    """Refuse an output folder whose files are not an earlier evaluation's, or that is an input.
+
+    ``datus evaluate`` writes three files there; it must not overwrite a user's, nor leave a
+    confusion matrix picture among the label maps it reads next time.
+    """
+    output = output_dir.resolve()
+    for folder, option in ((pred_dir, "--pred"), (gt_dir, "--gt")):
+        if output.is_relative_to(folder.resolve()):
+            raise ConfigurationError(
+                f"--output_dir {output_dir} lies in {option} {folder}: its files would be read as label maps next "
+                "time; give a folder outside the inputs"
+            )
+    for folder in [output_dir, *output_dir.absolute().parents]:
+        if folder.exists() and not folder.is_dir():
+            raise ConfigurationError(f"--output_dir {output_dir}: {folder} is a file; give a folder")
+    if not output_dir.is_dir():
+        return
+    ours = {METRICS_FILE, TABLE_FILE, CONFUSION_FILE}
+    foreign = [entry.name for entry in output_dir.iterdir() if entry.name not in ours and not entry.name.startswith(".datus-tmp-")]
+    earlier = output_dir / METRICS_FILE
+    present = any((output_dir / name).exists() for name in ours)
+    if foreign or (present and not _is_evaluation(earlier)):
+        raise ConfigurationError(
+            f"--output_dir {output_dir} holds files that an earlier datus evaluate did not write ({', '.join(foreign[:3]) or METRICS_FILE}); "
+            "give a new or empty folder"
+        )
+
+
+def _is_evaluation(path: Path) -> bool:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and "protocols" in content and "gt_dir" in content
 
 
 def _largest_id(labels: np.ndarray, ignore_index: int) -> int:

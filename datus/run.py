@@ -114,19 +114,25 @@ def check_image_id(image_id: str, source: Path | str) -> str:
 
 @dataclass(frozen=True)
 class Results:
-    """A folder of painted outputs: the run folder itself, or ``clusters/k<K>/`` for ``datus cluster``."""
+    """A folder of painted outputs: the run folder itself, or ``clusters/k<K>/`` for ``datus cluster``.
+
+    Attributes:
+        root: the folder.
+        boundary: the run folder every output must resolve inside (``root`` when not given).
+    """
 
     root: Path
+    boundary: Path | None = None
 
     def image_file(self, folder: str, image_id: str) -> Path:
-        """``root/<folder>/<id>.png`` (``.jpg`` for overlays) for a checked id, refused if it would resolve outside ``root``."""
+        """``root/<folder>/<id>.png`` (``.jpg`` for overlays) for a checked id, refused if it resolves outside the run."""
         if folder not in IMAGE_FOLDERS:
             raise ValueError(f"unknown image folder {folder!r}")
         path = self.root / folder / f"{image_id}{IMAGE_FOLDERS[folder]}"
-        resolved_root = self.root.resolve()
-        if not path.resolve().is_relative_to(resolved_root):
+        boundary = (self.boundary or self.root).resolve()
+        if not path.resolve().is_relative_to(boundary):
             raise ConfigurationError(
-                f"{path} resolves outside {self.root} (a symbolic link in the run folder?); remove the link"
+                f"{path} resolves outside {boundary} (a symbolic link in the run folder?); remove the link"
             )
         return path
 
@@ -154,7 +160,7 @@ class Run:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser()
-        self.results = Results(self.root)
+        self.results = Results(self.root, self.root)
 
     def __repr__(self) -> str:
         return f"Run({str(self.root)!r})"
@@ -177,7 +183,7 @@ class Run:
         return self.root / CLUSTERS_DIR / f"k{num_clusters}"
 
     def cluster_results(self, num_clusters: int) -> Results:
-        return Results(self.cluster_dir(num_clusters))
+        return Results(self.cluster_dir(num_clusters), self.root)
 
     def shard_path(self, rank: int, sequence: int) -> Path:
         return self.shards_dir / f"rank{rank:03d}-{sequence:07d}.npz"
@@ -206,9 +212,17 @@ class Run:
         return isinstance(content, dict) and "datus_version" in content
 
     def check_writable(self) -> None:
-        """Refuse a folder that datus did not create: it would overwrite or mix with its files."""
-        if self.root.exists() and not self.root.is_dir():
-            raise ConfigurationError(f"--output_dir {self.root} is a file; give a folder (it is created if missing)")
+        """Refuse a folder that datus did not create, or one inside another run: it would mix with their files."""
+        for folder in [self.root, *self.root.absolute().parents]:
+            if folder.exists() and not folder.is_dir():
+                raise ConfigurationError(f"--output_dir {self.root}: {folder} is a file; give a folder (it is created if missing)")
+        for parent in self.root.absolute().parents:
+            if Run(parent).is_datus_run():
+                raise ConfigurationError(
+                    f"--output_dir {self.root} lies inside the datus run {parent}; its files would mix with that run's. "
+                    "Give a folder outside it"
+                )
+        self.check_links()
         if (self.root / RUN_FILE).is_file():
             self.recorded_identity()  # a damaged run file is named as such, not taken for a foreign folder
             return
@@ -219,6 +233,29 @@ class Run:
                 "writes masks/, segments/ and more there and would mix with or overwrite your files. Give a new "
                 "or empty folder."
             )
+
+    def check_links(self) -> None:
+        """Refuse symbolic links where datus writes: through one, its files would land (or be deleted) elsewhere.
+
+        Checked: the lock file and every folder datus writes or cleans (per-image folders are
+        also checked file by file through :meth:`Results.image_file`).
+        """
+        candidates = [self.root, self.root / LOCK_FILE, self.root / SHARDS_DIR, self.root / LOGS_DIR, self.root / CLUSTERS_DIR]
+        candidates += [self.root / name for name in (*IMAGE_FOLDERS, GALLERY_DIR)]
+        clusters = self.root / CLUSTERS_DIR
+        if clusters.is_dir() and not clusters.is_symlink():
+            for entry in clusters.iterdir():
+                if re.fullmatch(r"k\d+", entry.name):
+                    candidates += [entry, *(entry / name for name in (*IMAGE_FOLDERS, GALLERY_DIR))]
+        linked = [path for path in candidates if path.is_symlink()]
+        if linked:
+            raise ConfigurationError(
+                f"{linked[0]} is a symbolic link; datus writes there and would write (or delete) through it. Remove "
+                "the link (or give a new --output_dir)"
+            )
+        for path in candidates[1:]:
+            if path.exists() and path.name != LOCK_FILE and not path.is_dir():
+                raise ConfigurationError(f"{path} is a file where datus keeps a folder; remove it or give a new --output_dir")
 
     def recorded_identity(self) -> dict[str, Any] | None:
         """What ``run.json`` says the records were made from, or None for a new run."""
@@ -303,7 +340,12 @@ class Run:
             _HELD[key] = (stream, count + 1)
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        stream = open(self.root / LOCK_FILE, "a+")
+        self.check_links()
+        try:
+            descriptor = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            raise ConfigurationError(f"{self.root / LOCK_FILE} cannot be opened ({error}); remove it") from None
+        stream = os.fdopen(descriptor, "r+")
         try:
             fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

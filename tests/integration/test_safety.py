@@ -93,16 +93,40 @@ def test_crafted_shard_ids_are_refused_and_nothing_is_written_outside(run_copy: 
     assert not Path("/tmp/datus-escaped-absolute.png").exists()
 
 
-def test_a_symbolic_link_in_the_run_cannot_redirect_writes(run_copy: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("linked", ["clusters", "clusters/k2/masks", "gallery", "logs", "masks/nested", "run.lock"])
+@pytest.mark.parametrize("command", ["cluster", "predict"])
+def test_a_symbolic_link_in_the_run_cannot_redirect_writes_or_deletions(
+    dataset: Path, run_copy: Path, tmp_path: Path, linked: str, command: str
+) -> None:
+    """Links planted where datus writes (a folder, a nested image folder, the lock file) are refused."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    shutil.rmtree(run_copy / "clusters", ignore_errors=True)
-    (run_copy / "clusters").mkdir()
-    (run_copy / "clusters" / "k2").mkdir()
-    (run_copy / "clusters" / "k2" / "masks").symlink_to(elsewhere)
-    with pytest.raises(ConfigurationError, match="resolves outside"):
+    victim = elsewhere / "victim.txt"
+    victim.write_text("precious")
+    (elsewhere / "predict-rank000.json").write_text("the user's")
+    target = run_copy / linked
+    if target.exists() and not target.is_symlink():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(victim if linked == "run.lock" else elsewhere)
+    if command == "cluster" and linked == "masks/nested":  # datus cluster writes into clusters/k2, not there
         main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "2"])
-    assert list(elsewhere.iterdir()) == []
+    else:
+        with pytest.raises(ConfigurationError, match="is a symbolic link|resolves outside"):
+            if command == "cluster":
+                main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "2"])
+            else:
+                predict(dataset, run_copy)
+    assert victim.read_text() == "precious" and (elsewhere / "predict-rank000.json").read_text() == "the user's"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["predict-rank000.json", "victim.txt"]
+
+
+def test_a_run_inside_another_run_or_under_a_file_is_refused(dataset: Path, run_copy: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="lies inside the datus run"):
+        predict(dataset, run_copy / "clusters" / "k5")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigurationError, match="is a file"):
+        predict(dataset, tmp_path / "afile" / "sub")
 
 
 def test_another_data_folder_is_refused_naming_both(run_copy: Path, tmp_path: Path) -> None:

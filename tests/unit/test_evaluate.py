@@ -122,14 +122,21 @@ def test_evaluate_folders_pairs_resizes_and_scores(tmp_path: Path) -> None:
         assert image.width >= NUM_CLASSES * 24 and image.height >= NUM_CLUSTERS * 24
 
 
-def test_explicit_num_clusters_and_output_inside_pred_dir(tmp_path: Path) -> None:
+def test_explicit_num_clusters_and_an_output_folder_that_is_not_ours(tmp_path: Path) -> None:
     pred_dir, gt_dir, _, _ = build_folders(tmp_path)
-    output_dir = pred_dir / "evaluation"
+    output_dir = tmp_path / "evaluation"
     first = evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, output_dir, num_clusters=6)
     assert first["num_clusters"] == 6
-    # A rerun must not mistake its own confusion.png for a prediction.
-    second = evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, output_dir, num_clusters=6)
-    assert second == first
+    assert evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, output_dir, num_clusters=6) == first  # its own files
+    for inside in (pred_dir / "evaluation", gt_dir):  # outputs among the inputs would be read next time
+        with pytest.raises(ConfigurationError, match="give a folder outside the inputs"):
+            evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, inside, num_clusters=6)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "metrics.txt").write_text("my notes")
+    with pytest.raises(ConfigurationError, match="an earlier datus evaluate did not write"):
+        evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, notes, num_clusters=6)
+    assert (notes / "metrics.txt").read_text() == "my notes"
     with pytest.raises(ValueError, match=r"a\.png.*num_clusters"):
         evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, tmp_path / "out", num_clusters=2)
 
@@ -233,7 +240,7 @@ def test_same_or_nested_folders_are_warned_about(tmp_path: Path, caplog: pytest.
     assert [record.getMessage() for record in caplog.records if "same folder" in record.getMessage()] != []
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="datus.evaluate"), pytest.raises(ConfigurationError, match="pairs with"):
-        evaluate_folders(tmp_path, gt_dir, NUM_CLASSES, tmp_path / "out")  # keys 'gt/a' vs 'a': the warning says why
+        evaluate_folders(tmp_path, gt_dir, NUM_CLASSES, tmp_path.parent / f"{tmp_path.name}-out")  # keys gt/a vs a
     nested = [record.getMessage() for record in caplog.records if "lies inside" in record.getMessage()]
     assert len(nested) == 1 and "gt_dir (--gt)" in nested[0]
     caplog.clear()
