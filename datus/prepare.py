@@ -763,23 +763,36 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def _foreign_entries(out_dir: Path) -> list[str]:
-    """Entries of ``out_dir`` that an earlier conversion would not have written."""
+    """Entries of ``out_dir`` that the earlier conversion described by its ``classes.json`` did not write.
+
+    Beyond the layout, each split folder must hold exactly as many files as that conversion
+    recorded (``splits`` in ``classes.json``), so that a file a user added there (an extra
+    image, notes) is never deleted by ``--overwrite``.
+    """
     classes_file = out_dir / CLASSES_FILE
     try:
         described = json.loads(classes_file.read_text(encoding="utf-8"))
-        is_prepared = isinstance(described, dict) and isinstance(described.get("dataset"), str)
+        splits = described.get("splits") if isinstance(described, dict) and isinstance(described.get("dataset"), str) else None
     except (OSError, ValueError):
-        is_prepared = False
-    foreign = [] if is_prepared else [f"no {CLASSES_FILE} of an earlier conversion"]
+        splits = None
+    if not isinstance(splits, dict):
+        return [f"no {CLASSES_FILE} of an earlier conversion"]
+    foreign = []
     for entry in sorted(out_dir.iterdir()):
         if entry.name == CLASSES_FILE and entry.is_file():
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            expected = ("images", "true_masks")
-            extra = [child.name for child in entry.iterdir() if child.name not in expected or not child.is_dir()]
-            foreign.extend(f"{entry.name}/{name}" for name in sorted(extra))
-        else:
+        counts = splits.get(entry.name)
+        if not entry.is_dir() or entry.is_symlink() or not isinstance(counts, dict):
             foreign.append(entry.name)
+            continue
+        for child in sorted(entry.iterdir()):
+            recorded = counts.get({"images": "images", "true_masks": "masks"}.get(child.name, ""))
+            if not child.is_dir() or child.is_symlink() or not isinstance(recorded, int):
+                foreign.append(f"{entry.name}/{child.name}")
+                continue
+            found = sum(1 for path in child.rglob("*") if path.is_file() or path.is_symlink())
+            if found != recorded:
+                foreign.append(f"{entry.name}/{child.name} ({found} files, the earlier conversion wrote {recorded})")
     return foreign
 
 

@@ -359,11 +359,13 @@ def test_rerun_is_refused_without_overwrite_and_replaces_with_it(tmp_path: Path)
     assert _tree(tmp_path) == snapshot
     assert prepare_suim(raw, out, overwrite=True) == first
     assert _tree(tmp_path) == snapshot, "a replaced conversion must equal the first and leave nothing beside it"
-    # A file inside the dataset's own folders is replaced with the rest ...
-    (out / "train" / "images" / "old.jpg").write_bytes(b"left over")
-    prepare_suim(raw, out, overwrite=True)
-    assert _tree(tmp_path) == snapshot
-    # ... but --overwrite never deletes what a conversion would not have written.
+    # --overwrite never deletes what the earlier conversion did not write: a file added to its
+    # own folders (its recorded counts tell), or a folder beside them.
+    (out / "train" / "images" / "mine.jpg").write_bytes(b"the user's")
+    with pytest.raises(ConfigurationError, match=r"train/images \(2 files, the earlier conversion wrote 1\)"):
+        prepare_suim(raw, out, overwrite=True)
+    assert (out / "train" / "images" / "mine.jpg").read_bytes() == b"the user's"
+    (out / "train" / "images" / "mine.jpg").unlink()
     (out / "runs").mkdir()
     (out / "runs" / "metrics.json").write_text("{}")
     snapshot = _tree(tmp_path)
