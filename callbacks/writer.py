@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -41,7 +41,7 @@ class ResumableData(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
-    def exclude_image_ids(self, image_ids: Iterable[str]) -> None: ...
+    def exclude_recorded(self, recorded: Mapping[str, str]) -> None: ...
 
 
 class SegmentShardWriter(BasePredictionWriter):
@@ -75,7 +75,7 @@ class SegmentShardWriter(BasePredictionWriter):
             for stale in self.run.log_files():
                 stale.unlink()  # logs describe this invocation only; earlier work is counted as resumed
         trainer.strategy.barrier("datus-writer-setup")
-        finished = self.run.finished_ids()
+        finished = self.run.finished_images()
         self.images_resumed = len(finished)
         if finished:
             if not resumable:
@@ -83,7 +83,7 @@ class SegmentShardWriter(BasePredictionWriter):
                     f"--output_dir {self.run.root} holds {len(finished)} finished images, but this data module cannot "
                     "leave them out; use a new output folder"
                 )
-            data.exclude_image_ids(finished)
+            data.exclude_recorded(finished)
             pending = len(getattr(data, "pending_entries", ()))
             log.info("resuming %s: %d images done earlier, %d to predict", self.run.root, len(finished), pending)
             if pending == 0:  # an expected state here, not the user mistake Lightning warns about

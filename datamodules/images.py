@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -220,7 +220,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = _worker_count(num_workers)
         self.pin_memory = pin_memory
-        self._excluded: frozenset[str] = frozenset()
+        self._pending: list[ImageEntry] | None = None
 
     def describe(self) -> dict[str, Any]:
         """What the run is made from (recorded in ``run.json``; a resumed run must match it)."""
@@ -229,13 +229,30 @@ class ImageFolderDataModule(L.LightningDataModule):
             "masks": str(self.mask_dir.resolve()) if self.mask_dir is not None else None,
         }
 
-    def exclude_image_ids(self, image_ids: Iterable[str]) -> None:
-        """Leave out images already processed by an earlier, interrupted run (resume)."""
-        self._excluded = frozenset(image_ids)
+    def exclude_recorded(self, recorded: Mapping[str, str]) -> None:
+        """Leave out images an earlier, interrupted run recorded, and keep ids unique across both runs.
+
+        Args:
+            recorded: {absolute image path: image id} of the images already in the run's shards.
+                A new image whose id was given to another file in the earlier run (``a.png``
+                added beside a recorded ``a.jpg``) gets a numbered id instead, so that no
+                recorded image is predicted again under a new id.
+        """
+        taken = set(recorded.values())
+        pending = []
+        for entry in self.entries:
+            if os.path.abspath(entry.path) in recorded:
+                continue
+            image_id, number = entry.image_id, 2
+            while image_id in taken:
+                image_id, number = f"{entry.image_id}_{number}", number + 1
+            taken.add(image_id)
+            pending.append(ImageEntry(entry.path, image_id, entry.mask_path))
+        self._pending = pending
 
     @property
     def pending_entries(self) -> list[ImageEntry]:
-        return [entry for entry in self.entries if entry.image_id not in self._excluded]
+        return self.entries if self._pending is None else self._pending
 
     def predict_dataloader(self) -> DataLoader:
         dataset = ImageDataset(self.pending_entries, self.image_size, self.patch_size)

@@ -68,24 +68,33 @@ _UNSAFE_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\:*?\"<>|\ud800-\udfff]")
 _MAX_NAME_BYTES = 200
 """Longest id component in bytes: with ``.png`` and a suffix it stays under the 255 of any file system."""
 
+_CUT_NAME_BYTES = 180
+"""Where a long name is cut, leaving room for the suffixes that make ids unique (``_jpg``, ``_2``)."""
+
+_OUTPUT_SUFFIX = re.compile(r"\.(png|jpg)$", re.IGNORECASE)
+"""A folder named like an output file (``a.png/``) would collide with the output of ``a.jpg``."""
+
 
 def image_id_for(relative_path: Path) -> str:
     """A stable id that is a safe relative file name: the relative path without its extension.
 
     Folders are kept, so outputs mirror the input tree. Characters that are illegal on common
     file systems, control characters and undecodable bytes become ``_``; a component longer
-    than :data:`_MAX_NAME_BYTES` bytes is cut and given a hash of its full name, so that any
-    legal input name maps to an output name every file system accepts. The manifest keeps the
-    original path.
+    than :data:`_CUT_NAME_BYTES` bytes is cut and given a hash of its full name, so that any
+    legal input name maps to an output name every file system accepts; a folder named like an
+    output file (``x.png``) gets a trailing ``_``. The manifest keeps the original path.
     """
     parts = []
-    for part in relative_path.with_suffix("").parts:
+    components = relative_path.with_suffix("").parts
+    for index, part in enumerate(components):
         safe = _UNSAFE_CHARACTERS.sub("_", part)
         if safe in ("", ".", ".."):
             safe = "_"
-        if len(safe.encode("utf-8")) > _MAX_NAME_BYTES:
+        if index < len(components) - 1 and _OUTPUT_SUFFIX.search(safe):
+            safe += "_"
+        if len(safe.encode("utf-8")) > _CUT_NAME_BYTES:
             digest = hashlib.sha1(part.encode("utf-8", "surrogateescape")).hexdigest()[:10]
-            safe = safe.encode("utf-8")[: _MAX_NAME_BYTES - 11].decode("utf-8", "ignore") + "~" + digest
+            safe = safe.encode("utf-8")[: _CUT_NAME_BYTES - 11].decode("utf-8", "ignore") + "~" + digest
         parts.append(safe)
     return "/".join(parts)
 
@@ -297,9 +306,13 @@ class Run:
 
     def finished_ids(self) -> set[str]:
         """Ids of every image recorded in the shards: the resume state."""
-        from datus.shards import read_image_ids
+        return set(self.finished_images().values())
 
-        return set(read_image_ids(self.shards()))
+    def finished_images(self) -> dict[str, str]:
+        """Recorded images as {absolute image path: image id}, so that a resumed run keeps each image's id."""
+        from datus.shards import read_image_paths
+
+        return {os.path.abspath(path): image_id for image_id, path in read_image_paths(self.shards())}
 
     def remove_temporaries(self) -> int:
         """Delete temporaries that a killed run left in this run's folders; returns how many.

@@ -152,16 +152,26 @@ def _check(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def read_image_ids(shards: Sequence[Path]) -> list[str]:
-    """Ids of every image recorded in ``shards`` (reads only the small id arrays)."""
-    return [check_image_id(str(i), shard) for shard in shards for i in _load(shard, ("image_ids",))["image_ids"]]
+    """Ids of every image recorded in ``shards`` (reads only the small id and path arrays)."""
+    return [image_id for image_id, _ in read_image_paths(shards)]
 
 
 def read_image_paths(shards: Sequence[Path]) -> list[tuple[str, str]]:
-    """(image id, image path) of every recorded image (reads only those two small arrays)."""
+    """(image id, image path) of every recorded image, refusing an id recorded twice.
+
+    Reads only those two small arrays. Twice the same id would paint one image's masks over
+    another's and leave one out, so it is refused, naming both shards.
+    """
     pairs: list[tuple[str, str]] = []
+    seen: dict[str, Path] = {}
     for shard in shards:
         arrays = _load(shard, ("image_ids", "image_paths"))
-        pairs.extend((check_image_id(str(i), shard), str(p)) for i, p in zip(arrays["image_ids"], arrays["image_paths"]))
+        for raw_id, path in zip(arrays["image_ids"], arrays["image_paths"]):
+            image_id = check_image_id(str(raw_id), shard)
+            if image_id in seen:
+                raise ShardError(_damaged(shard, f"the image id {image_id!r} is also recorded in {seen[image_id].name}"))
+            seen[image_id] = shard
+            pairs.append((image_id, str(path)))
     return pairs
 
 

@@ -249,3 +249,48 @@ def test_a_second_process_is_refused_and_a_dead_one_leaves_no_lock(dataset: Path
     masks = read_label_png(run_copy / "masks" / f"{image_ids(dataset)[0]}.png")
     with Image.open(dataset / "train" / "images" / f"{image_ids(dataset)[0]}.jpg") as image:
         assert masks.shape == (image.height, image.width)
+
+
+def test_a_file_added_beside_a_recorded_one_gets_its_own_id(tmp_path: Path) -> None:
+    """a.png added next to a recorded a.jpg: a.jpg keeps its id and is not predicted again."""
+    images = tmp_path / "images"
+    write_two_region_dataset(images, 3)  # nested/img 0, img 1, img 2
+    run = tmp_path / "run"
+    arguments = ["predict", "--config", str(REPO / "configs" / "tiny.yaml"), "--data.root", str(images),
+                 "--output_dir", str(run), "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    main(arguments)
+    Image.open(images / "img 1.jpg").save(images / "img 1.png")
+    main(arguments)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["images_in_run"] == 4 and summary["images_predicted_now"] == 1
+    manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    assert sorted((entry["image_id"], Path(entry["image"]).name) for entry in manifest) == [
+        ("img 1", "img 1.jpg"), ("img 1_png", "img 1.png"), ("img 2", "img 2.jpg"), ("nested/img 0", "img 0.jpg")
+    ]
+
+
+def test_a_duplicated_id_in_the_shards_is_refused(run_copy: Path) -> None:
+    first = Run(run_copy).shards()[0]
+    with np.load(first) as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["image_ids"][1] = arrays["image_ids"][0]
+    np.savez(first, **arrays)
+    with pytest.raises(ConfigurationError, match="is also recorded in"):
+        main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "2"])
+
+
+def test_long_names_that_differ_by_extension_and_folders_named_like_outputs_finish(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    write_two_region_dataset(images, 2)  # nested/img 0, img 1
+    source = images / "img 1.jpg"
+    shutil.copy(source, images / ("M" * 200 + ".jpg"))
+    Image.open(source).save(images / ("M" * 200 + ".png"))
+    (images / "img 1.png").mkdir()  # a folder named like the output file of img 1.jpg
+    shutil.copy(source, images / "img 1.png" / "inner.jpg")
+    run = tmp_path / "run"
+    arguments = ["predict", "--config", str(REPO / "configs" / "tiny.yaml"), "--data.root", str(images),
+                 "--output_dir", str(run), "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    main(arguments)
+    main(arguments)  # and a rerun reads its own shards back
+    manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 5 and all((run / entry["mask"]).is_file() for entry in manifest)

@@ -322,15 +322,18 @@ def test_batches_are_uint8_and_the_module_normalises_with_the_backbone_mean_and_
         torch.testing.assert_close(flat, torch.full((16, 16), expected), atol=1e-5, rtol=0)
 
 
-def test_exclude_image_ids_removes_them(mixed_folder: Path) -> None:
-    """Ids given to exclude_image_ids (resume) are left out of the loader; unknown ids are harmless."""
+def test_recorded_images_are_left_out_and_new_ones_never_take_their_ids(mixed_folder: Path) -> None:
+    """Resume: recorded paths are left out; a new file whose id a recorded file holds gets a numbered id."""
     module = ImageFolderDataModule(mixed_folder, batch_size=4, num_workers=0)
-    module.exclude_image_ids(["rgb", "sub/dir/nested", "broken", "not-there"])
-    pending = [entry.image_id for entry in module.pending_entries]
-    assert sorted(pending) == sorted(set(MIXED_IDS) - {"rgb", "sub/dir/nested", "broken"})
+    by_id = {entry.image_id: entry for entry in module.entries}
+    recorded = {os.path.abspath(by_id[i].path): i for i in ("rgb", "sub/dir/nested", "broken")}
+    recorded["/elsewhere/gone.jpg"] = "grey"  # an image recorded earlier under the id 'grey', now gone
+    module.exclude_recorded(recorded)
+    pending = {entry.image_id: entry.path.name for entry in module.pending_entries}
+    assert set(pending) == set(MIXED_IDS) - {"rgb", "sub/dir/nested", "broken", "grey"} | {"grey_2"}
+    assert pending["grey_2"] == "grey.png"
     dataset = module.predict_dataloader().dataset
-    assert len(dataset) == len(MIXED_IDS) - 3
-    assert [entry.image_id for entry in dataset.entries] == pending
+    assert [entry.image_id for entry in dataset.entries] == [entry.image_id for entry in module.pending_entries]
 
 
 # ----------------------------------------------------------------------------- DataModule errors
