@@ -207,10 +207,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         image_dir, mask_dir = locate_images(root, split, mask_dir)
-        if batch_size < 1:
-            raise ConfigurationError(f"--data.batch_size must be >= 1, got {batch_size}")
-        if num_workers != "auto" and num_workers < 0:
-            raise ConfigurationError(f"--data.num_workers must be 'auto' or >= 0, got {num_workers}")
+        check_loader_options(batch_size, num_workers)
         self.image_dir = image_dir
         self.mask_dir = mask_dir
         self.split = split
@@ -265,6 +262,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             collate_fn=collate_with_skips,
             persistent_workers=False,
         )
+
+
+def check_loader_options(batch_size: int, num_workers: int | Literal["auto"]) -> None:
+    """Refuse loader options that cannot work (the CLI calls this before any model is built)."""
+    if batch_size < 1:
+        raise ConfigurationError(f"--data.batch_size must be >= 1, got {batch_size}")
+    if num_workers != "auto" and num_workers < 0:
+        raise ConfigurationError(f"--data.num_workers must be 'auto' or >= 0, got {num_workers}")
 
 
 def _worker_count(requested: int | Literal["auto"]) -> int:

@@ -112,9 +112,12 @@ def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
     if not run.is_datus_run() or not run.shards():
         raise ConfigurationError(f"--run {options.run} is not a finished datus run (no run.json or shards/); give the --output_dir of datus predict")
     cluster_values = from_options(options, ClusterSettings, "cluster")
-    evaluation = EvaluationSettings(**from_options(options, EvaluationSettings, "eval"))
-    crf = CRFParams(**from_options(options, CRFParams, "crf"))
-    sweep = [ClusterSettings(**{**cluster_values, "num_clusters": k}) for k in cluster_values["num_clusters"]]
+    try:
+        evaluation = EvaluationSettings(**from_options(options, EvaluationSettings, "eval"))
+        crf = CRFParams(**from_options(options, CRFParams, "crf"))
+        sweep = [ClusterSettings(**{**cluster_values, "num_clusters": k}) for k in cluster_values["num_clusters"]]
+    except (TypeError, ValueError) as error:  # e.g. a hand-edited config.yaml with values of the wrong type
+        raise ConfigurationError(f"{error} (from the flags or {options.run / 'config.yaml'})") from error
     if cluster_values["crf"]:
         require_densecrf()
     rows = []

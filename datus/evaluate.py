@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 LABEL_SUFFIXES = frozenset({".png", ".bmp", ".tif", ".tiff", ".gif", ".pgm"})
 """File suffixes read as label maps; lossy formats (JPEG) are left out on purpose: they corrupt ids."""
 
+MAX_LABELS = 65535
+"""Most cluster or class ids scored (a 16-bit label map); the pooled counts grow with K x C."""
+
+MAX_CRF_LABELS = 255
+"""Most labels a CRF refines (it holds one probability plane per label)."""
+
 LABEL_CONFIDENCE = 0.8
 """Probability a label map's own label gets as the CRF's input (label maps carry no probabilities)."""
 
@@ -250,8 +256,17 @@ def evaluate_folders(
             raise ConfigurationError(f"--label_confidence must lie strictly between 0 and 1, got {label_confidence}")
         if num_clusters is None:
             num_clusters = max(_largest_id(_read_labels(path, "prediction"), ignore_index) for path in predictions.values()) + 1
+        if num_clusters > MAX_CRF_LABELS:
+            raise ConfigurationError(
+                f"--crf needs one probability plane per label: at most {MAX_CRF_LABELS} labels, the predictions have {num_clusters}"
+            )
+    if num_classes > MAX_LABELS or (num_clusters or 0) > MAX_LABELS:
+        raise ConfigurationError(f"--num_classes and --num_clusters must be at most {MAX_LABELS}, got {num_classes} and {num_clusters}")
     # Without an explicit K, start small and grow as larger ids show up: one pass over the files.
-    metric = MatchedSegmentationMetric(num_clusters if num_clusters is not None else 1, num_classes, ignore_index)
+    try:
+        metric = MatchedSegmentationMetric(num_clusters if num_clusters is not None else 1, num_classes, ignore_index)
+    except ValueError as error:
+        raise ConfigurationError(f"--ignore_index: {error}") from None
     unrefined = MatchedSegmentationMetric(metric.num_clusters, num_classes, ignore_index) if crf == "both" else None
     resized: list[str] = []
     pairs = _pairs(ground_truth, predictions, pred_dir, ignore_index, resized)
@@ -262,6 +277,8 @@ def evaluate_folders(
         try:
             if num_clusters is None:
                 needed = _largest_id(preds, ignore_index) + 1
+                if needed > MAX_LABELS:
+                    raise ValueError(f"holds the id {needed - 1}; label maps hold at most {MAX_LABELS} ids")
                 if needed > metric.num_clusters:
                     metric = metric.expanded(needed)
             metric.update(torch.from_numpy(preds), torch.from_numpy(target))

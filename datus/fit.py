@@ -37,21 +37,26 @@ EMBEDDING_IDENTITY = (
 
 
 def fit_identity(run: Run, settings: ClusterSettings) -> dict[str, Any]:
-    """What a fit depends on: the settings and the exact shards (names and sizes)."""
-    return {"settings": settings.fit_identity(), "shards": [[p.name, p.stat().st_size] for p in run.shards()]}
+    """What a fit depends on: the settings and the exact shards (names, sizes, modification times)."""
+    shards = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in run.shards()]
+    return {"settings": settings.fit_identity(), "shards": shards}
 
 
 def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective) -> ClusterModel:
     """The cluster model for ``settings`` on every rank (fitted once, saved by rank 0)."""
     directory = run.cluster_dir(settings.num_clusters)
     identity = fit_identity(run, settings)
+    width = embedding_width(run)
     if _saved_identity(directory) == identity:
-        try:
-            return ClusterModel.load(directory)
-        except ValueError as error:  # a damaged cache is refitted, not trusted
+        try:  # a damaged or mismatched cache is refitted, not trusted
+            cached = ClusterModel.load(directory)
+            if (cached.num_clusters, cached.input_dim) == (settings.num_clusters, width):
+                return cached
+            log.warning("fitting again: %s does not fit K = %d and %d dimensions", directory, settings.num_clusters, width)
+        except ValueError as error:
             log.warning("fitting again: %s", error)
     if settings.centroids is not None:
-        model = applied_model(run, Path(settings.centroids), settings.num_clusters)
+        model = applied_model(Path(settings.centroids), _model_identity(run), settings.num_clusters, width)
     else:
         own = read_segment_table(run.shards()[collective.rank :: collective.world_size]).embeddings
         _check_enough_segments(run, settings, collective.sum_counts([len(own)])[0])
@@ -101,20 +106,43 @@ def _check_enough_segments(run: Run, settings: ClusterSettings, count: int) -> N
     )
 
 
-def applied_model(run: Run, source: Path, num_clusters: int) -> ClusterModel:
-    """Another run's fitted model, refused unless that run embedded segments like this one."""
-    model = ClusterModel.load(source)
-    source_run = Run(source.parent.parent)
-    theirs, ours = source_run.recorded_identity(), run.recorded_identity()
-    if theirs is None or ours is None:
+def embedding_width(run: Run) -> int:
+    """The dimension of the run's segment embeddings (from its first shard)."""
+    from datus.shards import read_records
+
+    return int(read_records(run.shards()[0])[0].image_embedding.shape[0])
+
+
+def _model_identity(run: Run) -> dict[str, Any]:
+    identity = run.recorded_identity()
+    if identity is None:
+        raise ConfigurationError(f"{run.root / RUN_FILE} is missing; run `datus predict` into {run.root} first")
+    return identity["model"]
+
+
+def applied_model(source: Path, model_identity: dict[str, Any], num_clusters: int, width: int | None = None) -> ClusterModel:
+    """Another run's fitted model, refused unless that run embedded segments like this one.
+
+    Args:
+        source: a ``clusters/k<K>`` folder of another run.
+        model_identity: this run's model settings (``DatusModule.describe()``, as in run.json).
+        num_clusters: the K asked for.
+        width: this run's embedding dimension, when known.
+    """
+    try:
+        model = ClusterModel.load(source)
+        theirs = Run(source.parent.parent).recorded_identity()
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigurationError(f"--cluster.centroids {source}: {error}") from error
+    if theirs is None:
         raise ConfigurationError(
             f"--cluster.centroids {source}: {source.parent.parent / RUN_FILE} is missing; give a clusters/k<K> "
             "folder inside a datus run folder"
         )
     differences = [
-        f"{key}: {theirs['model'].get(key)!r} there, {ours['model'].get(key)!r} here"
+        f"{key}: {theirs['model'].get(key)!r} there, {model_identity.get(key)!r} here"
         for key in EMBEDDING_IDENTITY
-        if theirs["model"].get(key) != ours["model"].get(key)
+        if theirs["model"].get(key) != model_identity.get(key)
     ]
     if differences:
         raise ConfigurationError(
@@ -124,6 +152,10 @@ def applied_model(run: Run, source: Path, num_clusters: int) -> ClusterModel:
     if model.num_clusters != num_clusters:
         raise ConfigurationError(
             f"--cluster.centroids {source} has K = {model.num_clusters}; set --cluster.num_clusters {model.num_clusters}"
+        )
+    if width is not None and model.input_dim != width:
+        raise ConfigurationError(
+            f"--cluster.centroids {source} take {model.input_dim}-dimensional embeddings, this run's have {width}"
         )
     return model
 

@@ -107,7 +107,7 @@ def postprocess(
     if not reuse and collective.is_main:  # a pass killed midway must not pass for a finished one
         write_json(results.file(PAINTED_FILE), {"masks": None, "colour": None})
     collective.barrier()
-    scored = classes is not None and (_read_metrics(results) is None or not reuse)
+    scored = classes is not None and (_read_metrics(results, cluster.num_clusters) is None or not reuse)
     scorer = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scored and classes else None
     unrefined = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scorer and cluster.crf == "both" else None
     counts = np.zeros(3, dtype=np.int64)  # images, valid segments, noise segments
@@ -130,7 +130,7 @@ def postprocess(
     seconds["painting"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    metrics = _read_metrics(results) if classes is not None and scorer is None else None
+    metrics = _read_metrics(results, cluster.num_clusters) if classes is not None and scorer is None else None
     if scorer is not None:
         metrics = scorer.compute()
         metrics["crf"] = {"applied": bool(cluster.crf), "settings": asdict(crf) if cluster.crf else None}
@@ -194,13 +194,22 @@ def _read_painted(results: Results) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
-def _read_metrics(results: Results) -> dict[str, Any] | None:
-    """The metrics of an unchanged earlier scoring, or None to score again."""
+def _read_metrics(results: Results, num_clusters: int) -> dict[str, Any] | None:
+    """The metrics of an unchanged earlier scoring, or None to score again (also when the file is not sound)."""
     try:
         metrics = read_json(results.file(METRICS_FILE)) if results.file(METRICS_FILE).is_file() else None
     except UnreadableFile:
         return None
-    return metrics if isinstance(metrics, dict) and "protocols" in metrics else None
+    try:
+        classes = int(metrics["num_classes"])
+        for name in ("dense", "paper"):
+            mapping = metrics["protocols"][name]["mapping"]
+            expected = {str(cluster) for cluster in range(num_clusters)}
+            if set(mapping) != expected or not all(c is None or (type(c) is int and 0 <= c < classes) for c in mapping.values()):
+                return None
+        return metrics if int(metrics["num_clusters"]) == num_clusters else None
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
 
 
 def _progress(description: str, collective: Collective) -> tqdm:

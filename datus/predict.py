@@ -22,9 +22,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from callbacks.pipeline import ClusterPaintEvaluate
 from callbacks.progress import ImagesProgressBar
 from callbacks.writer import SegmentShardWriter
-from datamodules.images import ImageFolderDataModule, locate_images
+from datamodules.images import ImageFolderDataModule, check_loader_options, locate_images
 from datus.crf import CRFParams, require_densecrf
 from datus.errors import ConfigurationError
+from datus.fit import applied_model
 from datus.io import write_text
 from datus.module import DatusModule
 from datus.run import CONFIG_FILE, Run
@@ -85,6 +86,17 @@ class DatusCLI(LightningCLI):
         self.crf_params = CRFParams(**self.config.crf.as_dict())
         if self.cluster_settings.crf:
             require_densecrf()
+        check_loader_options(self.config.data.batch_size, self.config.data.num_workers)
+
+    def after_instantiate_classes(self) -> None:
+        """Refuse centroids that cannot label this run's segments before predicting any image."""
+        if self.cluster_settings.centroids is not None:
+            applied_model(
+                Path(self.cluster_settings.centroids),
+                self.model.describe(),
+                self.cluster_settings.num_clusters,
+                self.model.embedding_dim,
+            )
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
         """Add the writer, the dataset stages and the image progress bar (last, after the writer)."""

@@ -274,7 +274,12 @@ class Run:
             content = read_json(self.root / RUN_FILE)
         except UnreadableFile as error:
             raise ConfigurationError(f"{error}; or give a new --output_dir") from error
-        if not isinstance(content, dict) or not isinstance(content.get("identity"), dict):
+        identity = content.get("identity") if isinstance(content, dict) else None
+        if (
+            not isinstance(identity, dict)
+            or not isinstance(identity.get("model"), dict)
+            or not isinstance(identity.get("data"), (dict, type(None)))
+        ):
             raise ConfigurationError(
                 f"{self.root / RUN_FILE} is not a run file of this datus version; use a new --output_dir"
             )

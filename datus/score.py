@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from datus.drawing import save_confusion_png
+from datus.errors import ConfigurationError
 from datus.io import UnreadableFile, read_json, read_label_png, write_json, write_text
 from datus.metrics import MatchedSegmentationMetric, format_table, pixel_counts
 from datus.records import ImageRecord
@@ -88,8 +89,11 @@ class Scorer:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.metric = MatchedSegmentationMetric(self.num_clusters, self.classes.num_classes, self.settings.ignore_index)
-        self.metric = self.metric.to(self.device)
+        try:
+            metric = MatchedSegmentationMetric(self.num_clusters, self.classes.num_classes, self.settings.ignore_index)
+        except ValueError as error:
+            raise ConfigurationError(f"--eval.ignore_index: {error}") from error
+        self.metric = metric.to(self.device)
 
     def ground_truth(self, record: ImageRecord) -> np.ndarray | None:
         """The record's mask, or None (with a listed reason when it exists but cannot be scored)."""

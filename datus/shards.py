@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from datus.errors import ConfigurationError
-from datus.io import write_npz
+from datus.io import MAX_IMAGE_PIXELS, write_npz
 from datus.records import ImageRecord
 from datus.run import check_image_id
 
@@ -123,11 +123,18 @@ def _check(path: Path, arrays: dict[str, np.ndarray]) -> None:
         quality = arrays["modularity"]
         if quality.shape != (images,) or quality.dtype.kind != "f" or np.isinf(quality).any():
             refuse(f"modularity must be {images} finite or NaN numbers, one per image")
-    counts, maps = arrays["segment_counts"], arrays["segment_maps"]
-    if images == 0 or maps.ndim != 3 or arrays["orig_sizes"].shape != (images, 2) or counts.dtype.kind not in "iu":
+    counts, maps, sizes = arrays["segment_counts"], arrays["segment_maps"], arrays["orig_sizes"]
+    if images == 0 or maps.ndim != 3 or min(maps.shape[1:], default=0) < 1 or sizes.shape != (images, 2):
         refuse("no images, or image arrays of the wrong shape")
-    if (counts < 1).any() or (arrays["orig_sizes"] < 1).any():
-        refuse("an image without segments or without pixels")
+    integers = ("segment_counts", "segment_maps", "orig_sizes", "sizes", "donors")
+    if any(arrays[key].dtype.kind not in "iu" for key in integers) or arrays["is_noise"].dtype != bool:
+        refuse(f"{', '.join(integers)} must hold integers and is_noise booleans")
+    if any(arrays[key].dtype.kind != "f" for key in ("embeddings", "image_embeddings", "cls_attention")):
+        refuse("embeddings and attention must hold floating-point numbers")
+    if (counts < 1).any() or (sizes < 1).any() or (sizes.astype(np.float64).prod(axis=1) > MAX_IMAGE_PIXELS).any():
+        refuse(f"an image without segments, without pixels, or above {MAX_IMAGE_PIXELS} pixels")
+    if not (np.isfinite(arrays["embeddings"]).all() and np.isfinite(arrays["image_embeddings"]).all()):
+        refuse("embeddings hold NaN or inf values")
     segments = int(counts.sum())
     for key in _PER_SEGMENT:
         if arrays[key].shape != (segments,):
@@ -144,6 +151,8 @@ def _check(path: Path, arrays: dict[str, np.ndarray]) -> None:
         segment_map = maps[i]
         if segment_map.min() < 0 or segment_map.max() >= count:
             refuse(f"image {i}'s segment map has ids outside 0..{count - 1}")
+        if not np.array_equal(np.bincount(segment_map.ravel(), minlength=count), arrays["sizes"][end - count : end]):
+            refuse(f"image {i}'s segment sizes do not match its segment map")
         noise = arrays["is_noise"][end - count : end]
         donors = arrays["donors"][end - count : end]
         valid = int((~noise).sum())
@@ -190,8 +199,15 @@ def read_segment_table(shards: Sequence[Path]) -> SegmentTable:
     the table gives the same clusters for a 1-rank and an N-rank run of the same images.
     """
     pieces: list[tuple[str, np.ndarray]] = []
+    width: tuple[int, Path] | None = None
     for shard in shards:
-        pieces.extend((record.image_id, record.embeddings) for record in read_records(shard))
+        records = read_records(shard)
+        if width is None:
+            width = (records[0].image_embedding.shape[0], shard)
+        elif records[0].image_embedding.shape[0] != width[0]:
+            raise ShardError(_damaged(shard, f"its embeddings have {records[0].image_embedding.shape[0]} dimensions, "
+                                             f"those of {width[1].name} {width[0]}"))
+        pieces.extend((record.image_id, record.embeddings) for record in records)
     if not pieces:
         return SegmentTable(np.zeros((0, 0), np.float16), 0)
     pieces.sort(key=lambda piece: piece[0])

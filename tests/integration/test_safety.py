@@ -294,3 +294,80 @@ def test_long_names_that_differ_by_extension_and_folders_named_like_outputs_fini
     main(arguments)  # and a rerun reads its own shards back
     manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 5 and all((run / entry["mask"]).is_file() for entry in manifest)
+
+
+def rewrite_first_shard(run: Path, change: str) -> None:
+    """Damage the run's first shard the way a crafted file would (values, not layout)."""
+    first = Run(run).shards()[0]
+    with np.load(first) as data:
+        arrays = {key: data[key] for key in data.files}
+    if change == "nan":
+        arrays["embeddings"][0, 0] = np.nan
+    elif change == "float_map":
+        arrays["segment_maps"] = arrays["segment_maps"].astype(np.float32)
+    elif change == "negative_size":
+        arrays["sizes"][0] = -arrays["sizes"][0]
+    elif change == "huge_image":
+        arrays["orig_sizes"][0] = (200000, 200000)
+    elif change == "other_width":
+        arrays["embeddings"] = arrays["embeddings"][:, :10]
+        arrays["image_embeddings"] = arrays["image_embeddings"][:, :10]
+    np.savez(first, **arrays)
+
+
+@pytest.mark.parametrize("change", ["nan", "float_map", "negative_size", "huge_image", "other_width"])
+def test_crafted_shard_values_are_one_error_naming_the_shard(run_copy: Path, change: str) -> None:
+    rewrite_first_shard(run_copy, change)
+    with pytest.raises(ConfigurationError, match=r"rank000-000000[01]\.npz is damaged"):
+        main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "3"])
+
+
+def test_crafted_cache_and_metrics_are_not_trusted(run_copy: Path, finished_run: Path) -> None:
+    """A cached fit of another shape is refitted; a metrics.json that is not sound is scored again."""
+    fit = run_copy / "clusters" / "k3"
+    model = json.loads((fit / "model.json").read_text())
+    np.save(fit / "centroids.npy", np.zeros((3, 5), np.float32))
+    (fit / "model.json").write_text(json.dumps({**model, "input_dim": 5}))
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    metrics["protocols"]["dense"]["mapping"] = {"0": 99, "1": "x"}
+    (run_copy / "metrics.json").write_text(json.dumps(metrics))
+    main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "3"])
+    assert np.load(fit / "centroids.npy").shape[1] != 5
+    assert json.loads((fit / "metrics.json").read_text())["protocols"]["dense"]["mapping"] == json.loads(
+        (finished_run / "metrics.json").read_text()
+    )["protocols"]["dense"]["mapping"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda run: (run / "run.json").write_text('{"datus_version": "0", "identity": {"model": "x"}}'), "not a run file"),
+        (lambda run: (run / "config.yaml").write_text("cluster:\n  seed: {a: 1}\n"), "config.yaml"),
+    ],
+)
+def test_crafted_run_and_config_files_are_one_error(run_copy: Path, edit: object, message: str) -> None:
+    edit(run_copy)  # type: ignore[operator]
+    with pytest.raises(ConfigurationError, match=message):
+        main(["cluster", "--run", str(run_copy)])
+
+
+def test_unusable_centroids_are_refused_before_any_image_is_predicted(dataset: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "model.json").write_text("{")
+    run = tmp_path / "run"
+    with pytest.raises(ConfigurationError, match="--cluster.centroids .*junk"):
+        predict(dataset, run, "--cluster.centroids", str(junk))
+    assert not Run(run).shards()
+
+
+def test_impossible_settings_are_one_error(dataset: Path, run_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigurationError, match="--eval.ignore_index"):
+        main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "2", "--eval.ignore_index", "1"])
+    gt = dataset / "train" / "true_masks"
+    with pytest.raises(ConfigurationError, match="at most 65535"):
+        main(["evaluate", "--pred", str(run_copy / "masks"), "--gt", str(gt), "--num_classes", "2",
+              "--num_clusters", "1000000000", "--output_dir", str(tmp_path / "eval")])  # fmt: skip
+    monkeypatch.setattr("datus.module.build_backbone", lambda *args, **kwargs: pytest.fail("model built first"))
+    with pytest.raises(ConfigurationError, match="--data.batch_size must be >= 1"):
+        predict(dataset, tmp_path / "run0", "--data.batch_size", "0")
