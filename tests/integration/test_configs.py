@@ -23,6 +23,9 @@ class ParseOnly(DatusCLI):
     def instantiate_classes(self) -> None:
         return None
 
+    def after_instantiate_classes(self) -> None:
+        return None
+
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
