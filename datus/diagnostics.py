@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from datus.clustering import ClusterModel, fit_clusters
-from datus.drawing import BACKGROUND, INK, fit_text, font_of, text_width
+from datus.drawing import BACKGROUND, INK, PAD, fit_text, font_of, text_width
 from datus.fit import segment_labels
 from datus.metrics import agreement_scores
 from datus.records import ImageRecord
@@ -48,7 +48,6 @@ PANEL_WIDTH = 640
 CHART_HEIGHT = 110
 """Height of the bars area of each chart in the panel."""
 _LINE = 17
-_PAD = 8
 _BAR_GREY = (150, 150, 150)
 
 
@@ -293,24 +292,24 @@ def diagnostics_panel(diagnostics: Diagnostics, colours: np.ndarray, gallery: bo
     ]
     if gallery:
         lines.append("cluster galleries: gallery/index.png and gallery/cluster_<k>.png beside this report")
-    half = (PANEL_WIDTH - 3 * _PAD) // 2
+    half = (PANEL_WIDTH - 3 * PAD) // 2
     valid_chart = _histogram_chart(diagnostics.valid_per_image, "valid segments per image", half, small)
     noise_chart = _histogram_chart(diagnostics.noise_per_image, "noise segments per image", half, small)
-    sizes_chart = _sizes_chart(diagnostics.clusters, colours, PANEL_WIDTH - 2 * _PAD, small)
-    height = _PAD + 22 + _LINE * len(lines) + _PAD + valid_chart.height + _PAD + sizes_chart.height + _PAD
+    sizes_chart = _sizes_chart(diagnostics.clusters, colours, PANEL_WIDTH - 2 * PAD, small)
+    height = PAD + 22 + _LINE * len(lines) + PAD + valid_chart.height + PAD + sizes_chart.height + PAD
     panel = Image.new("RGB", (PANEL_WIDTH, height), BACKGROUND)
     draw = ImageDraw.Draw(panel)
     draw.rectangle([0, 0, PANEL_WIDTH - 1, height - 1], outline=(200, 200, 200))
-    draw.text((_PAD, _PAD), "label-free diagnostics (README: how to read them)", fill=INK, font=title_font)
-    y = _PAD + 22
+    draw.text((PAD, PAD), "label-free diagnostics (README: how to read them)", fill=INK, font=title_font)
+    y = PAD + 22
     for line in lines:
-        draw.text((_PAD, y), fit_text(line, font, PANEL_WIDTH - 2 * _PAD), fill=INK, font=font)
+        draw.text((PAD, y), fit_text(line, font, PANEL_WIDTH - 2 * PAD), fill=INK, font=font)
         y += _LINE
-    y += _PAD
-    panel.paste(valid_chart, (_PAD, y))
-    panel.paste(noise_chart, (2 * _PAD + half, y))
-    y += valid_chart.height + _PAD
-    panel.paste(sizes_chart, (_PAD, y))
+    y += PAD
+    panel.paste(valid_chart, (PAD, y))
+    panel.paste(noise_chart, (2 * PAD + half, y))
+    y += valid_chart.height + PAD
+    panel.paste(sizes_chart, (PAD, y))
     return panel
 
 
