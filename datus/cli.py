@@ -261,6 +261,9 @@ def run_prepare(args: Sequence[str]) -> None:
 
 
 def _evaluate_parser() -> CommandParser:
+    from datus.crf import CRFParams
+    from datus.settings import add_options
+
     parser = CommandParser(prog="datus evaluate", description="Hungarian-matched mIoU of any predicted label PNGs.")
     parser.add_argument("--pred", type=Path, required=True, help="folder of predicted label PNGs")
     parser.add_argument("--gt", type=Path, required=True, help="folder of ground-truth label PNGs (same relative paths)")
@@ -283,9 +286,6 @@ def _evaluate_parser() -> CommandParser:
     parser.add_argument(
         "--label_confidence", type=float, default=0.8, help="CRF input: probability of each pixel's own label (default 0.8)"
     )
-    from datus.crf import CRFParams
-    from datus.settings import add_options
-
     add_options(parser, CRFParams, "crf", {})
     return parser
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datus.crf import CRFJob, CRFParams, require_densecrf, refine_many
+from datus.crf import CRFJob, CRFParams, refine_many, require_densecrf
 from datus.drawing import save_confusion_png
 from datus.errors import ConfigurationError
 from datus.io import IMAGE_EXTENSIONS, UnreadableFile, read_label_png, write_json, write_text

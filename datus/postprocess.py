@@ -26,19 +26,19 @@ from tqdm.auto import tqdm
 
 from datus.clustering import ClusterModel
 from datus.collective import Collective
+from datus.crf import CRFJob, CRFParams, refine_many
 from datus.describe import PredictionLog, format_summary, write_dataset_files, write_summary
 from datus.diagnostics import diagnostics_panel, measure, records_by_shard
 from datus.drawing import colour_table, legend_picture
-from datus.crf import CRFJob, CRFParams, refine_many
 from datus.errors import ConfigurationError
 from datus.fit import fit_identity, fit_or_load, segment_labels, segment_probabilities_of
 from datus.gallery import matched_names, write_galleries
 from datus.io import UnreadableFile, read_json, write_image, write_json
 from datus.paint import FileWriterPool, mask_of, noise_of, write_colour_files, write_label_files
+from datus.records import ImageRecord
 from datus.report import make_report
 from datus.run import COLOUR, LEGEND_FILE, MASKS, METRICS_FILE, OVERLAY, PAINTED_FILE, SEGMENTS, SKIPPED_FILE, Results, Run
 from datus.score import Scorer, class_info
-from datus.records import ImageRecord
 from datus.settings import ClusterSettings, EvaluationSettings
 from datus.shards import first_mask_path, read_image_paths, read_records
 from datus.workers import available_cores

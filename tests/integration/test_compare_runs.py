@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
 import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 

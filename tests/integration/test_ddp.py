@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from datus.io import read_label_png
 from datus.run import Run
-
 from tests.conftest import image_ids
 from tests.generated import REPO, TINY, records_of
 

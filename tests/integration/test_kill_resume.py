@@ -17,7 +17,6 @@ from PIL import Image
 
 from datus.cli import main
 from datus.io import read_label_png
-
 from tests.generated import REPO, TINY
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 
 from datus.cli import main
-from datus.io import read_label_png
 from datus.drawing import overlay
-
+from datus.io import read_label_png
 from tests.generated import TINY
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
-
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from datus.drawing import save_confusion_png

@@ -19,8 +19,8 @@ from PIL import Image
 
 from datus.errors import ConfigurationError
 from datus.prepare import (
-    COCOSTUFF27_CLASSES,
     CITYSCAPES_CLASSES,
+    COCOSTUFF27_CLASSES,
     PrepareReport,
     cityscapes27_from_label_ids,
     cocostuff27_from_fine,

@@ -25,9 +25,9 @@ from callbacks.writer import SegmentShardWriter
 from datamodules.images import ImageFolderDataModule
 from datamodules.pseudo import PseudoMaskDataModule
 from datus.cli import main
-from datus.settings import ClusterSettings
 from datus.io import read_label_png
 from datus.module import DatusModule
+from datus.settings import ClusterSettings
 from tests.generated import REPO, TINY, write_classes, write_two_region_dataset
 
 NUM_IMAGES = 6

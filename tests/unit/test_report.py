@@ -16,9 +16,8 @@ from PIL import Image
 
 import datus.report
 from datus.cli import main
-from datus.drawing import palette
+from datus.drawing import LINE_HEIGHT, MISSING_GREY, PAD, palette
 from datus.records import ImageRecord
-from datus.drawing import LINE_HEIGHT, MISSING_GREY, PAD
 from datus.report import BANNER_HEIGHT, BANNER_RED, MAX_CONFUSION_SCALE, TITLE_HEIGHT
 from datus.report import make_report as draw_report
 from datus.run import Run
