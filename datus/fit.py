@@ -42,10 +42,16 @@ def fit_identity(run: Run, settings: ClusterSettings) -> dict[str, Any]:
     return {"settings": settings.fit_identity(), "shards": shards}
 
 
-def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective) -> ClusterModel:
-    """The cluster model for ``settings`` on every rank (fitted once, saved by rank 0)."""
+def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective, identity: dict[str, Any]) -> ClusterModel:
+    """The cluster model for ``settings`` on every rank (fitted once, saved by rank 0).
+
+    Args:
+        run: the run whose shards are clustered.
+        settings: the cluster settings.
+        collective: the ranks taking part.
+        identity: :func:`fit_identity` of the run and settings; a saved fit is reused when it matches.
+    """
     directory = run.cluster_dir(settings.num_clusters)
-    identity = fit_identity(run, settings)
     width = embedding_width(run)
     if _saved_identity(directory) == identity:
         try:  # a damaged or mismatched cache is refitted, not trusted

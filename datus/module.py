@@ -232,18 +232,18 @@ class DatusModule(L.LightningModule):
             "embedding_dim": self.embedding_dim,
         }
 
-    def _on_accelerator(self) -> bool:
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        return device.type != "cpu"
+    def _root_device(self) -> torch.device:
+        """Where the backbone runs: the trainer's device once attached, else the module's."""
+        return self.trainer.strategy.root_device if self._trainer is not None else self.device
 
     def setup(self, stage: str) -> None:
         """Start the Louvain workers early: their start-up overlaps the data loader's."""
         if self._pool is not None:
             return
         workers = 0 if self.louvain_workers == "auto" else self.louvain_workers
-        self._calibrate_workers = self.louvain_workers == "auto" and self._on_accelerator()
+        device = self._root_device()
+        self._calibrate_workers = self.louvain_workers == "auto" and device.type != "cpu"
         self._pool = CommunityPool(workers, self.resolution, self.min_patches, self.louvain)
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         precision = self.trainer.precision if self._trainer is not None else "32-true"
         where = "measured on the first batch" if self._calibrate_workers else f"{workers} worker processes" if workers else "the main process"
         embedder = f", segments embedded by {self.embedder_name}" if self.embedder_name is not None else ""

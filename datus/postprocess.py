@@ -91,10 +91,11 @@ def postprocess(
         )
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    model = fit_or_load(run, cluster, collective)
+    fitted_on = fit_identity(run, cluster)
+    model = fit_or_load(run, cluster, collective, fitted_on)
     seconds["clustering"] = time.perf_counter() - started
     identity = {
-        "fit": fit_identity(run, cluster),
+        "fit": fitted_on,
         "evaluation": [evaluation.num_classes, evaluation.ignore_index],
         "crf": [cluster.crf, asdict(crf) if cluster.crf else None],
     }
@@ -107,7 +108,8 @@ def postprocess(
     if not reuse and collective.is_main:  # a pass killed midway must not pass for a finished one
         write_json(results.file(PAINTED_FILE), {"masks": None, "colour": None})
     collective.barrier()
-    scored = classes is not None and (_read_metrics(results, cluster.num_clusters) is None or not reuse)
+    earlier = _read_metrics(results, cluster.num_clusters) if classes is not None and reuse else None
+    scored = classes is not None and earlier is None
     scorer = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scored and classes else None
     unrefined = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scorer and cluster.crf == "both" else None
     counts = np.zeros(3, dtype=np.int64)  # images, valid segments, noise segments
@@ -118,11 +120,12 @@ def postprocess(
         counts += (1, record.num_valid, len(record.sizes) - record.num_valid)
         if item.write or not results.image_file(SEGMENTS, record.image_id).is_file():
             writes.submit(write_label_files, results, record, item.mask if item.write else None, cluster.num_clusters)
-        if scorer is not None and item.mask is not None:
+        target = scorer.ground_truth(record) if scorer is not None and item.mask is not None else None
+        if scorer is not None and target is not None:
             noise = noise_of(record)
-            scorer.update(record, item.mask, noise)
+            scorer.add(item.mask, target, noise)
             if unrefined is not None and item.unrefined is not None:
-                unrefined.update(record, item.unrefined, noise)
+                unrefined.add(item.unrefined, target, noise)
         progress.update(1)
     writes.wait()
     progress.close()
@@ -130,7 +133,7 @@ def postprocess(
     seconds["painting"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    metrics = _read_metrics(results, cluster.num_clusters) if classes is not None and scorer is None else None
+    metrics = earlier
     if scorer is not None:
         metrics = scorer.compute()
         metrics["crf"] = {"applied": bool(cluster.crf), "settings": asdict(crf) if cluster.crf else None}

@@ -124,12 +124,9 @@ class Scorer:
         log.warning("not scored: %s: %s", record.mask_path, reason)
         return None
 
-    def update(self, record: ImageRecord, mask: np.ndarray, noise: np.ndarray) -> None:
-        """Add one image (mask ids < K by construction, ground truth checked), counted with numpy in
-        blocks of rows so that a 250 MP image never needs 64-bit copies of itself."""
-        target = self.ground_truth(record)
-        if target is None:
-            return
+    def add(self, mask: np.ndarray, target: np.ndarray, noise: np.ndarray) -> None:
+        """Add one image (mask ids < K by construction, ``target`` from :meth:`ground_truth`), counted
+        with numpy in blocks of rows so that a 250 MP image never needs 64-bit copies of itself."""
         total = sum(
             pixel_counts(preds, truth, flags, self.num_clusters, self.classes.num_classes, self.settings.ignore_index)
             for preds, truth, flags in zip(_blocks(mask), _blocks(target), _blocks(noise))
