@@ -22,9 +22,10 @@ from PIL import Image
 from datus.crf import CRFJob, CRFParams, refine_many, require_densecrf
 from datus.drawing import save_confusion_png
 from datus.errors import ConfigurationError
-from datus.io import IMAGE_EXTENSIONS, UnreadableFile, read_label_png, write_json, write_text
+from datus.io import IMAGE_EXTENSIONS, TEMPORARY_NAME, UnreadableFile, read_label_png, write_json, write_text
 from datus.metrics import MatchedSegmentationMetric, format_table
-from datus.run import CLASSES_FILE
+from datus.run import CLASSES_FILE, CONFUSION_FILE, METRICS_FILE, METRICS_TABLE
+from datus.settings import IGNORE_INDEX
 from datus.workers import available_cores
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,6 @@ MAX_CRF_LABELS = 255
 
 LABEL_CONFIDENCE = 0.8
 """Probability a label map's own label gets as the CRF's input (label maps carry no probabilities)."""
-
-METRICS_FILE = "metrics.json"
-TABLE_FILE = "metrics.txt"
-CONFUSION_FILE = "confusion.png"
-DEFAULT_IGNORE_INDEX = 255
 
 CLASSES_SEARCH_DEPTH = 3
 """How many folders above ``gt_dir`` are searched for ``classes.json`` (``OUT/<split>/true_masks/<city>``)."""
@@ -313,7 +309,7 @@ def evaluate_folders(
         "gt_dir": str(gt_dir),
     }
     write_json(output_dir / METRICS_FILE, result)
-    write_text(output_dir / TABLE_FILE, format_table(scores, names))
+    write_text(output_dir / METRICS_TABLE, format_table(scores, names))
     save_confusion_png(np.asarray(dense["confusion"]), dense["mapping"], output_dir / CONFUSION_FILE, names)
     return result
 
@@ -336,8 +332,8 @@ def _check_output_dir(output_dir: Path, pred_dir: Path, gt_dir: Path) -> None:
             raise ConfigurationError(f"--output_dir {output_dir}: {folder} is a file; give a folder")
     if not output_dir.is_dir():
         return
-    ours = {METRICS_FILE, TABLE_FILE, CONFUSION_FILE}
-    foreign = [entry.name for entry in output_dir.iterdir() if entry.name not in ours and not entry.name.startswith(".datus-tmp-")]
+    ours = {METRICS_FILE, METRICS_TABLE, CONFUSION_FILE}
+    foreign = [entry.name for entry in output_dir.iterdir() if entry.name not in ours and not TEMPORARY_NAME.fullmatch(entry.name)]
     earlier = output_dir / METRICS_FILE
     present = any((output_dir / name).exists() for name in ours)
     if foreign or (present and not _is_evaluation(earlier)):
@@ -457,7 +453,7 @@ def _resolve_classes(
     if names is not None and len(names) != num_classes:
         raise ConfigurationError(f"class_names has {len(names)} entries but num_classes={num_classes}")
     if ignore_index is None:
-        ignore_index = described_ignore if described_ignore is not None else DEFAULT_IGNORE_INDEX
+        ignore_index = described_ignore if described_ignore is not None else IGNORE_INDEX
     return num_classes, names, ignore_index
 
 

@@ -38,7 +38,7 @@ from datus.paint import FileWriterPool, mask_of, noise_of, write_colour_files, w
 from datus.records import ImageRecord
 from datus.report import make_report
 from datus.run import COLOUR, LEGEND_FILE, MASKS, METRICS_FILE, OVERLAY, PAINTED_FILE, SEGMENTS, SKIPPED_FILE, Results, Run
-from datus.score import Scorer, class_info
+from datus.score import Scorer, class_info, read_metrics
 from datus.settings import ClusterSettings, EvaluationSettings
 from datus.shards import first_mask_path, read_image_paths, read_records
 from datus.workers import available_cores
@@ -108,7 +108,7 @@ def postprocess(
     if not reuse and collective.is_main:  # a pass killed midway must not pass for a finished one
         write_json(results.file(PAINTED_FILE), {"masks": None, "colour": None})
     collective.barrier()
-    earlier = _read_metrics(results, cluster.num_clusters) if classes is not None and reuse else None
+    earlier = read_metrics(results.file(METRICS_FILE), cluster.num_clusters) if classes is not None and reuse else None
     scored = classes is not None and earlier is None
     scorer = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scored and classes else None
     unrefined = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scorer and cluster.crf == "both" else None
@@ -195,24 +195,6 @@ def _read_painted(results: Results) -> dict[str, Any]:
     except UnreadableFile:
         content = {}
     return content if isinstance(content, dict) else {}
-
-
-def _read_metrics(results: Results, num_clusters: int) -> dict[str, Any] | None:
-    """The metrics of an unchanged earlier scoring, or None to score again (also when the file is not sound)."""
-    try:
-        metrics = read_json(results.file(METRICS_FILE)) if results.file(METRICS_FILE).is_file() else None
-    except UnreadableFile:
-        return None
-    try:
-        classes = int(metrics["num_classes"])
-        for name in ("dense", "paper"):
-            mapping = metrics["protocols"][name]["mapping"]
-            expected = {str(cluster) for cluster in range(num_clusters)}
-            if set(mapping) != expected or not all(c is None or (type(c) is int and 0 <= c < classes) for c in mapping.values()):
-                return None
-        return metrics if int(metrics["num_clusters"]) == num_clusters else None
-    except (TypeError, KeyError, ValueError, AttributeError):
-        return None
 
 
 def _progress(description: str, collective: Collective) -> tqdm:

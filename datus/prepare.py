@@ -46,11 +46,9 @@ from tqdm.auto import tqdm
 from datus.errors import ConfigurationError
 from datus.io import DECODE_ERRORS, decode_reason, write_json, write_png
 from datus.run import CLASSES_FILE
+from datus.settings import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = 255
-"""Mask value that evaluation ignores."""
 
 # ----------------------------------------------------------------------------- SUIM
 

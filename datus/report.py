@@ -42,11 +42,13 @@ from datus.drawing import (
     palette,
     text_width,
 )
+from datus.errors import ConfigurationError
+from datus.evaluate import find_classes_file, read_classes_file
 from datus.io import UnreadableFile, load_rgb, read_json, read_label_png, write_image
 from datus.paint import outline_picture
 from datus.records import ImageRecord
 from datus.run import CLASSES_FILE, COLOUR, CONFUSION_FILE, MANIFEST_FILE, MASKS, METRICS_FILE, REPORT_FILE, Results, Run
-from datus.score import find_class_file
+from datus.score import read_metrics
 from datus.shards import read_image_ids, read_records
 
 log = logging.getLogger(__name__)
@@ -202,7 +204,7 @@ def _optional_json(path: Path) -> Any:
 def _run_facts(run: Run, results: Results, records: Sequence[ImageRecord]) -> _RunFacts:
     identity = run.recorded_identity() or {}
     model = identity.get("model") or {}
-    metrics = _optional_json(results.file(METRICS_FILE))
+    metrics = read_metrics(results.file(METRICS_FILE))
     described = _optional_json(results.file(CLASSES_FILE))
     num_clusters = int(metrics["num_clusters"]) if metrics else int(described["num_clusters"]) if described else None
     miou = None
@@ -227,9 +229,11 @@ def _run_facts(run: Run, results: Results, records: Sequence[ImageRecord]) -> _R
 
 def _dataset_class_names(records: Sequence[ImageRecord]) -> list[str] | None:
     with_mask = next((record for record in records if record.mask_path), None)
-    class_file = find_class_file(with_mask.mask_path) if with_mask else None
-    described = _optional_json(class_file) if class_file is not None else None
-    return list(described["classes"]) if described and "classes" in described else None
+    class_file = find_classes_file(Path(with_mask.mask_path).parent) if with_mask else None
+    try:
+        return read_classes_file(class_file)[0] if class_file is not None else None
+    except ConfigurationError:
+        return None
 
 
 def _class_count(facts: _RunFacts, records: Sequence[ImageRecord]) -> int:

@@ -8,6 +8,7 @@ wrong size, values outside the classes) is left out with a reason, never resized
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ import torch
 
 from datus.drawing import save_confusion_png
 from datus.errors import ConfigurationError
+from datus.evaluate import find_classes_file, read_classes_file
 from datus.io import UnreadableFile, read_json, read_label_png, write_json, write_text
 from datus.metrics import MatchedSegmentationMetric, format_table, pixel_counts
 from datus.records import ImageRecord
-from datus.run import CLASSES_FILE, CONFUSION_FILE, METRICS_FILE, METRICS_TABLE, Results
+from datus.run import CONFUSION_FILE, METRICS_FILE, METRICS_TABLE, Results
 from datus.settings import EvaluationSettings
 
 log = logging.getLogger(__name__)
@@ -45,14 +47,6 @@ def _blocks(array: np.ndarray) -> list[np.ndarray]:
     return [array[start : start + rows] for start in range(0, array.shape[0], rows)]
 
 
-def find_class_file(mask_path: str | Path) -> Path | None:
-    """``classes.json`` of a DatUS-layout dataset, at most three folders above a mask."""
-    for folder in list(Path(mask_path).parents)[:4]:
-        if (folder / CLASSES_FILE).is_file():
-            return folder / CLASSES_FILE
-    return None
-
-
 def class_info(settings: EvaluationSettings, mask_path: str | None) -> ClassInfo | None:
     """Classes for scoring: the option, else the dataset's ``classes.json``; None skips scoring.
 
@@ -62,14 +56,13 @@ def class_info(settings: EvaluationSettings, mask_path: str | None) -> ClassInfo
     """
     if mask_path is None:
         return None
-    class_file = find_class_file(mask_path)
+    class_file = find_classes_file(Path(mask_path).parent)
     names = None
     if class_file is not None:
         try:
-            described = read_json(class_file)
-            names = [str(name) for name in described["classes"]]
-        except (UnreadableFile, KeyError, TypeError) as error:
-            log.warning("ignoring %s: %s", class_file, error)
+            names, _ = read_classes_file(class_file)
+        except ConfigurationError as error:
+            log.warning("ignoring %s", error)
     if settings.num_classes is not None:
         matching = names if names is not None and len(names) == settings.num_classes else None
         return ClassInfo(settings.num_classes, matching)
@@ -146,3 +139,66 @@ class Scorer:
         dense = metrics["protocols"]["dense"]
         save_confusion_png(np.asarray(dense["confusion"]), dense["mapping"], results.file(CONFUSION_FILE), self.classes.names)
         write_text(results.file(METRICS_TABLE), format_table(metrics, self.classes.names))
+
+
+_SCORES = ("miou", "pixel_accuracy", "mean_f1", "mean_accuracy", "nmi", "ari")
+_PER_CLASS_SCORES = ("per_class_iou", "per_class_accuracy", "per_class_f1")
+
+
+def read_metrics(path: Path, num_clusters: int | None = None) -> dict[str, Any] | None:
+    """``metrics.json`` as :meth:`Scorer.write` wrote it, or None when absent, for another K or not sound.
+
+    The file is read back to skip scoring again and to draw the report; a damaged or edited one is
+    treated as absent (scored again, left off the report), never trusted to index tables.
+    """
+    try:
+        metrics = read_json(path) if path.is_file() else None
+    except UnreadableFile:
+        return None
+    if not _sound_metrics(metrics):
+        return None
+    return metrics if num_clusters is None or metrics["num_clusters"] == num_clusters else None
+
+
+def _sound_metrics(metrics: Any) -> bool:
+    """Whether every value that the console table, the report and a rerun read has its written type."""
+    if not isinstance(metrics, dict) or not all(_count(metrics.get(key)) for key in ("num_clusters", "num_classes")):
+        return False
+    clusters, classes = metrics["num_clusters"], metrics["num_classes"]
+    protocols = metrics.get("protocols")
+    plain = metrics.get("without_crf") or {"dense": {}, "paper": {}}
+    names = metrics.get("class_names")
+    return (
+        isinstance(protocols, dict)
+        and set(protocols) == {"dense", "paper"}
+        and all(_sound_protocol(protocol, clusters, classes) for protocol in protocols.values())
+        and isinstance(plain, dict)
+        and set(plain) == {"dense", "paper"}
+        and all(isinstance(protocol, dict) and _score(protocol.get("miou")) for protocol in plain.values())
+        and isinstance(metrics.get("crf") or {}, dict)
+        and (names is None or (isinstance(names, list) and len(names) == classes and all(isinstance(n, str) for n in names)))
+    )
+
+
+def _sound_protocol(protocol: Any, clusters: int, classes: int) -> bool:
+    if not isinstance(protocol, dict) or not _count(protocol.get("num_pixels"), minimum=0):
+        return False
+    mapping = protocol.get("mapping")
+    return (
+        all(_score(protocol.get(key)) for key in _SCORES)
+        and all(
+            isinstance(protocol.get(key), list) and len(protocol[key]) == classes and all(map(_score, protocol[key]))
+            for key in _PER_CLASS_SCORES
+        )
+        and isinstance(mapping, dict)
+        and set(mapping) == {str(cluster) for cluster in range(clusters)}
+        and all(matched is None or (_count(matched, minimum=0) and matched < classes) for matched in mapping.values())
+    )
+
+
+def _count(value: Any, minimum: int = 1) -> bool:
+    return type(value) is int and value >= minimum
+
+
+def _score(value: Any) -> bool:
+    return value is None or (type(value) in (int, float) and math.isfinite(value))

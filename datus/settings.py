@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 from datus.errors import ConfigurationError
 
 IGNORE_INDEX = 255
+"""Ground-truth value that scoring ignores: the default of ``--eval.ignore_index`` and what ``datus prepare`` writes."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -322,20 +323,57 @@ def test_crafted_shard_values_are_one_error_naming_the_shard(run_copy: Path, cha
         main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "3"])
 
 
-def test_crafted_cache_and_metrics_are_not_trusted(run_copy: Path, finished_run: Path) -> None:
-    """A cached fit of another shape is refitted; a metrics.json that is not sound is scored again."""
+def test_crafted_cache_is_refitted(run_copy: Path) -> None:
+    """A cached fit of another shape is refitted, not trusted."""
     fit = run_copy / "clusters" / "k3"
     model = json.loads((fit / "model.json").read_text())
     np.save(fit / "centroids.npy", np.zeros((3, 5), np.float32))
     (fit / "model.json").write_text(json.dumps({**model, "input_dim": 5}))
-    metrics = json.loads((run_copy / "metrics.json").read_text())
-    metrics["protocols"]["dense"]["mapping"] = {"0": 99, "1": "x"}
-    (run_copy / "metrics.json").write_text(json.dumps(metrics))
     main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "3"])
     assert np.load(fit / "centroids.npy").shape[1] != 5
-    assert json.loads((fit / "metrics.json").read_text())["protocols"]["dense"]["mapping"] == json.loads(
+
+
+def _bad_mapping(metrics: dict) -> None:
+    metrics["protocols"]["dense"]["mapping"] = {"0": 99, "1": "x"}
+
+
+def _no_miou_and_an_extra_protocol(metrics: dict) -> None:
+    del metrics["protocols"]["dense"]["miou"]
+    metrics["protocols"]["extra"] = [1, 2]
+
+
+def _short_per_class_list(metrics: dict) -> None:
+    metrics["protocols"]["paper"]["per_class_iou"] = [0.5]
+
+
+def _text_score_and_names(metrics: dict) -> None:
+    metrics["protocols"]["paper"]["pixel_accuracy"] = "high"
+    metrics["class_names"] = 7
+
+
+@pytest.mark.parametrize("craft", [_bad_mapping, _no_miou_and_an_extra_protocol, _short_per_class_list, _text_score_and_names])
+def test_crafted_metrics_are_scored_again(run_copy: Path, finished_run: Path, craft: Callable[[dict], None]) -> None:
+    """A metrics.json that is not sound is scored again on a rerun that would otherwise reuse it."""
+    results = run_copy / "clusters" / "k3"
+    main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "3"])
+    metrics = json.loads((results / "metrics.json").read_text())
+    craft(metrics)
+    (results / "metrics.json").write_text(json.dumps(metrics))
+    main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "3"])
+    assert json.loads((results / "metrics.json").read_text())["protocols"]["dense"]["mapping"] == json.loads(
         (finished_run / "metrics.json").read_text()
     )["protocols"]["dense"]["mapping"]
+
+
+def test_a_damaged_dataset_classes_file_is_ignored_by_scoring_and_report(run_copy: Path, dataset: Path, tmp_path: Path) -> None:
+    """A dataset classes.json without a list of names neither names classes nor stops the report."""
+    crafted = tmp_path / "data"
+    shutil.copytree(dataset, crafted)
+    (crafted / "classes.json").write_text(json.dumps({"classes": 5}))
+    output = tmp_path / "crafted-run"
+    predict(crafted, output)
+    assert (output / "report.png").is_file()
+    assert not (output / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(
