@@ -102,10 +102,17 @@ def _saved_identity(directory: Path) -> Any:
 
 
 def _check_enough_segments(run: Run, settings: ClusterSettings, count: int) -> None:
-    """K above the number of valid segments: say how to finish without predicting again."""
+    """K above the number of valid segments: say how to finish, without predicting again where that can work."""
     if settings.num_clusters <= count:
         return
-    hint = f"datus cluster --run {run.root} --cluster.num_clusters {max(count, 1)}"
+    if count == 0:  # no K can be fitted: re-clustering the saved predictions cannot help
+        raise ConfigurationError(
+            f"the run in {run.root} found no valid segment: every segment has at most --model.min_patches patches "
+            "(with random weights or a backbone that does not match its weights nearly every patch is a segment of "
+            "its own); predict into a new --output_dir with trained weights, a smaller --model.min_patches or a "
+            "larger --model.image_size"
+        )
+    hint = f"datus cluster --run {run.root} --cluster.num_clusters {count}"
     raise ConfigurationError(
         f"--cluster.num_clusters {settings.num_clusters} is more than the {count} valid segments the run found; "
         f"the predictions are saved, so finish with `{hint}`, or predict more images into the same --output_dir"

@@ -212,6 +212,16 @@ def test_k_above_the_valid_segments_says_how_to_finish_without_predicting_again(
     assert (run / "clusters" / "k2" / "metrics.json").is_file()
 
 
+def test_a_run_without_valid_segments_does_not_suggest_reclustering_it(dataset: Path, tmp_path: Path) -> None:
+    """With every segment noise no K fits: the advice is to predict again, not a `datus cluster` that fails too."""
+    run = tmp_path / "run"
+    with pytest.raises(ConfigurationError, match=r"found no valid segment.*--model\.min_patches") as raised:
+        predict(dataset, run, "--model.min_patches", "1000")
+    assert "datus cluster" not in str(raised.value)
+    with pytest.raises(ConfigurationError, match="found no valid segment"):
+        main(["cluster", "--run", str(run), "--cluster.num_clusters", "1"])
+
+
 def test_a_damaged_shard_names_itself_and_is_recovered_by_predicting_again(dataset: Path, run_copy: Path) -> None:
     shard = Run(run_copy).shards()[-1]
     shard.write_bytes(shard.read_bytes()[:200])
