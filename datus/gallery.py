@@ -63,9 +63,6 @@ INDEX_LABEL_WIDTH = 250
 """Text column of the index (cluster, matched class, sizes)."""
 INDEX_TITLE_HEIGHT = 30
 
-PNG_COMPRESSION = 1
-"""Sheets are photographs: zlib level 1 encodes them several times faster than 6, for slightly larger files."""
-
 TILE_GREY = (200, 200, 200)
 """Background around a crop that is not square."""
 
@@ -369,9 +366,9 @@ def write_galleries(
     tiles = cut_tiles(members)
     for cluster, chosen in enumerate(members):
         sheet = draw_sheet(cluster, chosen, tiles, sizes, names[cluster], seed)
-        write_image(results.gallery_sheet(cluster), sheet, compress_level=PNG_COMPRESSION)
+        write_image(results.gallery_sheet(cluster), sheet)
     title = f"{results.root.resolve().name}: {len(members)} clusters, typical segments (cluster_<k>.png: more)"
-    write_image(results.gallery_index(), draw_index(members, tiles, sizes, names, title), compress_level=PNG_COMPRESSION)
+    write_image(results.gallery_index(), draw_index(members, tiles, sizes, names, title))
     for cluster, path in results.gallery_sheets().items():
         if cluster >= model.num_clusters:
             path.unlink(missing_ok=True)
