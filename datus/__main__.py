@@ -1,6 +1,6 @@
 """``python -m datus`` entry point."""
 
-from datus.cli import console_main
+from datus.cli import start
 
 if __name__ == "__main__":
-    console_main()
+    start()

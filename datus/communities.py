@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -173,17 +174,59 @@ def discover_segments(
 def warm_up(engine: LouvainEngine) -> None:
     """Load (or, the very first time, compile and cache) the engine on a two-node graph.
 
-    Done in the parent before workers start, so that they find numba's cache instead of each
-    compiling the engine at once; submitted to every worker too, so that their start-up
-    overlaps the data loader's rather than the first batch.
+    Every worker runs it as its first task, so that its start-up overlaps other work rather
+    than the first batch. numba writes its cache atomically, so workers compiling at once on
+    a fresh installation waste CPU but never corrupt it.
     """
     louvain_communities(np.ones((2, 2), dtype=bool), 1.0, engine)
+
+
+def _start_workers(count: int, engine: LouvainEngine) -> ProcessPoolExecutor:
+    """``count`` worker processes, each warming the engine up as soon as it runs.
+
+    ``spawn`` is used because the parent holds CUDA and OpenMP state that must not be forked.
+    """
+    executor = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+    for _ in range(count):
+        executor.submit(warm_up, engine)
+    return executor
+
+
+_early_worker: ProcessPoolExecutor | None = None
+"""The worker :func:`worker_started_early` started, until a :class:`CommunityPool` adopts it."""
+
+
+@contextmanager
+def worker_started_early(engine: LouvainEngine = "fast") -> Iterator[None]:
+    """Start one Louvain worker now, for the first one-worker :class:`CommunityPool` to adopt.
+
+    ``datus predict`` enters this before it imports Lightning and timm (seconds): the worker's
+    own start (interpreter, numpy, numba and its compiled code, 0.5-1 s of CPU) then runs on
+    another core during those imports instead of before the first batch, and the main process
+    never loads numba. A worker nobody adopted (other settings, a refused command) is stopped
+    on the way out.
+    """
+    global _early_worker
+    _early_worker = _start_workers(1, engine)
+    try:
+        yield
+    finally:
+        unused, _early_worker = _early_worker, None
+        if unused is not None:  # warmed up long ago: the command's own imports took seconds
+            unused.shutdown(wait=True, cancel_futures=True)
+
+
+def _adopt_early_worker(count: int) -> ProcessPoolExecutor | None:
+    global _early_worker
+    if count != 1:
+        return None
+    adopted, _early_worker = _early_worker, None
+    return adopted
 
 
 class CommunityPool:
     """Runs :func:`discover_segments` for many images, in worker processes or inline.
 
-    ``spawn`` is used because the parent holds CUDA and OpenMP state that must not be forked.
     With ``num_workers=0`` everything runs in the calling process (debugging, tiny inputs).
     """
 
@@ -191,12 +234,12 @@ class CommunityPool:
         if num_workers < 0:
             raise ValueError(f"--model.louvain_workers must be >= 0, got {num_workers}")
         self.settings = (resolution, min_patches, engine)
+        self.num_workers = num_workers
         self._executor: ProcessPoolExecutor | None = None
-        warm_up(engine)
-        if num_workers > 0:
-            self._executor = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
-            for _ in range(num_workers):  # start the workers now, while the caller sets up the model
-                self._executor.submit(warm_up, engine)
+        if num_workers == 0:
+            warm_up(engine)
+        else:
+            self._executor = _adopt_early_worker(num_workers) or _start_workers(num_workers, engine)
 
     def submit(self, packed: Sequence[np.ndarray], grid: tuple[int, int]) -> list[Future[SegmentPartition]]:
         """Start the work for a batch; results come back in order through the futures."""
@@ -210,7 +253,7 @@ class CommunityPool:
             futures.append(future)
         return futures
 
-    def close(self) -> None:
+    def close(self, cancel_pending: bool = True) -> None:
+        """Stop the workers; ``cancel_pending=False`` lets submitted work finish first (resizing)."""
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+            self._executor.shutdown(wait=True, cancel_futures=cancel_pending)

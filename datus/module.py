@@ -121,8 +121,9 @@ class DatusModule(L.LightningModule):
             ``paper`` (shorter side to 256, centre crop 224: cuts elongated segments).
         crop_batch_size: segment crops per embedding forward pass (bounds device memory).
         louvain_workers: CPU processes for Louvain; 0 runs it in the main process. ``auto``:
-            none when the backbone runs on the CPU (workers would only take cores from its
-            threads), else as many as keep up with the device, measured on the first batch.
+            one when the backbone runs on the CPU (Louvain costs about a millisecond an image,
+            and a worker keeps numba out of the main process and starts while it imports),
+            else as many as keep up with the device, measured on the first batch.
         backbone_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth`` for tiny test
             networks).
     """
@@ -240,12 +241,14 @@ class DatusModule(L.LightningModule):
         """Start the Louvain workers early: their start-up overlaps the data loader's."""
         if self._pool is not None:
             return
-        workers = 0 if self.louvain_workers == "auto" else self.louvain_workers
+        workers = self.louvain_workers if self.louvain_workers != "auto" else min(1, available_cores() - 1)
         device = self._root_device()
         self._calibrate_workers = self.louvain_workers == "auto" and device.type != "cpu"
         self._pool = CommunityPool(workers, self.resolution, self.min_patches, self.louvain)
         precision = self.trainer.precision if self._trainer is not None else "32-true"
-        where = "measured on the first batch" if self._calibrate_workers else f"{workers} worker processes" if workers else "the main process"
+        where = f"{workers} worker process{'es' if workers > 1 else ''}" if workers else "the main process"
+        if self._calibrate_workers:
+            where += ", more if the first batch shows the need"
         embedder = f", segments embedded by {self.embedder_name}" if self.embedder_name is not None else ""
         log.info(
             "%s on %s (%s)%s; Louvain (%s) in %s", self.backbone_name, device, precision, embedder, self.louvain, where
@@ -451,9 +454,11 @@ class DatusModule(L.LightningModule):
         self._calibrate_workers = False
         workers = louvain_workers_for(louvain_seconds, timer.seconds["backbone_forward"], available_cores())
         log.info(
-            "Louvain: %.1f ms of CPU per batch against %.1f ms of backbone; starting %d worker processes",
+            "Louvain: %.1f ms of CPU per batch against %.1f ms of backbone: %d worker processes",
             1000 * louvain_seconds, 1000 * timer.seconds["backbone_forward"], workers,
         )
         assert self._pool is not None
-        self._pool.close()
-        self._pool = CommunityPool(workers, self.resolution, self.min_patches, self.louvain)
+        if workers == self._pool.num_workers:
+            return
+        previous, self._pool = self._pool, CommunityPool(workers, self.resolution, self.min_patches, self.louvain)
+        previous.close(cancel_pending=False)  # the batch started last is still in its hands

@@ -24,6 +24,16 @@ TINY_VIT = "vit_tiny_patch16_224"
 TINY_VIT_OVERRIDES: dict[str, Any] = {"depth": 2, "embed_dim": 48, "num_heads": 2, "patch_size": 8}
 
 
+@pytest.fixture(autouse=True)
+def _process_exit_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``datus.cli.start`` ends its process with ``os._exit(0)``: in-process it would end pytest, green."""
+
+    def refuse() -> None:
+        raise AssertionError("datus.cli.start() ran inside the test process; run the command in a subprocess")
+
+    monkeypatch.setattr("datus.cli._exit_without_teardown", refuse)
+
+
 def _gradient_rgb(width: int, height: int) -> np.ndarray:
     """A deterministic RGB pattern: red grows left to right, green top to bottom, blue fixed."""
     red = np.tile(np.linspace(0, 255, width).round().astype(np.uint8), (height, 1))

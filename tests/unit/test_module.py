@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -42,14 +43,26 @@ def fake_trainer(device: str) -> SimpleNamespace:
     return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), precision="32-true")
 
 
-def test_auto_louvain_workers_stay_off_a_cpu_backbone() -> None:
-    """On a CPU run the workers would compete with the backbone's threads for the same cores."""
+def test_auto_louvain_on_a_cpu_backbone_runs_in_one_worker_process() -> None:
+    """Louvain costs about a millisecond an image: one worker, which keeps numba out of the main process."""
     module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
     module._trainer = fake_trainer("cpu")  # type: ignore[assignment]
-    module.setup("predict")
+    with patch("datus.module.available_cores", return_value=2):
+        module.setup("predict")
+    try:
+        assert module._pool is not None and module._pool.num_workers == 1 and module._pool._executor is not None
+        assert not module._calibrate_workers
+    finally:
+        module.teardown("predict")
+
+
+def test_auto_louvain_on_a_single_core_stays_in_the_main_process() -> None:
+    module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
+    module._trainer = fake_trainer("cpu")  # type: ignore[assignment]
+    with patch("datus.module.available_cores", return_value=1):
+        module.setup("predict")
     try:
         assert module._pool is not None and module._pool._executor is None
-        assert not module._calibrate_workers
     finally:
         module.teardown("predict")
 
@@ -57,9 +70,10 @@ def test_auto_louvain_workers_stay_off_a_cpu_backbone() -> None:
 def test_auto_louvain_workers_beside_an_accelerator_are_measured_first() -> None:
     module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
     module._trainer = fake_trainer("cuda")  # type: ignore[assignment]
-    module.setup("predict")
+    with patch("datus.module.available_cores", return_value=2):
+        module.setup("predict")
     try:
-        assert module._calibrate_workers and module._pool is not None and module._pool._executor is None
+        assert module._calibrate_workers and module._pool is not None and module._pool.num_workers == 1
     finally:
         module.teardown("predict")
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from datus import communities
 from datus.communities import (
     CommunityPool,
     canonical_labels,
@@ -14,6 +15,7 @@ from datus.communities import (
     louvain_communities,
     partition_from_communities,
     split_into_components,
+    worker_started_early,
 )
 from datus.drawing import colourise, palette
 from datus.ops import (
@@ -133,6 +135,32 @@ def test_pool_with_workers_matches_inline_scikit_network() -> None:
         assert np.array_equal(a.segment_map, b.segment_map) and np.array_equal(a.is_noise, b.is_noise)
 
 
+
+
+def test_a_worker_started_early_serves_the_first_one_worker_pool_and_a_resized_pool_finishes_its_work() -> None:
+    rng = np.random.default_rng(2)
+    keys = rng.normal(size=(4, 64, 8))
+    packed = [np.packbits(k @ k.T > 0, axis=-1) for k in keys]
+    expected = [discover_segments(p, (8, 8), 1.0, 5, "sknetwork") for p in packed]
+    with worker_started_early():
+        early = communities._early_worker
+        larger = CommunityPool(2, 1.0, 5, "fast")  # another size cannot use it
+        assert larger._executor is not early
+        larger.close()
+        pool = CommunityPool(1, 1.0, 5, "fast")
+        assert pool._executor is early and communities._early_worker is None
+    futures = pool.submit(packed, (8, 8))
+    pool.close(cancel_pending=False)  # as when the pool is resized: submitted work still completes
+    for future, reference in zip(futures, expected):
+        assert np.array_equal(future.result().segment_map, reference.segment_map)
+
+
+def test_an_early_worker_nobody_adopts_is_stopped() -> None:
+    with worker_started_early():
+        unused = communities._early_worker
+        CommunityPool(0, 1.0, 5, "fast").close()
+    assert communities._early_worker is None
+    assert unused is not None and unused._shutdown_thread
 def test_valid_segments_are_renumbered_and_noise_is_minus_one() -> None:
     segment_map = np.array([[0, 0, 1], [2, 2, 3]])
     valid = valid_segment_maps(segment_map, np.array([False, True, False, True]))
