@@ -203,8 +203,9 @@ def worker_started_early(engine: LouvainEngine = "fast") -> Iterator[None]:
     ``datus predict`` enters this before it imports Lightning and timm (seconds): the worker's
     own start (interpreter, numpy, numba and its compiled code, 0.5-1 s of CPU) then runs on
     another core during those imports instead of before the first batch, and the main process
-    never loads numba. A worker nobody adopted (other settings, a refused command) is stopped
-    on the way out.
+    never loads numba. Only a process started for the command does this: a spawned worker
+    imports the parent's main script, which is light for ``python -m datus`` but may be anything
+    for a script using the Python API. A worker nobody adopted is stopped on the way out.
     """
     global _early_worker
     _early_worker = _start_workers(1, engine)
@@ -214,6 +215,11 @@ def worker_started_early(engine: LouvainEngine = "fast") -> Iterator[None]:
         unused, _early_worker = _early_worker, None
         if unused is not None:  # warmed up long ago: the command's own imports took seconds
             unused.shutdown(wait=True, cancel_futures=True)
+
+
+def early_worker_waiting() -> bool:
+    """Whether a worker started by :func:`worker_started_early` waits for a pool to adopt it."""
+    return _early_worker is not None
 
 
 def _adopt_early_worker(count: int) -> ProcessPoolExecutor | None:

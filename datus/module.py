@@ -42,7 +42,7 @@ from datus.backbones import (
     patch_size_of,
     pooled_features,
 )
-from datus.communities import CommunityPool, LouvainEngine, SegmentPartition
+from datus.communities import CommunityPool, LouvainEngine, SegmentPartition, early_worker_waiting
 from datus.errors import ConfigurationError
 from datus.ops import (
     CropRecipe,
@@ -121,9 +121,9 @@ class DatusModule(L.LightningModule):
             ``paper`` (shorter side to 256, centre crop 224: cuts elongated segments).
         crop_batch_size: segment crops per embedding forward pass (bounds device memory).
         louvain_workers: CPU processes for Louvain; 0 runs it in the main process. ``auto``:
-            one when the backbone runs on the CPU (Louvain costs about a millisecond an image,
-            and a worker keeps numba out of the main process and starts while it imports),
-            else as many as keep up with the device, measured on the first batch.
+            beside an accelerator as many as keep up with it, measured on the first batch; on
+            a CPU run (Louvain costs about a millisecond an image) the worker the ``datus``
+            command started during its imports, else the main process.
         backbone_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth`` for tiny test
             networks).
     """
@@ -241,7 +241,7 @@ class DatusModule(L.LightningModule):
         """Start the Louvain workers early: their start-up overlaps the data loader's."""
         if self._pool is not None:
             return
-        workers = self.louvain_workers if self.louvain_workers != "auto" else min(1, available_cores() - 1)
+        workers = self.louvain_workers if self.louvain_workers != "auto" else int(early_worker_waiting())
         device = self._root_device()
         self._calibrate_workers = self.louvain_workers == "auto" and device.type != "cpu"
         self._pool = CommunityPool(workers, self.resolution, self.min_patches, self.louvain)

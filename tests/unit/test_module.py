@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import warnings
 from types import SimpleNamespace
-from unittest.mock import patch
 
 import pytest
 import torch
 
+from datus.communities import worker_started_early
 from datus.errors import ConfigurationError
 from datus.module import DatusModule
 from datus.workers import louvain_workers_for
@@ -43,11 +43,11 @@ def fake_trainer(device: str) -> SimpleNamespace:
     return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), precision="32-true")
 
 
-def test_auto_louvain_on_a_cpu_backbone_runs_in_one_worker_process() -> None:
-    """Louvain costs about a millisecond an image: one worker, which keeps numba out of the main process."""
+def test_auto_louvain_on_a_cpu_backbone_adopts_the_worker_the_command_started() -> None:
+    """Louvain costs about a millisecond an image: the command's early worker, numba never in the main process."""
     module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
     module._trainer = fake_trainer("cpu")  # type: ignore[assignment]
-    with patch("datus.module.available_cores", return_value=2):
+    with worker_started_early():
         module.setup("predict")
     try:
         assert module._pool is not None and module._pool.num_workers == 1 and module._pool._executor is not None
@@ -56,11 +56,11 @@ def test_auto_louvain_on_a_cpu_backbone_runs_in_one_worker_process() -> None:
         module.teardown("predict")
 
 
-def test_auto_louvain_on_a_single_core_stays_in_the_main_process() -> None:
+def test_auto_louvain_on_a_cpu_backbone_without_an_early_worker_stays_in_the_main_process() -> None:
+    """A worker spawned now would import the caller's main script (torch, Lightning...) beside the backbone."""
     module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
     module._trainer = fake_trainer("cpu")  # type: ignore[assignment]
-    with patch("datus.module.available_cores", return_value=1):
-        module.setup("predict")
+    module.setup("predict")
     try:
         assert module._pool is not None and module._pool._executor is None
     finally:
@@ -70,10 +70,9 @@ def test_auto_louvain_on_a_single_core_stays_in_the_main_process() -> None:
 def test_auto_louvain_workers_beside_an_accelerator_are_measured_first() -> None:
     module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
     module._trainer = fake_trainer("cuda")  # type: ignore[assignment]
-    with patch("datus.module.available_cores", return_value=2):
-        module.setup("predict")
+    module.setup("predict")
     try:
-        assert module._calibrate_workers and module._pool is not None and module._pool.num_workers == 1
+        assert module._calibrate_workers and module._pool is not None and module._pool.num_workers == 0
     finally:
         module.teardown("predict")
 
