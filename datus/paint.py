@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from datus.drawing import colourise, overlay, segment_outlines
-from datus.io import PICTURE_COMPRESSION, UnreadableFile, load_rgb, write_jpeg, write_png
+from datus.drawing import colourise, overlay, palette_picture, segment_outlines
+from datus.io import PICTURE_COMPRESSION, UnreadableFile, load_rgb, write_image, write_jpeg, write_png
 from datus.records import ImageRecord
 from datus.run import COLOUR, MASKS, OVERLAY, SEGMENTS, Results
 
@@ -107,8 +107,13 @@ def write_colour_files(results: Results, image_id: str, image_path: str, table: 
         full = (stored.height, stored.width)
         target = picture_size(full)
         labels = np.asarray(stored.resize(target, Image.Resampling.NEAREST) if stored.size != target else stored)
-    colours = colourise(labels, table, ignore_index=-1)
-    write_png(results.image_file(COLOUR, image_id), colours, PICTURE_COMPRESSION)
+    if labels.dtype == np.uint8:  # a palette PNG: the labels themselves, shown in the legend's colours
+        picture = palette_picture(labels, table, ignore_index=-1)
+        write_image(results.image_file(COLOUR, image_id), picture)
+        colours = np.asarray(picture.convert("RGB"))
+    else:
+        colours = colourise(labels, table, ignore_index=-1)
+        write_png(results.image_file(COLOUR, image_id), colours, PICTURE_COMPRESSION)
     try:
         picture, size = load_rgb(image_path, min_side=MAX_PICTURE_SIDE)
     except UnreadableFile as error:  # the input may have moved since prediction: no overlay, no crash

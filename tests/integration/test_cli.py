@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from datus.cli import main
+from datus.drawing import colour_table, colourise
 from datus.errors import ConfigurationError
 from datus.io import read_label_png
 from tests.conftest import NUM_IMAGES, image_ids, predict
@@ -34,8 +35,13 @@ def test_predict_writes_every_output(dataset: Path, finished_run: Path) -> None:
         assert segments.shape == (image.height, image.width)  # the 8 x 8 patch grid, shown at the image's size
         mask = read_label_png(finished_run / "masks" / f"{image_id}.png")
         assert mask.shape == (image.height, image.width) and mask.max() < 3
-        assert (finished_run / "color" / f"{image_id}.png").is_file()
+        with Image.open(finished_run / "color" / f"{image_id}.png") as colour:  # the labels, with a palette
+            assert colour.mode == "P" and np.array_equal(np.asarray(colour), mask)
+            shown = np.asarray(colour.convert("RGB"))
         assert (finished_run / "overlay" / f"{image_id}.jpg").is_file()
+        metrics = json.loads((finished_run / "metrics.json").read_text())
+        table = colour_table(3, 2, metrics["mapping"])
+        assert np.array_equal(shown, colourise(mask, table, ignore_index=-1))  # the legend's colours
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["num_clusters"] == 3 and metrics["num_classes"] == 2 and metrics["num_images"] == NUM_IMAGES
     assert set(metrics["protocols"]) == {"dense", "paper"}

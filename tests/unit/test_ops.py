@@ -17,7 +17,7 @@ from datus.communities import (
     split_into_components,
     worker_started_early,
 )
-from datus.drawing import colourise, palette
+from datus.drawing import colourise, palette, palette_picture
 from datus.ops import (
     crop_regions,
     donor_segments,
@@ -257,3 +257,16 @@ def test_outputs_get_ordinary_file_permissions(tmp_path) -> None:
     open(tmp_path / "plain", "w").close()
     assert (tmp_path / "plain").stat().st_mode & 0o777 == FILE_MODE
     assert os.access(tmp_path / "a.json", os.R_OK)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_colour_lookup_equals_masking_and_the_palette_picture_shows_it(dtype: type) -> None:
+    """Unsigned maps take the lookup table; signed ones the masks; both black out ignored and unknown ids."""
+    labels = np.array([[0, 1, 2], [5, 255, 3]], dtype=dtype)
+    colours = palette(4)
+    expected = colourise(labels.astype(np.int64), colours, ignore_index=255)
+    assert expected[1, 0].tolist() == [0, 0, 0] and expected[1, 1].tolist() == [0, 0, 0]
+    assert np.array_equal(colourise(labels, colours, ignore_index=255), expected)
+    if dtype == np.uint8:
+        picture = palette_picture(labels, colours, ignore_index=255)
+        assert np.array_equal(np.asarray(picture), labels) and np.array_equal(np.asarray(picture.convert("RGB")), expected)
