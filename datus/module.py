@@ -34,13 +34,13 @@ from datus.backbones import (
     build_backbone,
     build_embedder,
     describe_weights,
+    discovery_features,
     embed,
     embedder_input_of,
     embedding_dim_of,
     load_frozen_weights,
     normalization_of,
     patch_size_of,
-    pooled_features,
 )
 from datus.communities import CommunityPool, LouvainEngine, SegmentPartition, early_worker_waiting
 from datus.errors import ConfigurationError
@@ -388,10 +388,10 @@ class DatusModule(L.LightningModule):
         assert self._pool is not None
         pending.images = self.normalise(batch["image"])
         with self.keys.capture():
-            features = self.backbone.forward_features(pending.images)
+            features = discovery_features(self.backbone, pending.images)
         pending.keys, pending.cls_attention = self.keys.keys_and_attention()
         if self.embedder is None:
-            pending.image_embeddings = F.normalize(pooled_features(self.backbone, features).float(), dim=-1)
+            pending.image_embeddings = F.normalize(features.float(), dim=-1)
             timer.lap("backbone_forward")
         else:
             timer.lap("backbone_forward")

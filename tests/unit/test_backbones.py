@@ -28,7 +28,9 @@ from datus.backbones import (
     OfficialCheckpoint,
     WeightsError,
     create_backbone,
+    discovery_features,
     normalization_of,
+    pooled_features,
 )
 
 TINY = "vit_tiny_patch16_224"
@@ -484,3 +486,33 @@ def test_dinov3_rope_backbone_gives_patch_keys_without_prefix_tokens() -> None:
     keys, attention = hook.keys_and_attention()
     assert hook.num_prefix_tokens == 5
     assert keys.shape == (2, 24, 384) and attention.shape == (2, 24)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},  # DINO's ViT
+        {"init_values": 0.5, "qk_norm": True},  # LayerScale and normalised queries and keys
+        {"reg_tokens": 2, "no_embed_class": True},  # registers after the CLS token (DINOv2 style)
+        {"global_pool": "avg"},  # no CLS pooling: the whole pass runs, as it should
+    ],
+)
+def test_discovery_features_equal_the_full_pass_with_the_same_keys(variant: dict[str, Any]) -> None:
+    """The last block computed for the CLS token only gives the full pass's CLS feature and keys."""
+    torch.manual_seed(3)
+    model = timm.create_model(TINY, pretrained=False, num_classes=0, dynamic_img_size=True, **TINY_KW, **variant).eval()
+    with torch.no_grad():  # random LayerScale and norms, so that every part of the block matters
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    assert backbones._has_plain_last_block(model) == ("global_pool" not in variant)
+    keys = LastBlockKeys(model)
+    images = torch.randn(3, 3, 32, 48)
+    with torch.no_grad():
+        with keys.capture():
+            full = pooled_features(model, model.forward_features(images))
+        full_keys, full_attention = keys.keys_and_attention()
+        with keys.capture():
+            trimmed = discovery_features(model, images)
+        trimmed_keys, trimmed_attention = keys.keys_and_attention()
+    assert torch.equal(trimmed_keys, full_keys) and torch.equal(trimmed_attention, full_attention)
+    assert trimmed.shape == full.shape and torch.allclose(trimmed, full, atol=1e-5)
