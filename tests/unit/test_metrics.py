@@ -461,3 +461,16 @@ def test_numpy_pixel_counts_equal_the_metric_update() -> None:
     assert counted.compute() == run_metric(preds, target, noise, 5, 3)
     with pytest.raises(ValueError, match="counts must have shape"):
         counted.update(counts=torch.zeros(2, 5, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("ignore", [IGNORE, 1])  # past the classes (the usual 255) or one of them
+def test_pixel_counts_of_label_maps_equal_counting_selected_pixels(dtype: type, ignore: int) -> None:
+    """Unsigned label maps take the lookup path; int64 maps select the kept pixels first."""
+    rng = np.random.default_rng(5)
+    preds = rng.integers(0, 4, size=(37, 53))
+    target = rng.choice([0, 1, 2, ignore], size=(37, 53))
+    noise = rng.random((37, 53)) < 0.3
+    expected = pixel_counts(preds.astype(np.int64), target.astype(np.int64), noise, 4, 3, ignore)
+    assert expected.sum() == (target != ignore).sum()
+    assert np.array_equal(pixel_counts(preds.astype(dtype), target.astype(dtype), noise, 4, 3, ignore), expected)
