@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -39,42 +41,37 @@ def test_bad_settings_name_the_option(settings: dict[str, object], message: str)
         build(backbone_kwargs={**TINY_VIT, "patch_size": 8}, **settings)
 
 
-def fake_trainer(device: str) -> SimpleNamespace:
-    return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), precision="32-true")
+@contextmanager
+def set_up(device: str, early_worker: bool = False) -> Iterator[DatusModule]:
+    """A module with ``louvain_workers="auto"`` set up as a trainer on ``device`` would, torn down after."""
+    module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
+    module._trainer = SimpleNamespace(  # type: ignore[assignment]
+        strategy=SimpleNamespace(root_device=torch.device(device)), precision="32-true"
+    )
+    with worker_started_early() if early_worker else nullcontext():
+        module.setup("predict")
+    try:
+        assert module._pool is not None
+        yield module
+    finally:
+        module.teardown("predict")
 
 
 def test_auto_louvain_on_a_cpu_backbone_adopts_the_worker_the_command_started() -> None:
     """Louvain costs about a millisecond an image: the command's early worker, numba never in the main process."""
-    module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
-    module._trainer = fake_trainer("cpu")  # type: ignore[assignment]
-    with worker_started_early():
-        module.setup("predict")
-    try:
-        assert module._pool is not None and module._pool.num_workers == 1 and module._pool._executor is not None
-        assert not module._calibrate_workers
-    finally:
-        module.teardown("predict")
+    with set_up("cpu", early_worker=True) as module:
+        assert module._pool.num_workers == 1 and module._pool._executor is not None and not module._calibrate_workers
 
 
 def test_auto_louvain_on_a_cpu_backbone_without_an_early_worker_stays_in_the_main_process() -> None:
     """A worker spawned now would import the caller's main script (torch, Lightning...) beside the backbone."""
-    module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
-    module._trainer = fake_trainer("cpu")  # type: ignore[assignment]
-    module.setup("predict")
-    try:
-        assert module._pool is not None and module._pool._executor is None
-    finally:
-        module.teardown("predict")
+    with set_up("cpu") as module:
+        assert module._pool._executor is None
 
 
 def test_auto_louvain_workers_beside_an_accelerator_are_measured_first() -> None:
-    module = build(louvain_workers="auto", backbone_kwargs=TINY_VIT)
-    module._trainer = fake_trainer("cuda")  # type: ignore[assignment]
-    module.setup("predict")
-    try:
-        assert module._calibrate_workers and module._pool is not None and module._pool.num_workers == 0
-    finally:
-        module.teardown("predict")
+    with set_up("cuda") as module:
+        assert module._calibrate_workers and module._pool.num_workers == 0
 
 
 @pytest.mark.parametrize(
