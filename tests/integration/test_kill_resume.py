@@ -109,3 +109,43 @@ def test_killed_during_painting(images: Path, uninterrupted: Path, tmp_path: Pat
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["images_predicted_now"] == 0 and summary["images_from_earlier_runs"] == NUM_IMAGES
     assert_same_results(tmp_path, uninterrupted)
+
+
+WORKER_PARENT = """
+import os
+import sys
+import time
+
+from datus import communities
+
+if __name__ == "__main__":
+    with communities.worker_started_early():
+        print(communities._early_worker.submit(os.getpid).result(), flush=True)
+        time.sleep(120)
+"""
+
+
+def test_a_louvain_worker_ends_with_its_killed_parent(tmp_path: Path) -> None:
+    """A SIGKILLed datus cannot stop its pool; the worker notices on its own instead of idling for ever."""
+    script = tmp_path / "parent.py"
+    script.write_text(WORKER_PARENT)
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    parent = subprocess.Popen([sys.executable, str(script)], env=environment, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    worker = int(parent.stdout.readline())
+    assert worker != parent.pid and process_alive(worker)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while process_alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_alive(worker)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its new parent to reap it counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state
