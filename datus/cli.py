@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -338,7 +338,9 @@ def main(args: Sequence[str] | None = None, process_starting: bool = False) -> N
         return None
     command, rest = arguments[0], arguments[1:]
     if command == "predict":
-        with _louvain_worker_during_imports(process_starting and not _only_prints(rest)):
+        from datus.communities import worker_started_early
+
+        with worker_started_early() if process_starting and not _only_prints(rest) else nullcontext():
             from datus.predict import run_predict  # Lightning and timm: seconds of imports
 
             run_predict(rest)
@@ -355,17 +357,6 @@ def main(args: Sequence[str] | None = None, process_starting: bool = False) -> N
 def _only_prints(arguments: Sequence[str]) -> bool:
     """Whether ``predict`` will only print its help or configuration (no images, no Louvain)."""
     return any(argument in ("-h", "--help") or argument.startswith("--print_config") for argument in arguments)
-
-
-@contextmanager
-def _louvain_worker_during_imports(wanted: bool) -> Iterator[None]:
-    if not wanted:
-        yield
-        return
-    from datus.communities import worker_started_early
-
-    with worker_started_early():
-        yield
 
 
 def console_main(process_starting: bool = False) -> None:

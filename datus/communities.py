@@ -286,3 +286,4 @@ class CommunityPool:
         """Stop the workers; ``cancel_pending=False`` lets submitted work finish first (resizing)."""
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=cancel_pending)
+            self._executor = None

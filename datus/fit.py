@@ -38,7 +38,7 @@ EMBEDDING_IDENTITY = (
 
 def fit_identity(run: Run, settings: ClusterSettings) -> dict[str, Any]:
     """What a fit depends on: the settings and the exact shards (names, sizes, modification times)."""
-    shards = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in run.shards()]
+    shards = [[path.name, (stat := path.stat()).st_size, stat.st_mtime_ns] for path in run.shards()]
     return {"settings": settings.fit_identity(), "shards": shards}
 
 

@@ -108,9 +108,9 @@ def write_colour_files(results: Results, image_id: str, image_path: str, table: 
         target = picture_size(full)
         labels = np.asarray(stored.resize(target, Image.Resampling.NEAREST) if stored.size != target else stored)
     if labels.dtype == np.uint8:  # a palette PNG: the labels themselves, shown in the legend's colours
-        picture = palette_picture(labels, table, ignore_index=-1)
-        write_image(results.image_file(COLOUR, image_id), picture)
-        colours = np.asarray(picture.convert("RGB"))
+        colour_picture = palette_picture(labels, table, ignore_index=-1)
+        write_image(results.image_file(COLOUR, image_id), colour_picture)
+        colours = np.asarray(colour_picture.convert("RGB"))
     else:
         colours = colourise(labels, table, ignore_index=-1)
         write_png(results.image_file(COLOUR, image_id), colours, PICTURE_COMPRESSION)
