@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from datus.drawing import colourise, overlay, palette_picture, segment_outlines
-from datus.io import PICTURE_COMPRESSION, UnreadableFile, load_rgb, write_image, write_jpeg, write_png
+from datus.io import DECODE_ERRORS, PICTURE_COMPRESSION, UnreadableFile, load_rgb, write_image, write_jpeg, write_png
 from datus.records import ImageRecord
 from datus.run import COLOUR, MASKS, OVERLAY, SEGMENTS, Results
 
@@ -59,6 +60,19 @@ def mask_of(record: ImageRecord, labels: np.ndarray, num_clusters: int) -> np.nd
 def noise_of(record: ImageRecord) -> np.ndarray:
     """Which pixels of the image belong to noise segments (what the paper protocol leaves out)."""
     return upsample_nearest(record.is_noise[record.segment_map], record.orig_size)
+
+
+def is_mask_of(path: Path, record: ImageRecord) -> bool:
+    """Whether ``path`` holds a label map of ``record``'s size, as painting writes them.
+
+    A rerun reuses a mask only then: anything else at its place (a damaged, truncated or
+    replaced file) is painted again rather than read by the colour pass. Only the header is read.
+    """
+    try:
+        with Image.open(path) as stored:
+            return stored.mode in ("L", "I;16") and (stored.height, stored.width) == record.orig_size
+    except DECODE_ERRORS:
+        return False
 
 
 class FileWriterPool:

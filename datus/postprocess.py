@@ -8,7 +8,7 @@ shards; only the metric's counts, k-means statistics and a few counts cross rank
 
 A rerun whose fit, settings and outputs are unchanged repaints nothing: ``painted.json`` records
 what the files in the results folder were painted from, and each image's files are checked to
-exist before they are skipped.
+exist (a mask also to be a label map of the image's size) before they are skipped.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from datus.errors import ConfigurationError
 from datus.fit import fit_identity, fit_or_load, segment_labels, segment_probabilities_of
 from datus.gallery import matched_names, write_galleries
 from datus.io import UnreadableFile, read_json, write_image, write_json
-from datus.paint import FileWriterPool, mask_of, noise_of, write_colour_files, write_label_files
+from datus.paint import FileWriterPool, is_mask_of, mask_of, noise_of, write_colour_files, write_label_files
 from datus.records import ImageRecord
 from datus.report import make_report
 from datus.run import COLOUR, LEGEND_FILE, MASKS, METRICS_FILE, OVERLAY, PAINTED_FILE, SEGMENTS, SKIPPED_FILE, Results, Run
@@ -232,7 +232,7 @@ def _masks(
         for shard in shards:
             records = read_records(shard)
             for record, labels in zip(records, segment_labels(model, records)):
-                write = not (reuse and results.image_file(MASKS, record.image_id).is_file())
+                write = not (reuse and is_mask_of(results.image_file(MASKS, record.image_id), record))
                 yield _Painting(record, write), labels
 
     def unrefined(item: _Painting, labels: np.ndarray) -> np.ndarray:

@@ -419,3 +419,23 @@ def test_impossible_settings_are_one_error(dataset: Path, run_copy: Path, tmp_pa
     monkeypatch.setattr("datus.module.build_backbone", lambda *args, **kwargs: pytest.fail("model built first"))
     with pytest.raises(ConfigurationError, match="--data.batch_size must be >= 1"):
         predict(dataset, tmp_path / "run0", "--data.batch_size", "0")
+
+
+def test_a_replaced_or_damaged_mask_is_painted_again_on_a_rerun(dataset: Path, run_copy: Path, finished_run: Path) -> None:
+    """A rerun reuses only masks that are label maps of the image's size; the colour pass never reads anything else."""
+    first, second = image_ids(dataset)[:2]
+    height, width = read_label_png(finished_run / "masks" / f"{first}.png").shape
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(run_copy / "masks" / f"{first}.png")  # a photo
+    damaged = run_copy / "masks" / f"{second}.png"
+    damaged.write_bytes(damaged.read_bytes()[:40])  # truncated
+    for image_id in (first, second):
+        (run_copy / "color" / f"{image_id}.png").unlink()
+    predict(dataset, run_copy)
+    for image_id in image_ids(dataset):
+        assert np.array_equal(
+            read_label_png(run_copy / "masks" / f"{image_id}.png"), read_label_png(finished_run / "masks" / f"{image_id}.png")
+        ), image_id
+    for image_id in (first, second):
+        mask = read_label_png(run_copy / "masks" / f"{image_id}.png")
+        with Image.open(run_copy / "color" / f"{image_id}.png") as colour:
+            assert colour.mode == "P" and np.array_equal(np.asarray(colour), mask)
