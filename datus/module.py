@@ -34,13 +34,15 @@ from datus.backbones import (
     build_backbone,
     build_embedder,
     describe_weights,
-    discovery_features,
     embed,
     embedder_input_of,
     embedding_dim_of,
+    has_plain_last_block,
+    last_block_head,
     load_frozen_weights,
     normalization_of,
     patch_size_of,
+    pooled_output,
 )
 from datus.communities import CommunityPool, LouvainEngine, SegmentPartition, early_worker_waiting
 from datus.errors import ConfigurationError
@@ -175,9 +177,9 @@ class DatusModule(L.LightningModule):
         self.crop_recipe: CropRecipe = crop_recipe
         self.crop_batch_size = crop_batch_size
         self.louvain_workers = louvain_workers
-        self.backbone = build_backbone(backbone, **(backbone_kwargs or {}))  # weights last, after every check
+        self.backbone = build_backbone(backbone, weights, **(backbone_kwargs or {}))  # weights last, after every check
         self.embedder_name = embedder
-        self.embedder: nn.Module | None = build_embedder(embedder) if embedder is not None else None
+        self.embedder: nn.Module | None = build_embedder(embedder, embedder_weights) if embedder is not None else None
         self.patch_size = patch_size_of(self.backbone)
         if image_size % self.patch_size:
             raise ConfigurationError(
@@ -309,8 +311,11 @@ class DatusModule(L.LightningModule):
         packed = torch.cat([cls.expand(-1, slots, -1), kept], dim=1)
         mask = packed_attention_mask(kept_ids, counts, slots)
         packed = model.norm_pre(packed)
-        for block in model.blocks:
+        head_only = has_plain_last_block(model)
+        for block in model.blocks[:-1] if head_only else model.blocks:
             packed = block(packed, attn_mask=mask)
+        if head_only:
+            packed = last_block_head(model.blocks[-1], packed, slots, attn_mask=mask)
         cls_out = model.norm(packed)[:, :slots]
         valid = torch.arange(slots, device=images.device)[None, :] < counts[:, None]
         return F.normalize(cls_out[valid].float(), dim=-1)
@@ -388,7 +393,7 @@ class DatusModule(L.LightningModule):
         assert self._pool is not None
         pending.images = self.normalise(batch["image"])
         with self.keys.capture():
-            features = discovery_features(self.backbone, pending.images)
+            features = pooled_output(self.backbone, pending.images)
         pending.keys, pending.cls_attention = self.keys.keys_and_attention()
         if self.embedder is None:
             pending.image_embeddings = F.normalize(features.float(), dim=-1)

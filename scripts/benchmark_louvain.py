@@ -63,12 +63,12 @@ def patch_graphs(
     import torchvision.transforms.v2.functional as TF
     from PIL import Image
 
-    from datus.backbones import LastBlockKeys, build_backbone, load_frozen_weights, normalization_of
+    from datus.backbones import RANDOM_WEIGHTS, LastBlockKeys, build_backbone, load_frozen_weights, normalization_of
     from datus.ops import key_adjacency
 
     torch.manual_seed(seed)
     overrides: dict[str, Any] = {} if depth is None else {"depth": depth}
-    model = build_backbone(backbone, **overrides)
+    model = build_backbone(backbone, weights or RANDOM_WEIGHTS, **overrides)
     if weights is not None:
         load_frozen_weights(model, backbone, weights)
     model.eval().requires_grad_(False)

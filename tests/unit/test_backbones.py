@@ -28,9 +28,9 @@ from datus.backbones import (
     OfficialCheckpoint,
     WeightsError,
     create_backbone,
-    discovery_features,
     normalization_of,
     pooled_features,
+    pooled_output,
 )
 
 TINY = "vit_tiny_patch16_224"
@@ -112,6 +112,49 @@ def test_wrapped_state_dict_loads_exactly(tmp_path: Path, saved_state: dict[str,
     torch.save({wrapper: saved_state, "epoch": 3}, path)
     model, _ = load_tiny(path)
     assert_state_equals(model, saved_state)
+
+
+def test_loaded_network_computes_what_an_initialised_one_loaded_with_copies_computes(
+    tmp_path: Path, saved_state: dict[str, Tensor], tiny_vit: Callable[..., nn.Module]
+) -> None:
+    """Built without initialisation then loaded: no tensor left on the meta device, same outputs."""
+    path = tmp_path / "weights.pth"
+    torch.save(saved_state, path)
+    model, _ = load_tiny(path)
+    assert not any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
+    initialised = tiny_vit()
+    initialised.load_state_dict(saved_state)
+    images = torch.randn(2, 3, 32, 48)
+    assert torch.equal(model(images), initialised.eval()(images))
+
+
+def test_half_precision_checkpoint_loads_into_float32_parameters(
+    tmp_path: Path, saved_state: dict[str, Tensor]
+) -> None:
+    """A checkpoint saved in float16 gives the float32 network its values, as a copying load would."""
+    half = {key: value.half() for key, value in saved_state.items()}
+    path = tmp_path / "half.pth"
+    torch.save(half, path)
+    model, _ = load_tiny(path)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+    assert_state_equals(model, {key: value.float() for key, value in half.items()})
+
+
+def test_network_with_computed_buffers_is_initialised_before_loading(tmp_path: Path) -> None:
+    """RoPE tables are not in checkpoints: a DINOv3 (Eva) network is built normally, then loaded."""
+    name, options = "vit_small_patch16_dinov3.lvd1689m", {"depth": 1, "embed_dim": 48, "num_heads": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference, _ = create_backbone(name, "random", **options)
+    state = random_state_like(reference)
+    reference.load_state_dict(state)
+    path = tmp_path / "dinov3.pth"
+    torch.save(state, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = create_backbone(name, str(path), **options)
+    images = torch.randn(1, 3, 64, 64)
+    assert torch.equal(model.forward_features(images), reference.forward_features(images))
 
 
 def test_home_relative_path_is_expanded(
@@ -497,14 +540,14 @@ def test_dinov3_rope_backbone_gives_patch_keys_without_prefix_tokens() -> None:
         {"global_pool": "avg"},  # no CLS pooling: the whole pass runs, as it should
     ],
 )
-def test_discovery_features_equal_the_full_pass_with_the_same_keys(variant: dict[str, Any]) -> None:
+def test_pooled_output_equals_the_full_pass_with_the_same_keys(variant: dict[str, Any]) -> None:
     """The last block computed for the CLS token only gives the full pass's CLS feature and keys."""
     torch.manual_seed(3)
     model = timm.create_model(TINY, pretrained=False, num_classes=0, dynamic_img_size=True, **TINY_KW, **variant).eval()
     with torch.no_grad():  # random LayerScale and norms, so that every part of the block matters
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
-    assert backbones._has_plain_last_block(model) == ("global_pool" not in variant)
+    assert backbones.has_plain_last_block(model) == ("global_pool" not in variant)
     keys = LastBlockKeys(model)
     images = torch.randn(3, 3, 32, 48)
     with torch.no_grad():
@@ -512,7 +555,7 @@ def test_discovery_features_equal_the_full_pass_with_the_same_keys(variant: dict
             full = pooled_features(model, model.forward_features(images))
         full_keys, full_attention = keys.keys_and_attention()
         with keys.capture():
-            trimmed = discovery_features(model, images)
+            trimmed = pooled_output(model, images)
         trimmed_keys, trimmed_attention = keys.keys_and_attention()
     assert torch.equal(trimmed_keys, full_keys) and torch.equal(trimmed_attention, full_attention)
     assert trimmed.shape == full.shape and torch.allclose(trimmed, full, atol=1e-5)

@@ -114,7 +114,7 @@ def test_moco_v2_checkpoint_loads_exactly(tmp_path: Path, name: str) -> None:
     """The query encoder loads bit for bit; its MLP head, the key encoder and the queue are left out."""
     encoder = random_state(name)
     path = write_moco_v2(tmp_path / "moco_v2_800ep_pretrain.pth.tar", encoder)
-    model = build_embedder(name)
+    model = build_embedder(name, str(path))
     load_frozen_weights(model, name, str(path), EMBEDDER)
     assert_state_equals(model, encoder)
     assert not any(key.startswith("fc.") for key in model.state_dict())
