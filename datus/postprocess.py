@@ -16,7 +16,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,16 +148,6 @@ def postprocess(
     if collective.is_main:
         write_dataset_files(run, results, cluster.num_clusters, mapping, class_names)
 
-    table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, mapping)
-    if cluster.colour:
-        started = time.perf_counter()
-        colour_identity = {**identity, "mapping": mapping}
-        _paint_colours(own, results, table, previous.get("colour") == colour_identity, collective)
-        if collective.is_main:
-            write_image(results.file(LEGEND_FILE), _legend(results, table, cluster.num_clusters, mapping, class_names))
-        seconds["colour"] = time.perf_counter() - started
-    collective.barrier()
-
     skipped = (prediction.skipped if prediction else []) + (scorer.skipped if scorer else [])
     facts: dict[str, Any] = {"images_in_run": num_images}
     if prediction is not None:
@@ -168,25 +159,48 @@ def postprocess(
     facts |= {"segments": num_valid, "noise_segments": num_noise, "num_clusters": cluster.num_clusters}
     if metrics:
         facts["miou"] = {name: protocol["miou"] for name, protocol in metrics["protocols"].items()}
+
+    table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, mapping)
     summary: dict[str, Any] = {}
-    if collective.is_main:
-        started = time.perf_counter()
-        diagnostics = measure(records_by_shard(shards), model, cluster)
-        facts["diagnostics"] = diagnostics.summary()
-        seconds["diagnostics"] = time.perf_counter() - started
-        if cluster.gallery:
+    with ThreadPoolExecutor(1) as galleries:  # its decoding, resizing and encoding leave the GIL to the colour pass
+        gallery: Future[float] | None = None
+        if collective.is_main:
             started = time.perf_counter()
-            names = matched_names(cluster.num_clusters, mapping, class_names)
-            write_galleries(records_by_shard(shards), results, model, diagnostics.clusters, names, cluster.seed)
-            seconds["gallery"] = time.perf_counter() - started
-        started = time.perf_counter()
-        make_report(run, results, diagnostics=diagnostics_panel(diagnostics, table, cluster.gallery))
-        seconds["report"] = time.perf_counter() - started
-        prediction_seconds = prediction.stage_seconds if prediction else {}
-        facts["stage_seconds"] = {**prediction_seconds, **seconds}
-        summary = write_summary(run, results, facts, skipped)
-        write_json(results.file(PAINTED_FILE), {"masks": identity, "colour": {**identity, "mapping": mapping} if cluster.colour else None})
+            diagnostics = measure(records_by_shard(shards), model, cluster)
+            seconds["diagnostics"] = time.perf_counter() - started
+            if cluster.gallery:
+                names = matched_names(cluster.num_clusters, mapping, class_names)
+                gallery = galleries.submit(
+                    _timed, write_galleries, records_by_shard(shards), results, model, diagnostics.clusters, names, cluster.seed
+                )
+        if cluster.colour:
+            started = time.perf_counter()
+            colour_identity = {**identity, "mapping": mapping}
+            _paint_colours(own, results, table, previous.get("colour") == colour_identity, collective)
+            if collective.is_main:
+                write_image(results.file(LEGEND_FILE), _legend(results, table, cluster.num_clusters, mapping, class_names))
+            seconds["colour"] = time.perf_counter() - started
+        collective.barrier()
+        if collective.is_main:
+            facts["diagnostics"] = diagnostics.summary()
+            started = time.perf_counter()
+            make_report(run, results, diagnostics=diagnostics_panel(diagnostics, table, cluster.gallery))
+            seconds["report"] = time.perf_counter() - started
+            if gallery is not None:
+                seconds["gallery"] = gallery.result()
+            prediction_seconds = prediction.stage_seconds if prediction else {}
+            facts["stage_seconds"] = {**prediction_seconds, **seconds}
+            summary = write_summary(run, results, facts, skipped)
+            painted = {"masks": identity, "colour": {**identity, "mapping": mapping} if cluster.colour else None}
+            write_json(results.file(PAINTED_FILE), painted)
     return Outcome(summary, metrics, class_names, seconds)
+
+
+def _timed(function: Callable[..., Any], *args: Any) -> float:
+    """Seconds ``function(*args)`` took (for work that runs in a thread beside other stages)."""
+    started = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - started
 
 
 def _read_painted(results: Results) -> dict[str, Any]:
