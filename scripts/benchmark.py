@@ -1,8 +1,12 @@
 """Benchmark the whole pipeline: images/s, seconds per stage, peak memory, and a yardstick.
 
-The yardstick is the backbone alone doing the same number of forward passes (image passes plus
-segment-embedding passes) at the same batch size and precision: end-to-end throughput close to
-it means the non-ViT work is hidden.
+The yardstick is the backbone alone doing the same number of forward passes at the same
+precision and batch sizes (image passes in batches of ``--batch_size``; crops in the mean number
+a predict batch embeds, at most ``--crop_batch_size``; packed rows one per image), after a
+warm-up pass: end-to-end throughput close to it means the non-ViT work is hidden. The pipeline
+is warmed up alike: a first, untimed run on ``--warm_up_images`` images pays what a process
+pays once (numba's kernel cache, scikit-learn's import, first allocations); ``--warm_up_images 0``
+times a cold run. Whole-process figures, imports included, are scripts/compare_reference.py's.
 
     python scripts/benchmark.py                                   # SUIM sample, ViT-S/16, crops
     python scripts/benchmark.py --backbone vit_small_patch8_224.dino --embedding packed
@@ -30,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from callbacks.pipeline import ClusterPaintEvaluate
 from callbacks.writer import SegmentShardWriter
 from datamodules.images import ImageFolderDataModule
+from datus.cli import keep_freed_memory
 from datus.module import DatusModule
 from datus.prepare import prepare_suim
 from datus.run import CLASSES_FILE
@@ -62,6 +67,8 @@ def repeated_dataset(source: Path, repeat: int, destination: Path, max_images: i
     stems = sorted(path.stem for path in (source / "train" / "images").iterdir())[:max_images]
     for copy in range(repeat):
         for kind in ("images", "true_masks"):
+            if not (source / "train" / kind).is_dir():
+                continue
             folder = destination / "train" / kind / f"copy{copy:03d}"
             folder.mkdir(parents=True, exist_ok=True)
             for path in sorted((source / "train" / kind).iterdir()):
@@ -97,15 +104,10 @@ def peak_host_megabytes() -> dict[str, float]:
     return {"main_process_mb": round(own, 1), "largest_child_process_mb": round(children, 1)}
 
 
-def run(options: argparse.Namespace) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="datus-bench-"))
-    if options.data_root is None:
-        prepared = workdir / "suim"
-        prepare_suim(SUIM_SAMPLE, prepared, classes="coarse")
-        data_root = repeated_dataset(prepared, options.repeat, workdir / "subset", options.max_images)
-    else:
-        data_root = Path(options.data_root)
-    output_dir = workdir / "run"
+def predict(
+    options: argparse.Namespace, data_root: Path, output_dir: Path, num_clusters: int
+) -> tuple[float, DatusModule, dict[str, Any], float]:
+    """One ``trainer.predict`` with a freshly built module: seconds, the module, the summary, data wait."""
     L.seed_everything(options.seed)  # random weights must be the same network in every run compared
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -127,7 +129,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         num_workers=options.num_workers,
     )
     waits = DataWaitTimer()
-    settings = ClusterSettings(num_clusters=options.num_clusters, engine=options.engine, gallery=False)
+    settings = ClusterSettings(num_clusters=num_clusters, engine=options.engine, gallery=False)
     pipeline = ClusterPaintEvaluate(output_dir, settings)
     trainer = L.Trainer(
         accelerator=options.accelerator,
@@ -138,15 +140,36 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         enable_model_summary=False,
         callbacks=[SegmentShardWriter(output_dir), pipeline, waits],
     )
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     trainer.predict(module, datamodule=data, return_predictions=False)
-    total = time.perf_counter() - started
-    summary = pipeline.outcome.summary if pipeline.outcome else {}
+    seconds = time.perf_counter() - started
+    return seconds, module, pipeline.outcome.summary if pipeline.outcome else {}, waits.seconds
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="datus-bench-"))
+    if options.data_root is None:
+        source = workdir / "suim"
+        prepare_suim(SUIM_SAMPLE, source, classes="coarse")
+        data_root = repeated_dataset(source, options.repeat, workdir / "subset", options.max_images)
+    else:
+        source = data_root = Path(options.data_root)
+    warm_up_seconds = None
+    if options.warm_up_images:  # once per process: numba's kernel cache, scikit-learn's import, first allocations
+        warm_up_root = repeated_dataset(source, 1, workdir / "warm_up_data", options.warm_up_images)
+        warm_up_seconds = predict(options, warm_up_root, workdir / "warm_up", num_clusters=2)[0]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    output_dir = workdir / "run"
+    total, module, summary, data_wait = predict(options, data_root, output_dir, options.num_clusters)
     images = summary.get("images_in_run", 0)
     passes = summary.get("backbone_passes", 0)
-    yardstick = backbone_alone_seconds(module, passes, options.crop_batch_size, options.precision)
+    segment_passes = passes - images
+    segment_batch = options.batch_size  # packed: one pass per image of the batch
+    if options.embedding == "crop":  # crops are embedded per predict batch, in chunks of at most crop_batch_size
+        segment_batch = max(1, min(options.crop_batch_size, round(options.batch_size * segment_passes / max(images, 1))))
+    yardstick = backbone_alone_seconds(module, images, options.batch_size, options.precision)
+    yardstick += backbone_alone_seconds(module, segment_passes, segment_batch, options.precision)
     stages = summary.get("stage_seconds", {})
     louvain_per_image = (stages.get("louvain_cpu", 0.0) + stages.get("components_cpu", 0.0)) / max(images, 1)
     result = {
@@ -166,7 +189,9 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "mean_noise_segments_per_image": round(summary["noise_segments"] / images, 2),
         "seconds_total": round(total, 2),
         "images_per_second": round(images / total, 3),
-        "stage_seconds": {"data_wait": round(waits.seconds, 2)}
+        "warm_up_seconds": round(warm_up_seconds, 2) if warm_up_seconds is not None else None,
+        "warm_up_images": options.warm_up_images,
+        "stage_seconds": {"data_wait": round(data_wait, 2)}
         | {k: round(v, 2) for k, v in summary.get("stage_seconds", {}).items()},
         "backbone_passes": passes,
         "backbone_alone_seconds": round(yardstick, 2),
@@ -190,6 +215,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data_root", default=None, help="DatUS-layout dataset (default: the SUIM sample, prepared)")
     parser.add_argument("--repeat", type=int, default=1, help="repeat the SUIM sample this many times")
     parser.add_argument("--max_images", type=int, default=None, help="use only the first N SUIM images")
+    parser.add_argument(
+        "--warm_up_images",
+        type=int,
+        default=8,
+        help="first run the whole pipeline on this many SUIM images, untimed, as the yardstick warms up (0: a cold run)",
+    )
     parser.add_argument("--backbone", default="vit_small_patch16_224.dino")
     parser.add_argument("--weights", default="random")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random weights and clustering")
@@ -212,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--devices", default="1")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     options = parser.parse_args(argv)
+    keep_freed_memory()  # as the datus command does: the pipeline and the yardstick both run with it
     result = run(options)
     text = json.dumps(result, indent=2)
     print(text)
