@@ -483,6 +483,22 @@ def _optimize_sparse(
 
 
 @njit(cache=True, nogil=True)
+def _add_to_row(
+    column: int, value: float, nxt: np.ndarray, sums: np.ndarray, head: int, length: int
+) -> tuple[int, int]:
+    """Add ``value`` to one row being accumulated the way ``csr_matmat`` does; the new (head, length).
+
+    A column seen for the first time joins the front of the row's linked list, which
+    :func:`_flush_row` then writes out in that order.
+    """
+    sums[column] += value
+    if nxt[column] == -1:
+        nxt[column] = head
+        return column, length + 1
+    return head, length
+
+
+@njit(cache=True, nogil=True)
 def _flush_row(
     head: int, length: int, nxt: np.ndarray, sums: np.ndarray, indices: np.ndarray, data: np.ndarray, nnz: int
 ) -> int:
@@ -530,12 +546,7 @@ def _aggregate_rows(
         for member in range(nodes_in[c], nodes_in[c + 1]):
             i = nodes[member]
             for position in range(b_indptr[i], b_indptr[i + 1]):
-                k = b_indices[position]
-                sums[k] += b_data[position]
-                if nxt[k] == -1:
-                    nxt[k] = head
-                    head = k
-                    length += 1
+                head, length = _add_to_row(b_indices[position], b_data[position], nxt, sums, head, length)
         nnz = _flush_row(head, length, nxt, sums, indices, data, nnz)
         indptr[c + 1] = nnz
     return indptr, indices[:nnz], data[:nnz]
@@ -557,12 +568,7 @@ def _to_clusters(
         head = -2
         length = 0
         for position in range(indptr[i], indptr[i + 1]):
-            k = labels[indices[position]]
-            sums[k] += data[position]
-            if nxt[k] == -1:
-                nxt[k] = head
-                head = k
-                length += 1
+            head, length = _add_to_row(labels[indices[position]], data[position], nxt, sums, head, length)
         nnz = _flush_row(head, length, nxt, sums, b_indices, b_data, nnz)
         b_indptr[i + 1] = nnz
     return b_indptr, b_indices[:nnz], b_data[:nnz]
