@@ -299,9 +299,10 @@ def build_backbone(backbone: str, weights: str, **overrides: object) -> nn.Modul
     """The timm ViT architecture for ``weights``, which :func:`load_weights` loads separately.
 
     Split from loading so that configuration mistakes surface before any file is read or
-    downloaded (see :func:`_create_model` for what ``weights`` changes). ``dynamic_img_size`` lets one model take any input size divisible by the patch
-    size (the positional embeddings are interpolated). ``overrides`` are passed to
-    ``timm.create_model`` (e.g. ``depth`` and ``embed_dim`` for tiny test networks).
+    downloaded (see :func:`_create_model` for what ``weights`` changes). ``dynamic_img_size``
+    lets one model take any input size divisible by the patch size (the positional embeddings
+    are interpolated). ``overrides`` are passed to ``timm.create_model`` (e.g. ``depth`` and
+    ``embed_dim`` for tiny test networks).
     """
     examples = "a timm ViT name such as 'vit_small_patch8_224.dino' or 'vit_small_patch14_dinov2.lvd142m'"
     _require_timm_model(backbone, BACKBONE, examples, "*dino*")
