@@ -162,15 +162,17 @@ def postprocess(
 
     table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, mapping)
     summary: dict[str, Any] = {}
-    with ThreadPoolExecutor(1) as galleries:  # its decoding, resizing and encoding leave the GIL to the colour pass
-        gallery: Future[float] | None = None
+    drawings: dict[str, Future[float]] = {}
+    with ThreadPoolExecutor(2) as beside_colour:  # their decoding, resizing and encoding leave the GIL to the colour pass
         if collective.is_main:
             started = time.perf_counter()
             diagnostics = measure(records_by_shard(shards), model, cluster)
             seconds["diagnostics"] = time.perf_counter() - started
+            panel = diagnostics_panel(diagnostics, table, cluster.gallery)
+            drawings["report"] = beside_colour.submit(_timed, make_report, run, results, diagnostics=panel)
             if cluster.gallery:
                 names = matched_names(cluster.num_clusters, mapping, class_names)
-                gallery = galleries.submit(
+                drawings["gallery"] = beside_colour.submit(
                     _timed, write_galleries, records_by_shard(shards), results, model, diagnostics.clusters, names, cluster.seed
                 )
         if cluster.colour:
@@ -183,11 +185,7 @@ def postprocess(
         collective.barrier()
         if collective.is_main:
             facts["diagnostics"] = diagnostics.summary()
-            started = time.perf_counter()
-            make_report(run, results, diagnostics=diagnostics_panel(diagnostics, table, cluster.gallery))
-            seconds["report"] = time.perf_counter() - started
-            if gallery is not None:
-                seconds["gallery"] = gallery.result()
+            seconds |= {stage: drawing.result() for stage, drawing in drawings.items()}
             prediction_seconds = prediction.stage_seconds if prediction else {}
             facts["stage_seconds"] = {**prediction_seconds, **seconds}
             summary = write_summary(run, results, facts, skipped)
@@ -196,10 +194,10 @@ def postprocess(
     return Outcome(summary, metrics, class_names, seconds)
 
 
-def _timed(function: Callable[..., Any], *args: Any) -> float:
-    """Seconds ``function(*args)`` took (for work that runs in a thread beside other stages)."""
+def _timed(function: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+    """Seconds ``function(*args, **kwargs)`` took (for work that runs in a thread beside other stages)."""
     started = time.perf_counter()
-    function(*args)
+    function(*args, **kwargs)
     return time.perf_counter() - started
 
 

@@ -47,7 +47,7 @@ from datus.evaluate import find_classes_file, read_classes_file
 from datus.io import UnreadableFile, load_rgb, read_json, read_label_png, write_image
 from datus.paint import outline_picture
 from datus.records import ImageRecord
-from datus.run import CLASSES_FILE, COLOUR, CONFUSION_FILE, MANIFEST_FILE, MASKS, METRICS_FILE, REPORT_FILE, Results, Run
+from datus.run import CLASSES_FILE, CONFUSION_FILE, MANIFEST_FILE, MASKS, METRICS_FILE, REPORT_FILE, Results, Run
 from datus.score import read_metrics
 from datus.shards import read_image_ids, read_records
 
@@ -299,11 +299,11 @@ def _segments_tile(record: ImageRecord, size: tuple[int, int]) -> Image.Image:
 
 
 def _mask_tile(record: ImageRecord, results: Results, facts: _RunFacts, size: tuple[int, int]) -> Image.Image:
-    """The colour mask as written, or the label mask coloured exactly as painting would."""
-    colour_path = results.image_file(COLOUR, record.image_id)
-    if colour_path.is_file():
-        with Image.open(colour_path) as stored:
-            return stored.convert("RGB").resize(size, Image.Resampling.NEAREST)
+    """The label mask coloured exactly as the colour pass colours it.
+
+    Read from the label mask, not from ``color/``, so that the report can be drawn while the
+    colour pass is still writing (or has not been asked to write) those files.
+    """
     mask = _label_thumbnail(results.image_file(MASKS, record.image_id), size)
     num_clusters = facts.num_clusters or int(mask.max()) + 1
     table = colour_table(num_clusters, facts.num_classes, facts.mapping)
