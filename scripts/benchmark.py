@@ -8,6 +8,11 @@ is warmed up alike: a first, untimed run on ``--warm_up_images`` images pays wha
 pays once (numba's kernel cache, scikit-learn's import, first allocations); ``--warm_up_images 0``
 times a cold run. Whole-process figures, imports included, are scripts/compare_reference.py's.
 
+Pipeline and yardstick run ``--rounds`` times, alternately, each yardstick right after its
+pipeline run: on a shared or throttling machine their speeds drift by tens of percent within a
+minute, so the reported share is the median of the rounds' shares (each round's is listed too),
+and seconds per stage are those of the median round.
+
     python scripts/benchmark.py                                   # SUIM sample, ViT-S/16, crops
     python scripts/benchmark.py --backbone vit_small_patch8_224.dino --embedding packed
     python scripts/benchmark.py --repeat 10 --embedding packed    # 420 images: memory stays flat?
@@ -21,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +153,34 @@ def predict(
     return seconds, module, pipeline.outcome.summary if pipeline.outcome else {}, waits.seconds
 
 
+@dataclass
+class TimedRound:
+    """One pipeline run and the backbone-alone yardstick timed right after it."""
+
+    total: float
+    yardstick: float
+    module: DatusModule
+    summary: dict[str, Any]
+    data_wait: float
+    output_dir: Path
+
+
+def timed_round(options: argparse.Namespace, data_root: Path, output_dir: Path) -> TimedRound:
+    """The pipeline on ``data_root``, then the bare backbone doing the same forward passes.
+
+    Timed back to back so that a drift of the machine's speed hits both alike.
+    """
+    total, module, summary, data_wait = predict(options, data_root, output_dir, options.num_clusters)
+    images = summary.get("images_in_run", 0)
+    segment_passes = summary.get("backbone_passes", 0) - images
+    segment_batch = options.batch_size  # packed: one pass per image of the batch
+    if options.embedding == "crop":  # crops are embedded per predict batch, in chunks of at most crop_batch_size
+        segment_batch = max(1, min(options.crop_batch_size, round(options.batch_size * segment_passes / max(images, 1))))
+    yardstick = backbone_alone_seconds(module, images, options.batch_size, options.precision)
+    yardstick += backbone_alone_seconds(module, segment_passes, segment_batch, options.precision)
+    return TimedRound(total, yardstick, module, summary, data_wait, output_dir)
+
+
 def run(options: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="datus-bench-"))
     if options.data_root is None:
@@ -160,16 +195,12 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         warm_up_seconds = predict(options, warm_up_root, workdir / "warm_up", num_clusters=2)[0]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    output_dir = workdir / "run"
-    total, module, summary, data_wait = predict(options, data_root, output_dir, options.num_clusters)
+    rounds = [timed_round(options, data_root, workdir / f"run{index}") for index in range(options.rounds)]
+    percents = [100 * round_.yardstick / round_.total for round_ in rounds]
+    median = sorted(rounds, key=lambda round_: round_.total)[len(rounds) // 2]
+    total, yardstick, module, summary = median.total, median.yardstick, median.module, median.summary
     images = summary.get("images_in_run", 0)
     passes = summary.get("backbone_passes", 0)
-    segment_passes = passes - images
-    segment_batch = options.batch_size  # packed: one pass per image of the batch
-    if options.embedding == "crop":  # crops are embedded per predict batch, in chunks of at most crop_batch_size
-        segment_batch = max(1, min(options.crop_batch_size, round(options.batch_size * segment_passes / max(images, 1))))
-    yardstick = backbone_alone_seconds(module, images, options.batch_size, options.precision)
-    yardstick += backbone_alone_seconds(module, segment_passes, segment_batch, options.precision)
     stages = summary.get("stage_seconds", {})
     louvain_per_image = (stages.get("louvain_cpu", 0.0) + stages.get("components_cpu", 0.0)) / max(images, 1)
     result = {
@@ -191,12 +222,13 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "images_per_second": round(images / total, 3),
         "warm_up_seconds": round(warm_up_seconds, 2) if warm_up_seconds is not None else None,
         "warm_up_images": options.warm_up_images,
-        "stage_seconds": {"data_wait": round(data_wait, 2)}
+        "stage_seconds": {"data_wait": round(median.data_wait, 2)}
         | {k: round(v, 2) for k, v in summary.get("stage_seconds", {}).items()},
         "backbone_passes": passes,
         "backbone_alone_seconds": round(yardstick, 2),
         "backbone_alone_images_per_second": round(images / yardstick, 3) if yardstick else None,
-        "percent_of_backbone_alone": round(100 * yardstick / total, 1),
+        "percent_of_backbone_alone": round(statistics.median(percents), 1),
+        "percent_of_backbone_alone_per_round": [round(percent, 1) for percent in percents],
         "louvain_cpu_ms_per_image": round(1000 * louvain_per_image, 2),
         "images_per_second_louvain_workers_sustain": {
             workers: round(workers / louvain_per_image, 1) if louvain_per_image else None
@@ -205,7 +237,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "peak_host_memory": peak_host_megabytes(),
         "peak_device_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "miou": summary.get("miou"),
-        "output_dir": str(output_dir),
+        "output_dir": str(median.output_dir),
     }
     return result
 
@@ -241,6 +273,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", default="1")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="pipeline and yardstick this many times, alternately; medians are reported"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     options = parser.parse_args(argv)
     keep_freed_memory()  # as the datus command does: the pipeline and the yardstick both run with it
