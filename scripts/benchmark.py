@@ -155,11 +155,12 @@ def predict(
 
 @dataclass
 class TimedRound:
-    """One pipeline run and the backbone-alone yardstick timed right after it."""
+    """One pipeline run and the backbone-alone yardstick timed right after it (no module kept: peak memory is one run's)."""
 
     total: float
     yardstick: float
-    module: DatusModule
+    weights_source: str
+    device: str
     summary: dict[str, Any]
     data_wait: float
     output_dir: Path
@@ -178,7 +179,7 @@ def timed_round(options: argparse.Namespace, data_root: Path, output_dir: Path) 
         segment_batch = max(1, min(options.crop_batch_size, round(options.batch_size * segment_passes / max(images, 1))))
     yardstick = backbone_alone_seconds(module, images, options.batch_size, options.precision)
     yardstick += backbone_alone_seconds(module, segment_passes, segment_batch, options.precision)
-    return TimedRound(total, yardstick, module, summary, data_wait, output_dir)
+    return TimedRound(total, yardstick, module.weights_source, str(module.device), summary, data_wait, output_dir)
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
@@ -198,21 +199,21 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     rounds = [timed_round(options, data_root, workdir / f"run{index}") for index in range(options.rounds)]
     percents = [100 * round_.yardstick / round_.total for round_ in rounds]
     median = sorted(rounds, key=lambda round_: round_.total)[len(rounds) // 2]
-    total, yardstick, module, summary = median.total, median.yardstick, median.module, median.summary
+    total, yardstick, summary = median.total, median.yardstick, median.summary
     images = summary.get("images_in_run", 0)
     passes = summary.get("backbone_passes", 0)
     stages = summary.get("stage_seconds", {})
     louvain_per_image = (stages.get("louvain_cpu", 0.0) + stages.get("components_cpu", 0.0)) / max(images, 1)
     result = {
         "backbone": options.backbone,
-        "weights": module.weights_source,
+        "weights": median.weights_source,
         "embedding": options.embedding,
         "image_size": options.image_size,
         "batch_size": options.batch_size,
         "data_workers": options.num_workers,
         "louvain": options.louvain,
         "precision": options.precision,
-        "device": str(module.device),
+        "device": median.device,
         "images": images,
         "segments": summary.get("segments"),
         "noise_segments": summary.get("noise_segments"),
