@@ -198,22 +198,22 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     rounds = [timed_round(options, data_root, workdir / f"run{index}") for index in range(options.rounds)]
     percents = [100 * round_.yardstick / round_.total for round_ in rounds]
-    median = sorted(rounds, key=lambda round_: round_.total)[len(rounds) // 2]
-    total, yardstick, summary = median.total, median.yardstick, median.summary
+    median_round = sorted(rounds, key=lambda round_: round_.total)[len(rounds) // 2]
+    total, yardstick, summary = median_round.total, median_round.yardstick, median_round.summary
     images = summary.get("images_in_run", 0)
     passes = summary.get("backbone_passes", 0)
     stages = summary.get("stage_seconds", {})
     louvain_per_image = (stages.get("louvain_cpu", 0.0) + stages.get("components_cpu", 0.0)) / max(images, 1)
     result = {
         "backbone": options.backbone,
-        "weights": median.weights_source,
+        "weights": median_round.weights_source,
         "embedding": options.embedding,
         "image_size": options.image_size,
         "batch_size": options.batch_size,
         "data_workers": options.num_workers,
         "louvain": options.louvain,
         "precision": options.precision,
-        "device": median.device,
+        "device": median_round.device,
         "images": images,
         "segments": summary.get("segments"),
         "noise_segments": summary.get("noise_segments"),
@@ -223,7 +223,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "images_per_second": round(images / total, 3),
         "warm_up_seconds": round(warm_up_seconds, 2) if warm_up_seconds is not None else None,
         "warm_up_images": options.warm_up_images,
-        "stage_seconds": {"data_wait": round(median.data_wait, 2)}
+        "stage_seconds": {"data_wait": round(median_round.data_wait, 2)}
         | {k: round(v, 2) for k, v in summary.get("stage_seconds", {}).items()},
         "backbone_passes": passes,
         "backbone_alone_seconds": round(yardstick, 2),
@@ -238,7 +238,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "peak_host_memory": peak_host_megabytes(),
         "peak_device_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "miou": summary.get("miou"),
-        "output_dir": str(median.output_dir),
+        "output_dir": str(median_round.output_dir),
     }
     return result
 
@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     options = parser.parse_args(argv)
+    if options.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {options.rounds}")
     keep_freed_memory()  # as the datus command does: the pipeline and the yardstick both run with it
     result = run(options)
     text = json.dumps(result, indent=2)
