@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from datus import __version__
-from datus.errors import ConfigurationError
+from datus.errors import ConfigurationError, one_line
 
 USAGE = """usage: datus <command> [options]
 
@@ -61,7 +61,7 @@ class _ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
-        return f"datus: {level}{record.getMessage()}"
+        return f"datus: {level}{one_line(record.getMessage())}"
 
 
 def _show_own_logs() -> None:
@@ -370,7 +370,7 @@ def console_main(process_starting: bool = False) -> None:
     try:
         main(process_starting=process_starting)
     except ConfigurationError as error:
-        print(f"datus: error: {error}", file=sys.stderr)
+        print(f"datus: error: {one_line(str(error))}", file=sys.stderr)
         raise SystemExit(2) from None
     if process_starting:
         _exit_without_teardown()

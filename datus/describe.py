@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from datus.diagnostics import console_line
+from datus.errors import one_line
 from datus.io import UnreadableFile, json_text, read_json, write_json, write_text
 from datus.metrics import format_table
 from datus.run import CLASSES_FILE, MANIFEST_FILE, MASKS, SKIPPED_FILE, SUMMARY_FILE, Results, Run
@@ -102,7 +103,7 @@ def format_summary(summary: dict[str, Any], metrics: dict[str, Any] | None, clas
     if "diagnostics" in summary:
         lines.append(console_line(summary["diagnostics"]))
     for skip in summary["skipped"][:10]:
-        lines.append(f"  skipped {skip['path']}: {skip['reason']}")
+        lines.append(f"  skipped {one_line(skip['path'])}: {one_line(skip['reason'])}")
     if len(summary["skipped"]) > 10:
         lines.append(f"  ... {len(summary['skipped']) - 10} more in skipped.json")
     if metrics:

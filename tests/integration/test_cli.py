@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -227,6 +228,22 @@ def test_the_console_states_each_fact_once(dataset: Path, tmp_path: Path) -> Non
     assert "0 predicted now, 7 from an earlier run" in completed.stdout
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "optimizer" not in config and "lr_scheduler" not in config
+
+
+def test_a_file_name_cannot_break_a_console_line(dataset: Path, tmp_path: Path) -> None:
+    """A skipped image named with a newline and a terminal escape is reported on one line, escaped."""
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "train" / "images" / "broken\nskipped fake.jpg\x1b[31m.jpg").write_bytes(b"not a jpeg")
+    completed = run_console("predict", "--config", TINY, "--data.root", str(data), "--data.split", "train",
+                            "--output_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false")  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    both = completed.stdout + completed.stderr
+    assert "\x1b" not in both and "\nskipped fake" not in both
+    lines = [line for line in both.splitlines() if "broken" in line]
+    assert len(lines) == 2, lines  # the warning and the summary's skip line
+    assert all("broken\\nskipped fake.jpg\\x1b[31m.jpg" in line for line in lines)
+    assert not any(line.lstrip().startswith("skipped fake") for line in both.splitlines())
 
 
 def test_cluster_reports_only_what_it_did(finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
