@@ -1,7 +1,9 @@
 """Stage 6 for a run: fit the clusters on the run's valid segments, reuse a fit, or apply another run's.
 
 A fit is saved under ``clusters/k<K>/`` with ``settings.json`` saying what it was fitted on (the
-cluster settings and the list of shards); a rerun with the same settings and shards reuses it.
+cluster settings and a digest of the shards); a rerun with the same settings and shards reuses it.
+The fit streams the run's segment table (:func:`datus.shards.segment_table`), memory-mapped
+from ``cache/``, so its memory does not grow with the run.
 ``--cluster.centroids`` applies a fitted model of another run instead, after checking that the
 two runs embed segments the same way.
 """
@@ -16,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from datus.clustering import ClusterModel, fit_clusters
+from datus.clustering import ClusterModel, Rows, fit_rows
 from datus.collective import Collective
 from datus.errors import ConfigurationError
 from datus.io import UnreadableFile, read_json, write_json
 from datus.records import ImageRecord
 from datus.run import RUN_FILE, Run
 from datus.settings import ClusterSettings
-from datus.shards import read_segment_table
+from datus.shards import embedding_width_of, segment_table, shards_digest
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,9 @@ EMBEDDING_IDENTITY = (
 
 
 def fit_identity(run: Run, settings: ClusterSettings) -> dict[str, Any]:
-    """What a fit depends on: the settings and the exact shards (names, sizes, modification times)."""
-    shards = [[path.name, (stat := path.stat()).st_size, stat.st_mtime_ns] for path in run.shards()]
-    return {"settings": settings.fit_identity(), "shards": shards}
+    """What a fit depends on: the settings and the exact shards (a digest of names, sizes, modification times)."""
+    shards = run.shards()
+    return {"settings": settings.fit_identity(), "shards": {"count": len(shards), "digest": shards_digest(shards)}}
 
 
 def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective, identity: dict[str, Any]) -> ClusterModel:
@@ -63,21 +65,22 @@ def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective, ide
             log.warning("fitting again: %s", error)
     if settings.centroids is not None:
         model = applied_model(Path(settings.centroids), _model_identity(run), settings.num_clusters, width)
-    else:
-        own = read_segment_table(run.shards()[collective.rank :: collective.world_size]).embeddings
-        _check_enough_segments(run, settings, collective.sum_counts([len(own)])[0])
-        if settings.engine == "torch":
-            model = _fit_or_refuse(lambda: fit_clusters(torch.from_numpy(own).to(collective.device), settings))
-        else:
-            model, error = None, None
-            if collective.is_main:
-                try:
-                    everything = read_segment_table(run.shards()).embeddings.astype(np.float32)
-                    model = _fit_or_refuse(lambda: fit_clusters(everything, settings))
-                except ConfigurationError as refused:
-                    error = refused
-            if collective.agree(error is not None):
-                raise error or ConfigurationError("clustering failed on rank 0; see its message")
+    elif settings.engine == "torch":  # every rank streams its own rows on its device
+        own = run.shards()[collective.rank :: collective.world_size]
+        table = segment_table(own, run.cache_dir, f"rank{collective.rank:03d}")
+        _check_enough_segments(run, settings, collective.sum_counts([len(table.keys)])[0])
+        model = _fit_or_refuse(lambda: fit_rows(Rows(table.embeddings, table.keys, collective.device), settings))
+    else:  # scikit-learn's engine is one process: rank 0 streams every row
+        model, error = None, None
+        if collective.is_main:
+            try:
+                table = segment_table(run.shards(), run.cache_dir, "all")
+                _check_enough_segments(run, settings, len(table.keys))
+                model = _fit_or_refuse(lambda: fit_rows(Rows(table.embeddings, table.keys, torch.device("cpu")), settings))
+            except ConfigurationError as refused:
+                error = refused
+        if collective.agree(error is not None):
+            raise error or ConfigurationError("clustering failed on rank 0; see its message")
     if collective.is_main:
         assert model is not None
         model.save(directory)
@@ -120,10 +123,8 @@ def _check_enough_segments(run: Run, settings: ClusterSettings, count: int) -> N
 
 
 def embedding_width(run: Run) -> int:
-    """The dimension of the run's segment embeddings (from its first shard)."""
-    from datus.shards import read_records
-
-    return int(read_records(run.shards()[0])[0].image_embedding.shape[0])
+    """The dimension of the run's segment embeddings (from its first shard's small per-image array)."""
+    return embedding_width_of(run.shards())
 
 
 def _model_identity(run: Run) -> dict[str, Any]:

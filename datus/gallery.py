@@ -18,7 +18,6 @@ smallest keys win.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,7 +31,7 @@ from datus.clustering import ClusterModel
 from datus.diagnostics import ClusterSizes
 from datus.drawing import BACKGROUND, INK, LINE_HEIGHT, MISSING_GREY, OUTLINE_YELLOW, PAD, fit_text, font_of
 from datus.io import UnreadableFile, load_rgb, write_image
-from datus.records import ImageRecord
+from datus.records import ImageRecord, segment_keys
 from datus.run import Results
 
 log = logging.getLogger(__name__)
@@ -130,7 +129,7 @@ def select_members(
         distances = model.distances(embeddings)[np.arange(len(labels)), labels]
         owners = np.repeat(np.arange(len(valid)), [record.num_valid for record in valid])
         segments = np.concatenate([np.flatnonzero(~record.is_noise) for record in valid])
-        keys = np.concatenate([sampling_keys(seed, r.image_id, np.flatnonzero(~r.is_noise)) for r in valid])
+        keys = np.concatenate([segment_keys(seed, r.image_id, np.flatnonzero(~r.is_noise)) for r in valid])
         for k in np.unique(labels).tolist():
             rows = np.flatnonzero(labels == k)
             nearest = rows[np.lexsort((keys[rows], distances[rows]))[:typical]]
@@ -150,16 +149,6 @@ def _member(record: ImageRecord, row: int, segments: np.ndarray, distances: np.n
     segment = int(segments[row])
     mask = record.segment_map == segment
     return Member(record.image_id, record.image_path, segment, mask, float(distances[row]), int(keys[row]))
-
-
-def sampling_keys(seed: int, image_id: str, segments: np.ndarray) -> np.ndarray:
-    """A pseudo-random uint64 per segment, from the seed, the image id and the segment id only."""
-    digest = hashlib.blake2b(f"{seed}/{image_id}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
-    with np.errstate(over="ignore"):  # splitmix64: wrapping arithmetic is the point
-        value = np.uint64(int.from_bytes(digest, "little")) + np.asarray(segments, dtype=np.uint64)
-        value = (value ^ (value >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        value = (value ^ (value >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return value ^ (value >> np.uint64(31))
 
 
 def segment_tile(picture: Image.Image, mask: np.ndarray, size: int = TILE) -> Image.Image:

@@ -6,6 +6,7 @@ Lightning or timm) and small enough to stream to disk per batch.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,3 +79,23 @@ class PredictionBatch:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     backbone_passes: int = 0
     """Images and crops through the ViT: the benchmark's yardstick count."""
+
+
+def segment_keys(seed: int, image_id: str, segments: np.ndarray) -> np.ndarray:
+    """A pseudo-random uint64 per segment, from the seed, the image id and the segment id only.
+
+    Samples drawn by smallest key (gallery members, the k-means initialisation sample) are then
+    the same however images were spread over ranks and shards.
+    """
+    digest = hashlib.blake2b(f"{seed}/{image_id}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    with np.errstate(over="ignore"):
+        return splitmix64(np.uint64(int.from_bytes(digest, "little")) + np.asarray(segments, dtype=np.uint64))
+
+
+def splitmix64(values: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser: well-mixed uint64 keys from any uint64 values (wrapping arithmetic)."""
+    value = np.asarray(values, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        value = (value ^ (value >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        value = (value ^ (value >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return value ^ (value >> np.uint64(31))

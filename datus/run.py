@@ -39,6 +39,8 @@ CONFIG_FILE = "config.yaml"
 SHARDS_DIR = "shards"
 LOGS_DIR = "logs"
 CLUSTERS_DIR = "clusters"
+CACHE_DIR = "cache"
+"""Segment tables that stage 6 memory-maps (:func:`datus.shards.segment_table`); derived from shards/, safe to delete."""
 SKIPPED_FILE = "skipped.json"
 
 MASKS = "masks"
@@ -181,6 +183,10 @@ class Run:
     def file(self, name: str) -> Path:
         return self.root / name
 
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / CACHE_DIR
+
     def log_file(self, rank: int) -> Path:
         return self.root / LOGS_DIR / f"predict-rank{rank:03d}.json"
 
@@ -250,6 +256,7 @@ class Run:
         also checked file by file through :meth:`Results.image_file`).
         """
         candidates = [self.root, self.root / LOCK_FILE, self.root / SHARDS_DIR, self.root / LOGS_DIR, self.root / CLUSTERS_DIR]
+        candidates.append(self.root / CACHE_DIR)
         candidates += [self.root / name for name in (*IMAGE_FOLDERS, GALLERY_DIR)]
         clusters = self.root / CLUSTERS_DIR
         if clusters.is_dir() and not clusters.is_symlink():
@@ -338,7 +345,7 @@ class Run:
 
     def _written_folders(self) -> Iterator[Path]:
         yield self.root
-        for name in (SHARDS_DIR, LOGS_DIR):
+        for name in (SHARDS_DIR, LOGS_DIR, CACHE_DIR):
             yield self.root / name
         trees = [self.root / name for name in IMAGE_FOLDERS] + [self.root / CLUSTERS_DIR, self.root / GALLERY_DIR]
         for tree in trees:

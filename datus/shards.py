@@ -10,6 +10,7 @@ others, and every image id must be a safe relative name, before anything is buil
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from datus.errors import ConfigurationError
-from datus.io import MAX_IMAGE_PIXELS, write_npz
-from datus.records import ImageRecord
+from datus.io import MAX_IMAGE_PIXELS, atomic_path, write_npz
+from datus.records import ImageRecord, segment_keys
 from datus.run import check_image_id
 
 _PER_IMAGE = ("image_ids", "image_paths", "mask_paths", "orig_sizes", "segment_maps", "segment_counts",
@@ -184,34 +185,90 @@ def read_image_paths(shards: Sequence[Path]) -> list[tuple[str, str]]:
     return pairs
 
 
+TABLE_KEYS_SEED = 0
+"""Seed of the row keys stored with a segment table; samples mix their own seed in (:mod:`datus.clustering.streamed`)."""
+
+
 @dataclass
 class SegmentTable:
-    """The valid segments of a set of shards, flattened: the input of clustering."""
+    """The valid segments of a set of shards, flattened: the input of clustering.
 
-    embeddings: np.ndarray  # V x D float16
-    num_images: int
-
-
-def read_segment_table(shards: Sequence[Path]) -> SegmentTable:
-    """The valid-segment embeddings of ``shards``, ordered by image id then segment id.
-
-    The order does not depend on how images were spread over ranks and batches, so a fit on
-    the table gives the same clusters for a 1-rank and an N-rank run of the same images.
+    Attributes:
+        embeddings: V x D float16, usually a read-only memory map of ``segments-*.npy``.
+        keys: V uint64, each segment's :func:`datus.records.segment_keys` (with seed
+            :data:`TABLE_KEYS_SEED`): who a row is, wherever it is stored.
     """
-    pieces: list[tuple[str, np.ndarray]] = []
-    width: tuple[int, Path] | None = None
+
+    embeddings: np.ndarray
+    keys: np.ndarray
+
+
+def shards_digest(shards: Sequence[Path]) -> str:
+    """What a set of shards is, in 16 hex digits: names, sizes and modification times (a rewritten shard changes it)."""
+    hasher = hashlib.sha256()
     for shard in shards:
-        records = read_records(shard)
-        if width is None:
-            width = (records[0].image_embedding.shape[0], shard)
-        elif records[0].image_embedding.shape[0] != width[0]:
-            raise ShardError(_damaged(shard, f"its embeddings have {records[0].image_embedding.shape[0]} dimensions, "
-                                             f"those of {width[1].name} {width[0]}"))
-        pieces.extend((record.image_id, record.embeddings) for record in records)
-    if not pieces:
-        return SegmentTable(np.zeros((0, 0), np.float16), 0)
-    pieces.sort(key=lambda piece: piece[0])
-    return SegmentTable(np.concatenate([p[1] for p in pieces]), len(pieces))
+        stat = shard.stat()
+        hasher.update(f"{shard.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return hasher.hexdigest()[:16]
+
+
+def segment_table(shards: Sequence[Path], folder: Path, name: str) -> SegmentTable:
+    """The segment table of ``shards``, written once to ``folder`` and memory-mapped.
+
+    Files are named by ``name`` and :func:`shards_digest`, so a rerun on the same shards maps
+    the table again without reading a shard body, and other shards get their own table (earlier
+    tables of ``name`` are removed). A stored table is checked (dtypes, shapes, row count from
+    the shards' noise flags) and rebuilt when anything disagrees: the run folder is untrusted.
+
+    Memory: one shard's records while building; the table itself stays on disk.
+    """
+    digest = shards_digest(shards)
+    embeddings_path, keys_path = folder / f"segments-{name}-{digest}.npy", folder / f"keys-{name}-{digest}.npy"
+    rows = sum(int((~_load(shard, ("is_noise",))["is_noise"].astype(bool)).sum()) for shard in shards)
+    width = embedding_width_of(shards)
+    stored = _mapped_table(embeddings_path, keys_path, rows, width)
+    if stored is not None:
+        return stored
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob(f"segments-{name}-*.npy"), *folder.glob(f"keys-{name}-*.npy")]:
+        if old.is_file() and not old.is_symlink():
+            old.unlink()
+    with atomic_path(embeddings_path) as table_file, atomic_path(keys_path) as keys_file:
+        table = np.lib.format.open_memmap(table_file, mode="w+", dtype=np.float16, shape=(rows, width))
+        keys = np.lib.format.open_memmap(keys_file, mode="w+", dtype=np.uint64, shape=(rows,))
+        filled = 0
+        for shard in shards:
+            for record in read_records(shard):
+                if record.image_embedding.shape[0] != width:
+                    raise ShardError(_damaged(shard, f"its embeddings have {record.image_embedding.shape[0]} dimensions, "
+                                                     f"those of {shards[0].name} {width}"))
+                count = record.num_valid
+                table[filled : filled + count] = record.embeddings
+                keys[filled : filled + count] = segment_keys(TABLE_KEYS_SEED, record.image_id, np.flatnonzero(~record.is_noise))
+                filled += count
+        table.flush()
+        keys.flush()
+        del table, keys
+    mapped = _mapped_table(embeddings_path, keys_path, rows, width)
+    assert mapped is not None
+    return mapped
+
+
+def embedding_width_of(shards: Sequence[Path]) -> int:
+    """Embedding width of the first shard (0 without shards)."""
+    return int(_load(shards[0], ("image_embeddings",))["image_embeddings"].shape[1]) if shards else 0
+
+
+def _mapped_table(embeddings_path: Path, keys_path: Path, rows: int, width: int) -> SegmentTable | None:
+    """The stored table, memory-mapped, or None when absent or not what the shards say it must be."""
+    try:
+        embeddings = np.load(embeddings_path, mmap_mode="r", allow_pickle=False)
+        keys = np.load(keys_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if embeddings.dtype != np.float16 or embeddings.shape != (rows, width) or keys.dtype != np.uint64 or keys.shape != (rows,):
+        return None
+    return SegmentTable(embeddings, keys)
 
 
 def first_mask_path(shards: Sequence[Path]) -> str | None:

@@ -1,25 +1,30 @@
 """Stage 6: optional PCA, then k-means over segment embeddings, deterministic given a seed.
 
-Two engines produce the same kind of :class:`ClusterModel`:
+Both engines stream their data in chunks (:mod:`datus.clustering.streamed`), so memory is
+bounded by a chunk and a bounded initialisation sample, whatever the number of segments:
 
-- ``sklearn`` (:mod:`datus.clustering.sklearn_engine`): scikit-learn in one process, the
-  paper's tools.
-- ``torch`` (:mod:`datus.clustering.torch_engine`): Lloyd's algorithm with tensors on any
-  device, reducing only sums and counts across ``torch.distributed`` ranks.
+- ``sklearn``: one process on the CPU, scikit-learn's initialisation and ``MiniBatchKMeans``.
+- ``torch``: Lloyd's algorithm with tensors on any device, reducing only sums and counts
+  across ``torch.distributed`` ranks.
 
-Both compute distances in true float32 and in chunks (:mod:`datus.clustering.kernels`), and
-derive every random draw from the seed.
+Both compute distances in true float32 (:mod:`datus.clustering.kernels`) and derive every
+random draw from the seed.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from datus.clustering.kernels import as_tensor
 from datus.clustering.model import ClusterModel, Iterations
+from datus.clustering.streamed import Rows, check_backend, fit_streamed
+from datus.collective import Collective
+from datus.records import splitmix64
 from datus.settings import ClusterSettings
 
-__all__ = ["ClusterModel", "Iterations", "fit_clusters"]
+__all__ = ["ClusterModel", "Iterations", "Rows", "fit_clusters", "fit_rows"]
 
 
 def fit_clusters(
@@ -34,9 +39,10 @@ def fit_clusters(
     """Cluster L2-normalised segment embeddings as ``settings`` say.
 
     Args:
-        embeddings: N x D array or tensor, any floating dtype (computed in float32). With the
-            torch engine under ``torch.distributed``, each rank passes only its own rows (a rank
-            may pass none) on its own device (CUDA with NCCL).
+        embeddings: N x D array or tensor, any floating dtype (computed in float32, a chunk at a
+            time: a memory-mapped array stays on disk). With the torch engine under
+            ``torch.distributed``, each rank passes only its own rows (a rank may pass none) on
+            its own device (CUDA with NCCL).
         settings: K, engine, initialisation, PCA, mini-batches and seed (validated on creation).
         max_iter: most Lloyd iterations (epochs with mini-batches) per initialisation.
         tol: stop once the summed squared centroid shift is at most ``tol`` times the mean
@@ -52,11 +58,23 @@ def fit_clusters(
         ValueError: empty input, non-finite values, K larger than the number of embeddings,
             more PCA components than features or samples, or bad iteration settings.
     """
-    iterations = Iterations(max_iter, tol, n_init, batch_size)
-    if settings.engine == "sklearn":
-        from datus.clustering.sklearn_engine import fit_sklearn
+    tensor, _ = as_tensor(embeddings)
+    tensor = tensor.detach()
+    group = _group_of(settings, tensor.device)
+    check_backend(tensor.device, group)
+    rows = tensor.shape[0] if tensor.ndim == 2 else 0
+    counts = [int(count) for count in group.all_gather(torch.tensor([rows], device=group.device))]
+    offset = sum(counts[: group.rank])  # a row's key is its index in the ranks' rows laid end to end
+    keys = splitmix64(np.arange(offset, offset + rows, dtype=np.uint64))
+    device = tensor.device if settings.engine == "torch" else torch.device("cpu")
+    return fit_rows(Rows(tensor, keys, device), settings, Iterations(max_iter, tol, n_init, batch_size))
 
-        return fit_sklearn(embeddings, settings, iterations)
-    from datus.clustering.torch_engine import fit_torch
 
-    return fit_torch(embeddings, settings, iterations)
+def fit_rows(rows: Rows, settings: ClusterSettings, iterations: Iterations | None = None) -> ClusterModel:
+    """:func:`fit_clusters` on a :class:`Rows` table (e.g. a run's segment table mapped from disk)."""
+    return fit_streamed(rows, settings, iterations or Iterations(), _group_of(settings, rows.device))
+
+
+def _group_of(settings: ClusterSettings, device: torch.device) -> Collective:
+    """The ranks that fit together: all of them for ``torch``, this process alone for ``sklearn``."""
+    return Collective.current(device) if settings.engine == "torch" else Collective(0, 1, torch.device("cpu"))
