@@ -8,6 +8,7 @@ engine. Tensors live on ``device`` because NCCL moves only CUDA tensors (gloo, C
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,14 @@ class Collective:
             return list(counts)
         tensor = torch.tensor(counts, dtype=torch.int64, device=self.device)
         return [int(value) for value in self.all_reduce(tensor).tolist()]
+
+    def gather_to_main(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value`` (small picklable objects), in rank order, on rank 0; None elsewhere."""
+        if self.world_size == 1:
+            return [value]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
 
     def agree(self, failed: bool) -> bool:
         """True when any rank failed, on every rank: lets all ranks stop together instead of hanging."""

@@ -7,17 +7,17 @@ report only what this invocation did, next to what earlier ones did.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datus.diagnostics import console_line
 from datus.errors import one_line
-from datus.io import UnreadableFile, json_text, read_json, write_json, write_text
+from datus.io import UnreadableFile, json_text, read_json, write_json, write_lines
 from datus.metrics import format_table
-from datus.run import CLASSES_FILE, MANIFEST_FILE, MASKS, SKIPPED_FILE, SUMMARY_FILE, Results, Run
-from datus.shards import read_image_paths
+from datus.run import CLASSES_FILE, IMAGE_FOLDERS, MANIFEST_FILE, MASKS, SKIPPED_FILE, SUMMARY_FILE, Results, Run
+from datus.shards import check_unique_ids, read_image_paths
 
 
 @dataclass
@@ -52,8 +52,9 @@ def write_dataset_files(
 ) -> None:
     """Make the results folder a dataset: ``classes.json`` and a manifest of (image, mask) pairs.
 
-    The manifest has one JSON object per line: ``image`` (absolute path of the input image, which
-    stays where it is), ``mask`` (path relative to the results folder) and ``image_id``. Masks are
+    The manifest has one JSON object per line, in the order of the shards (streamed: memory does
+    not grow with the run): ``image`` (absolute path of the input image, which stays where it
+    is), ``mask`` (path relative to the results folder) and ``image_id``. Masks are
     dense, so the ignore value never occurs in them; it is declared outside the cluster ids
     (255 for uint8 masks, 65535 for uint16) for training code that pads or augments.
     """
@@ -71,12 +72,16 @@ def write_dataset_files(
             "ignore_index": 255 if num_clusters <= 255 else 65535,
         },
     )
-    lines = []
-    for image_id, path in sorted(read_image_paths(run.shards())):
-        mask = results.image_file(MASKS, image_id).relative_to(results.root).as_posix()
-        entry = {"image_id": image_id, "image": str(Path(path).absolute()), "mask": mask}
-        lines.append(json_text(entry, indent=None))
-    write_text(results.file(MANIFEST_FILE), "\n".join(lines) + "\n")
+    write_lines(results.file(MANIFEST_FILE), _manifest_lines(run.shards(), results))
+    check_unique_ids(run.shards())
+
+
+def _manifest_lines(shards: Sequence[Path], results: Results) -> Iterator[str]:
+    """One JSON line per recorded image, shard by shard (the shards' small id and path arrays only)."""
+    for shard in shards:
+        for image_id, path in read_image_paths([shard]):
+            mask = f"{MASKS}/{image_id}{IMAGE_FOLDERS[MASKS]}"
+            yield json_text({"image_id": image_id, "image": str(Path(path).absolute()), "mask": mask}, indent=None)
 
 
 def write_summary(

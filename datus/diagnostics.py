@@ -11,8 +11,14 @@ cases from the shards and the fitted model alone (no ViT, no images decoded):
 - cluster sizes in valid segments and in pixels of the dense masks (noise segments counted in
   their donor's cluster, as painted; masks refined by a CRF are not re-read);
 - the mean modularity of the Louvain partitions (recorded per image at prediction);
-- stability: the adjusted Rand index, over valid segments (each counts once), between the run's
-  clusters and a second k-means with the next seed on the same embeddings.
+- stability: the adjusted Rand index, over a seeded sample of valid segments (each counts once),
+  between the run's clusters and a second k-means with the next seed fitted on that sample.
+
+Every count is a sum over shards (:class:`Counts`, filled by the painting workers and merged),
+so the diagnostics cost no pass of their own and no memory beyond a few numbers per image.
+The stability sample is the fit's initialisation sample rule (:func:`sampled_stability`): the
+valid segments with the smallest seeded keys, at most ``max(10000, 50 K)``, so its cost is
+bounded whatever the size of the run, and it is measured once per fit and kept beside it.
 
 They go to ``summary.json`` (``diagnostics``) and, drawn by :func:`diagnostics_panel`, to the
 bottom of ``report.png``.
@@ -22,21 +28,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datus.clustering import ClusterModel, fit_clusters
+from datus.clustering import ClusterModel, Rows, fit_clusters
+from datus.clustering.streamed import draw_sample, sample_size
+from datus.collective import Collective
 from datus.drawing import BACKGROUND, INK, PAD, fit_text, font_of, text_width
-from datus.fit import segment_labels
+from datus.labels import segment_labels
 from datus.metrics import agreement_scores
 from datus.records import ImageRecord
 from datus.settings import ClusterSettings
-from datus.shards import read_records
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +55,6 @@ CHART_HEIGHT = 110
 """Height of the bars area of each chart in the panel."""
 _LINE = 17
 _BAR_GREY = (150, 150, 150)
-
-
-def records_by_shard(shards: Sequence[Path]) -> Iterator[list[ImageRecord]]:
-    """The records of each shard in turn: a whole run streams through with one shard in memory."""
-    for shard in shards:
-        yield read_records(shard)
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class Diagnostics:
             "modularity": self.modularity_summary(),
             "stability": {
                 "ari": self.stability,
-                "over": "valid segments",
+                "over": "a seeded sample of valid segments",
                 "against": f"k-means with seed {self.stability_seed}",
             },
         }
@@ -188,49 +188,109 @@ def count_histogram(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return edges, np.histogram(counts, bins=edges)[0]
 
 
-def measure(batches: Iterable[Sequence[ImageRecord]], model: ClusterModel, settings: ClusterSettings) -> Diagnostics:
-    """Every diagnostic of the clustering ``model`` on the records of ``batches`` (rank 0 only).
+@dataclass(frozen=True)
+class Stability:
+    """ARI against a second k-means (None when it could not be measured), its seed and its sample size."""
 
-    Labels come as painting gives them (:func:`datus.fit.segment_labels`); the second k-means
-    sees the valid-segment embeddings ordered by image id, like the run's own fit.
+    ari: float | None
+    seed: int
+    segments: int
 
-    Args:
-        batches: the run's records, one list per shard (:func:`records_by_shard`).
-        model: the run's fitted clusters.
-        settings: the run's cluster settings (K, PCA, initialisation and seed of the second fit).
-    """
-    num_clusters = model.num_clusters
-    images: list[tuple[str, int, int, float]] = []
-    pieces: list[tuple[str, np.ndarray, np.ndarray]] = []
-    segments = np.zeros(num_clusters, dtype=np.int64)
-    pixels = np.zeros(num_clusters, dtype=np.float64)
-    noise_pixels = total_pixels = 0.0
-    for records in batches:
-        for record, labels in zip(records, segment_labels(model, records)):
+    def to_json(self) -> dict[str, Any]:
+        return {"ari": self.ari, "seed": self.seed, "segments": self.segments}
+
+    @classmethod
+    def from_json(cls, content: Any) -> Stability | None:
+        """Read back :meth:`to_json` from an untrusted file: None unless every field is sound."""
+        if not isinstance(content, dict):
+            return None
+        ari, seed, segments = content.get("ari"), content.get("seed"), content.get("segments")
+        sound_ari = ari is None or (isinstance(ari, float) and -1.0 <= ari <= 1.0)
+        if not (sound_ari and isinstance(seed, int) and isinstance(segments, int) and segments >= 0):
+            return None
+        return cls(ari, seed, segments)
+
+
+class Counts:
+    """The per-image and per-cluster sums behind :class:`Diagnostics`, mergeable across shards and workers."""
+
+    def __init__(self, num_clusters: int) -> None:
+        self.valid: list[np.ndarray] = []
+        self.noise: list[np.ndarray] = []
+        self.modularity: list[np.ndarray] = []
+        self.segments = np.zeros(num_clusters, dtype=np.int64)
+        self.pixels = np.zeros(num_clusters, dtype=np.float64)
+        self.noise_pixels = 0.0
+        self.total_pixels = 0.0
+
+    def add(self, records: Sequence[ImageRecord], labels: Sequence[np.ndarray]) -> None:
+        """One shard's records and their segment labels (:func:`datus.fit.segment_labels`)."""
+        num_clusters = len(self.segments)
+        valid_counts, noise_counts, modularity = [], [], []
+        for record, record_labels in zip(records, labels):
             image_pixels = float(record.orig_size[0] * record.orig_size[1])
             segment_pixels = record.sizes.astype(np.float64) * image_pixels / record.segment_map.size
             valid = ~record.is_noise
-            noise_pixels += float(segment_pixels[record.is_noise].sum())
-            total_pixels += image_pixels
-            pixels += np.bincount(labels, weights=segment_pixels, minlength=num_clusters)
-            segments += np.bincount(labels[valid], minlength=num_clusters)
-            images.append((record.image_id, int(valid.sum()), int(record.is_noise.sum()), record.modularity))
-            pieces.append((record.image_id, record.embeddings, labels[valid]))
-    images.sort(key=lambda image: image[0])
-    pieces.sort(key=lambda piece: piece[0])
-    embeddings = np.concatenate([piece[1] for piece in pieces]) if pieces else np.zeros((0, model.input_dim))
-    run_labels = np.concatenate([piece[2] for piece in pieces]) if pieces else np.zeros(0, dtype=np.int64)
+            self.noise_pixels += float(segment_pixels[record.is_noise].sum())
+            self.total_pixels += image_pixels
+            self.pixels += np.bincount(record_labels, weights=segment_pixels, minlength=num_clusters)
+            self.segments += np.bincount(record_labels[valid], minlength=num_clusters)
+            valid_counts.append(int(valid.sum()))
+            noise_counts.append(int(record.is_noise.sum()))
+            modularity.append(record.modularity)
+        self.valid.append(np.array(valid_counts, dtype=np.int32))
+        self.noise.append(np.array(noise_counts, dtype=np.int32))
+        self.modularity.append(np.array(modularity, dtype=np.float64))
+
+    def merge(self, other: Counts) -> None:
+        """Add another accumulator's sums (merge in shard order: float sums then never depend on workers)."""
+        self.valid += other.valid
+        self.noise += other.noise
+        self.modularity += other.modularity
+        self.segments += other.segments
+        self.pixels += other.pixels
+        self.noise_pixels += other.noise_pixels
+        self.total_pixels += other.total_pixels
+
+    def diagnostics(self, stability: Stability | None) -> Diagnostics:
+        def joined(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+        return Diagnostics(
+            valid_per_image=joined(self.valid, np.int32).astype(np.int64),
+            noise_per_image=joined(self.noise, np.int32).astype(np.int64),
+            noise_pixels=self.noise_pixels,
+            total_pixels=self.total_pixels,
+            clusters=ClusterSizes(self.segments, self.pixels),
+            modularity=joined(self.modularity, np.float64),
+            stability=None if stability is None else stability.ari,
+            stability_seed=-1 if stability is None else stability.seed,
+        )
+
+
+def measure(batches: Iterable[Sequence[ImageRecord]], model: ClusterModel, stability: Stability | None) -> Diagnostics:
+    """Every diagnostic of the clustering ``model`` on the records of ``batches`` (one list per shard).
+
+    Labels come as painting gives them (:func:`datus.fit.segment_labels`).
+    """
+    counts = Counts(model.num_clusters)
+    for records in batches:
+        counts.add(records, segment_labels(model, list(records)))
+    return counts.diagnostics(stability)
+
+
+def sampled_stability(rows: Rows, model: ClusterModel, settings: ClusterSettings, group: Collective) -> Stability:
+    """:func:`stability` on the seeded sample of ``rows`` (every rank of ``group`` takes part).
+
+    The sample is the fit's rule (:func:`datus.clustering.streamed.sample_size`): up to
+    ``max(10000, 50 K)`` valid segments, drawn by smallest seeded key with the second fit's seed.
+    """
     second = second_settings(settings)
-    return Diagnostics(
-        valid_per_image=np.array([image[1] for image in images], dtype=np.int64),
-        noise_per_image=np.array([image[2] for image in images], dtype=np.int64),
-        noise_pixels=noise_pixels,
-        total_pixels=total_pixels,
-        clusters=ClusterSizes(segments, pixels),
-        modularity=np.array([image[3] for image in images], dtype=np.float64),
-        stability=stability(embeddings, run_labels, second),
-        stability_seed=second.seed,
-    )
+    total = group.sum_counts([len(rows)])[0]
+    if total < 2:
+        return Stability(None, second.seed, total)
+    sample = draw_sample(rows, sample_size(total, model.num_clusters), second.seed, group).cpu().numpy()
+    return Stability(stability(sample, model.assign(sample), second), second.seed, len(sample))
 
 
 def second_settings(settings: ClusterSettings) -> ClusterSettings:

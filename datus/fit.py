@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from datus.clustering import ClusterModel, Rows, fit_rows
 from datus.collective import Collective
+from datus.diagnostics import Stability, sampled_stability
 from datus.errors import ConfigurationError
 from datus.io import UnreadableFile, read_json, write_json
-from datus.records import ImageRecord
 from datus.run import RUN_FILE, Run
 from datus.settings import ClusterSettings
 from datus.shards import embedding_width_of, segment_table, shards_digest
@@ -30,6 +30,7 @@ from datus.shards import embedding_width_of, segment_table, shards_digest
 log = logging.getLogger(__name__)
 
 FIT_FILE = "settings.json"
+STABILITY_FILE = "stability.json"
 
 EMBEDDING_IDENTITY = (
     "backbone", "weights", "embedder", "embedder_weights", "image_size", "patch_size", "embedding", "crop_recipe",
@@ -44,8 +45,19 @@ def fit_identity(run: Run, settings: ClusterSettings) -> dict[str, Any]:
     return {"settings": settings.fit_identity(), "shards": {"count": len(shards), "digest": shards_digest(shards)}}
 
 
-def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective, identity: dict[str, Any]) -> ClusterModel:
-    """The cluster model for ``settings`` on every rank (fitted once, saved by rank 0).
+@dataclass(frozen=True)
+class Fit:
+    """The cluster model (every rank) and its stability diagnostic (rank 0; None elsewhere)."""
+
+    model: ClusterModel
+    stability: Stability | None
+
+
+def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective, identity: dict[str, Any]) -> Fit:
+    """The cluster model for ``settings`` on every rank (fitted once, saved by rank 0), and its stability.
+
+    The stability (:func:`datus.diagnostics.sampled_stability`) is measured once per fit and kept
+    beside it, so a rerun with an unchanged fit refits nothing.
 
     Args:
         run: the run whose shards are clustered.
@@ -55,38 +67,77 @@ def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective, ide
     """
     directory = run.cluster_dir(settings.num_clusters)
     width = embedding_width(run)
-    if _saved_identity(directory) == identity:
-        try:  # a damaged or mismatched cache is refitted, not trusted
-            cached = ClusterModel.load(directory)
-            if (cached.num_clusters, cached.input_dim) == (settings.num_clusters, width):
-                return cached
-            log.warning("fitting again: %s does not fit K = %d and %d dimensions", directory, settings.num_clusters, width)
-        except ValueError as error:
-            log.warning("fitting again: %s", error)
-    if settings.centroids is not None:
+    model = cached = _cached_model(directory, identity, settings, width)
+    if model is None and settings.centroids is not None:
         model = applied_model(Path(settings.centroids), _model_identity(run), settings.num_clusters, width)
-    elif settings.engine == "torch":  # every rank streams its own rows on its device
-        own = run.shards()[collective.rank :: collective.world_size]
-        table = segment_table(own, run.cache_dir, f"rank{collective.rank:03d}")
-        _check_enough_segments(run, settings, collective.sum_counts([len(table.keys)])[0])
-        model = _fit_or_refuse(lambda: fit_rows(Rows(table.embeddings, table.keys, collective.device), settings))
-    else:  # scikit-learn's engine is one process: rank 0 streams every row
-        model, error = None, None
+    elif model is None and settings.engine == "torch":
+        rows, _ = _rows(run, settings, collective)
+        assert rows is not None
+        _check_enough_segments(run, settings, collective.sum_counts([len(rows)])[0])
+        model = _fit_or_refuse(lambda: fit_rows(rows, settings))
+    elif model is None:  # scikit-learn's engine is one process: rank 0 streams every row
+        error = None
         if collective.is_main:
             try:
-                table = segment_table(run.shards(), run.cache_dir, "all")
-                _check_enough_segments(run, settings, len(table.keys))
-                model = _fit_or_refuse(lambda: fit_rows(Rows(table.embeddings, table.keys, torch.device("cpu")), settings))
+                rows, _ = _rows(run, settings, collective)
+                assert rows is not None
+                _check_enough_segments(run, settings, len(rows))
+                model = _fit_or_refuse(lambda: fit_rows(rows, settings))
             except ConfigurationError as refused:
                 error = refused
         if collective.agree(error is not None):
             raise error or ConfigurationError("clustering failed on rank 0; see its message")
+    stability = _saved_stability(directory) if cached is not None and collective.is_main else None
+    if collective.agree(collective.is_main and stability is None):
+        rows, group = _rows(run, settings, collective)
+        if rows is not None and group is not None and model is not None:
+            stability = sampled_stability(rows, model, settings, group)
     if collective.is_main:
-        assert model is not None
-        model.save(directory)
-        write_json(directory / FIT_FILE, identity)
+        assert model is not None and stability is not None
+        if cached is None:
+            model.save(directory)
+        write_json(directory / STABILITY_FILE, stability.to_json())
+        write_json(directory / FIT_FILE, identity)  # last: an identity always belongs to complete files
     collective.barrier()
-    return model if model is not None else ClusterModel.load(directory)
+    return Fit(model if model is not None else ClusterModel.load(directory), stability)
+
+
+def _cached_model(directory: Path, identity: dict[str, Any], settings: ClusterSettings, width: int) -> ClusterModel | None:
+    """The saved fit when it was fitted on ``identity`` and is sound; None to fit again."""
+    if _saved_identity(directory) != identity:
+        return None
+    try:  # a damaged or mismatched cache is refitted, not trusted
+        cached = ClusterModel.load(directory)
+    except ValueError as error:
+        log.warning("fitting again: %s", error)
+        return None
+    if (cached.num_clusters, cached.input_dim) != (settings.num_clusters, width):
+        log.warning("fitting again: %s does not fit K = %d and %d dimensions", directory, settings.num_clusters, width)
+        return None
+    return cached
+
+
+def _rows(run: Run, settings: ClusterSettings, collective: Collective) -> tuple[Rows | None, Collective | None]:
+    """The segment table this rank streams, and the ranks streaming with it.
+
+    The torch engine: every rank its own shards' table, on its device. Otherwise (scikit-learn's
+    engine, applied centroids): rank 0 alone, every shard; other ranks get ``(None, None)``.
+    """
+    if settings.engine == "torch" and settings.centroids is None:
+        table = segment_table(run.shards()[collective.rank :: collective.world_size], run.cache_dir, f"rank{collective.rank:03d}")
+        return Rows(table.embeddings, table.keys, collective.device), collective
+    if not collective.is_main:
+        return None, None
+    table = segment_table(run.shards(), run.cache_dir, "all")
+    cpu = torch.device("cpu")
+    return Rows(table.embeddings, table.keys, cpu), Collective(0, 1, cpu)
+
+
+def _saved_stability(directory: Path) -> Stability | None:
+    try:
+        return Stability.from_json(read_json(directory / STABILITY_FILE)) if (directory / STABILITY_FILE).is_file() else None
+    except UnreadableFile:
+        return None
 
 
 def _fit_or_refuse(fit: Callable[[], ClusterModel]) -> ClusterModel:
@@ -172,30 +223,3 @@ def applied_model(source: Path, model_identity: dict[str, Any], num_clusters: in
             f"--cluster.centroids {source} take {model.input_dim}-dimensional embeddings, this run's have {width}"
         )
     return model
-
-
-def segment_labels(model: ClusterModel, records: list[ImageRecord]) -> list[np.ndarray]:
-    """A cluster id for every segment of every record, valid segments by their own embeddings."""
-    valid = np.concatenate([record.embeddings for record in records]).astype(np.float32)
-    images = np.stack([record.image_embedding for record in records]).astype(np.float32)
-    valid_labels = model.assign(valid) if len(valid) else np.zeros(0, dtype=np.int64)
-    image_labels = model.assign(images)
-    labels, offset = [], 0
-    for record, image_label in zip(records, image_labels):
-        labels.append(record.segment_labels(valid_labels[offset : offset + record.num_valid], int(image_label)))
-        offset += record.num_valid
-    return labels
-
-
-def segment_probabilities_of(model: ClusterModel, record: ImageRecord, temperature: float) -> np.ndarray:
-    """Soft cluster membership of every segment (S x K), the input of the CRF.
-
-    Valid segments use their own distances to the centroids, noise segments their donor's,
-    and an image without valid segments its own CLS embedding's.
-    """
-    from datus.crf import segment_probabilities
-
-    stacked = np.concatenate([record.embeddings, record.image_embedding[None]]).astype(np.float32)
-    probabilities = segment_probabilities(model.distances(stacked), temperature)
-    rows = np.where(record.donors >= 0, record.donors, record.num_valid)
-    return probabilities[rows]

@@ -99,6 +99,54 @@ class ClusterMembers:
     random: list[Member] = field(default_factory=list)
 
 
+class Candidates:
+    """Gallery candidates of the records seen so far, at most ``typical`` + ``typical + random`` per cluster.
+
+    Mergeable: worker processes each scan their shards, and merging their candidates in any order
+    gives the same choice as one scan of everything (ties in distance go to the sampling key).
+    """
+
+    def __init__(self, num_clusters: int, seed: int, typical: int = TYPICAL, random: int = RANDOM) -> None:
+        self.seed, self.typical, self.random = seed, typical, random
+        self.near: list[list[Member]] = [[] for _ in range(num_clusters)]
+        self.drawn: list[list[Member]] = [[] for _ in range(num_clusters)]
+
+    def add(self, records: Sequence[ImageRecord], model: ClusterModel) -> None:
+        """Scan one shard's records (their valid segments, labelled by :meth:`ClusterModel.assign`)."""
+        valid = [record for record in records if record.num_valid]
+        if not valid:
+            return
+        embeddings = np.concatenate([record.embeddings for record in valid]).astype(np.float32)
+        labels = model.assign(embeddings)
+        distances = model.distances(embeddings)[np.arange(len(labels)), labels]
+        owners = np.repeat(np.arange(len(valid)), [record.num_valid for record in valid])
+        segments = np.concatenate([np.flatnonzero(~record.is_noise) for record in valid])
+        keys = np.concatenate([segment_keys(self.seed, r.image_id, np.flatnonzero(~r.is_noise)) for r in valid])
+        scanned = Candidates(len(self.near), self.seed, self.typical, self.random)
+        for k in np.unique(labels).tolist():
+            rows = np.flatnonzero(labels == k)
+            nearest = rows[np.lexsort((keys[rows], distances[rows]))[: self.typical]]
+            sampled = rows[np.argsort(keys[rows], kind="stable")[: self.typical + self.random]]
+            found = {row: _member(valid[owners[row]], row, segments, distances, keys) for row in {*nearest, *sampled}}
+            scanned.near[k] = [found[row] for row in nearest]
+            scanned.drawn[k] = [found[row] for row in sampled]
+        self.merge(scanned)
+
+    def merge(self, other: Candidates) -> None:
+        """Keep the best of both: nearest by (distance, key), random by key."""
+        for k, (near, drawn) in enumerate(zip(other.near, other.drawn)):
+            self.near[k] = sorted(self.near[k] + near, key=lambda m: (m.distance, m.key))[: self.typical]
+            self.drawn[k] = sorted(self.drawn[k] + drawn, key=lambda m: m.key)[: self.typical + self.random]
+
+    def members(self) -> list[ClusterMembers]:
+        """Per cluster, its sheet: the typical members, then random members not already shown."""
+        chosen = []
+        for nearest, sampled in zip(self.near, self.drawn):
+            shown = {m.identity for m in nearest}
+            chosen.append(ClusterMembers(nearest, [m for m in sampled if m.identity not in shown][: self.random]))
+        return chosen
+
+
 def select_members(
     batches: Iterable[Sequence[ImageRecord]],
     model: ClusterModel,
@@ -118,30 +166,10 @@ def select_members(
         typical: nearest segments per cluster.
         random: random other segments per cluster.
     """
-    near: list[list[Member]] = [[] for _ in range(model.num_clusters)]
-    drawn: list[list[Member]] = [[] for _ in range(model.num_clusters)]
+    candidates = Candidates(model.num_clusters, seed, typical, random)
     for records in batches:
-        valid = [record for record in records if record.num_valid]
-        if not valid:
-            continue
-        embeddings = np.concatenate([record.embeddings for record in valid]).astype(np.float32)
-        labels = model.assign(embeddings)
-        distances = model.distances(embeddings)[np.arange(len(labels)), labels]
-        owners = np.repeat(np.arange(len(valid)), [record.num_valid for record in valid])
-        segments = np.concatenate([np.flatnonzero(~record.is_noise) for record in valid])
-        keys = np.concatenate([segment_keys(seed, r.image_id, np.flatnonzero(~r.is_noise)) for r in valid])
-        for k in np.unique(labels).tolist():
-            rows = np.flatnonzero(labels == k)
-            nearest = rows[np.lexsort((keys[rows], distances[rows]))[:typical]]
-            sampled = rows[np.argsort(keys[rows], kind="stable")[: typical + random]]
-            found = {row: _member(valid[owners[row]], row, segments, distances, keys) for row in {*nearest, *sampled}}
-            near[k] = sorted(near[k] + [found[row] for row in nearest], key=lambda m: (m.distance, m.key))[:typical]
-            drawn[k] = sorted(drawn[k] + [found[row] for row in sampled], key=lambda m: m.key)[: typical + random]
-    chosen = []
-    for nearest, sampled in zip(near, drawn):
-        shown = {m.identity for m in nearest}
-        chosen.append(ClusterMembers(nearest, [m for m in sampled if m.identity not in shown][:random]))
-    return chosen
+        candidates.add(records, model)
+    return candidates.members()
 
 
 def _member(record: ImageRecord, row: int, segments: np.ndarray, distances: np.ndarray, keys: np.ndarray) -> Member:
@@ -331,9 +359,8 @@ def draw_index(
 
 
 def write_galleries(
-    batches: Iterable[Sequence[ImageRecord]],
+    members: Sequence[ClusterMembers],
     results: Results,
-    model: ClusterModel,
     sizes: ClusterSizes,
     names: Sequence[str | None],
     seed: int,
@@ -344,14 +371,12 @@ def write_galleries(
     results folder, are removed: they would describe masks that no longer exist.
 
     Args:
-        batches: the run's records, one list per shard.
+        members: per cluster, its chosen segments (:meth:`Candidates.members`, :func:`select_members`).
         results: the results folder of this clustering.
-        model: its fitted clusters.
         sizes: cluster sizes (from the diagnostics) for the headers.
         names: per cluster, its matched class or None (:func:`matched_names`).
         seed: seed of the random members.
     """
-    members = select_members(batches, model, seed)
     tiles = cut_tiles(members)
     for cluster, chosen in enumerate(members):
         sheet = draw_sheet(cluster, chosen, tiles, sizes, names[cluster], seed)
@@ -359,6 +384,5 @@ def write_galleries(
     title = f"{results.root.resolve().name}: {len(members)} clusters, typical segments (cluster_<k>.png: more)"
     write_image(results.gallery_index(), draw_index(members, tiles, sizes, names, title))
     for cluster, path in results.gallery_sheets().items():
-        if cluster >= model.num_clusters:
+        if cluster >= len(members):
             path.unlink(missing_ok=True)
-

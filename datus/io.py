@@ -19,7 +19,7 @@ import os
 import re
 import secrets
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -118,6 +118,11 @@ def json_text(payload: Any, indent: int | None = 2) -> str:
     except UnicodeEncodeError:
         text = json.dumps(payload, indent=indent, ensure_ascii=True)
     return text
+
+
+def write_lines(destination: Path, lines: Iterable[str]) -> None:
+    """Write UTF-8 lines as they come (memory: one line), atomically."""
+    _write_with(destination, lambda stream: stream.writelines(f"{line}\n".encode("utf-8") for line in lines))
 
 
 def write_json(destination: Path, payload: Any) -> None:

@@ -1,47 +1,72 @@
-"""Stages 6-8 on a run's shards, in order: fit, paint and score, colour, galleries, describe.
+"""Stages 6-8 on a run's shards, in order: fit, one pass over the shards, colour, galleries, describe.
 
 One function serves the end of ``datus predict`` (the :class:`callbacks.pipeline.ClusterPaintEvaluate`
 callback, on every DDP rank) and ``datus cluster`` (one process re-clustering saved shards with
-other settings, without the ViT). Under DDP each rank paints and scores its own share of the
-shards; only the metric's counts, k-means statistics and a few counts cross ranks, through
-:class:`datus.collective.Collective`.
+other settings, without the ViT). The order, and what each stage reads and writes:
 
-A rerun whose fit, settings and outputs are unchanged repaints nothing: ``painted.json`` records
-what the files in the results folder were painted from, and each image's files are checked to
-exist (a mask also to be a label map of the image's size) before they are skipped.
+1. fit (:mod:`datus.fit`): reads the memory-mapped segment table (``cache/``), writes
+   ``clusters/k<K>/`` (centroids, PCA, stability, the identity it was fitted on);
+2. the shard pass (:mod:`datus.shard_pass`): reads each shard once, on every core; writes masks,
+   segment maps (and colour masks and overlays when the colours are already known); returns the
+   scoring counts, the diagnostics' sums and the gallery candidates;
+3. scoring (:mod:`datus.score`): Hungarian matching on the pooled counts; ``metrics.*``;
+4. colour (when it depends on this run's matching): colour masks and overlays from the masks;
+5. report, galleries (threads beside the colour pass), ``classes.json``, ``manifest.jsonl``,
+   ``summary.json``, then ``painted.json``, which says what the folder was painted from.
+
+Under DDP each rank works on its own shards; only counts, k-means statistics and the gallery
+candidates cross ranks, through :class:`datus.collective.Collective`.
+
+A rerun with nothing changed (same fit, settings and results, every file in place) reads no
+shard body and opens no image or mask: ``painted.json`` records what was painted and how many
+files each folder held, and is checked against the folders (counted by listing, not opened).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from datus.clustering import ClusterModel
 from datus.collective import Collective
-from datus.crf import CRFJob, CRFParams, refine_many
+from datus.crf import CRFParams
 from datus.describe import PredictionLog, format_summary, write_dataset_files, write_summary
-from datus.diagnostics import diagnostics_panel, measure, records_by_shard
+from datus.diagnostics import Counts, diagnostics_panel
 from datus.drawing import colour_table, legend_picture
 from datus.errors import ConfigurationError
-from datus.fit import fit_identity, fit_or_load, segment_labels, segment_probabilities_of
-from datus.gallery import matched_names, write_galleries
+from datus.fit import fit_identity, fit_or_load
+from datus.gallery import Candidates, matched_names, write_galleries
 from datus.io import UnreadableFile, read_json, write_image, write_json
-from datus.paint import FileWriterPool, is_mask_of, mask_of, noise_of, write_colour_files, write_label_files
-from datus.records import ImageRecord
 from datus.report import make_report
-from datus.run import COLOUR, LEGEND_FILE, MASKS, METRICS_FILE, OVERLAY, PAINTED_FILE, SEGMENTS, SKIPPED_FILE, Results, Run
+from datus.run import (
+    CLASSES_FILE,
+    COLOUR,
+    GALLERY_DIR,
+    LEGEND_FILE,
+    MANIFEST_FILE,
+    MASKS,
+    METRICS_FILE,
+    OVERLAY,
+    PAINTED_FILE,
+    REPORT_FILE,
+    SEGMENTS,
+    SKIPPED_FILE,
+    SUMMARY_FILE,
+    Results,
+    Run,
+)
 from datus.score import Scorer, class_info, read_metrics
 from datus.settings import ClusterSettings, EvaluationSettings
-from datus.shards import first_mask_path, read_image_paths, read_records
+from datus.shard_pass import ShardWork, colour_shard, map_shards, paint_shard
+from datus.shards import first_mask_path
 from datus.workers import available_cores
 
 log = logging.getLogger(__name__)
@@ -68,6 +93,7 @@ def postprocess(
     collective: Collective,
     prediction: PredictionLog | None = None,
     crf: CRFParams | None = None,
+    write_files: bool = True,
 ) -> Outcome:
     """Cluster, paint, score and describe ``run``'s shards into ``results`` (every rank calls it).
 
@@ -79,6 +105,7 @@ def postprocess(
         collective: the ranks taking part.
         prediction: what this invocation's prediction loop did (None for ``datus cluster``).
         crf: dense-CRF settings, used when ``cluster.crf`` asks for refinement.
+        write_files: False scores and describes without writing per-image files (a quick sweep).
     """
     crf = crf or CRFParams()
     shards = run.shards()
@@ -93,44 +120,68 @@ def postprocess(
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     fitted_on = fit_identity(run, cluster)
-    model = fit_or_load(run, cluster, collective, fitted_on)
+    fit = fit_or_load(run, cluster, collective, fitted_on)
+    model = fit.model
     seconds["clustering"] = time.perf_counter() - started
     identity = {
         "fit": fitted_on,
         "evaluation": [evaluation.num_classes, evaluation.ignore_index],
         "crf": [cluster.crf, asdict(crf) if cluster.crf else None],
+        "write_files": write_files,
     }
     previous = _read_painted(results)
     classes = class_info(evaluation, first_mask_path(shards))
-    own = shards[collective.rank :: collective.world_size]
+    earlier = read_metrics(results.file(METRICS_FILE), cluster.num_clusters) if classes is not None else None
+    unchanged = _unchanged(run, results, cluster, previous, identity, earlier, classes is not None) if collective.is_main else None
+    if collective.agree(unchanged is not None):
+        return _describe_again(run, results, unchanged, earlier, classes.names if classes else None, prediction, seconds)
 
-    started = time.perf_counter()
     reuse = previous.get("masks") == identity
-    if not reuse and collective.is_main:  # a pass killed midway must not pass for a finished one
+    if collective.is_main:  # a pass killed midway must not pass for a finished one
         write_json(results.file(PAINTED_FILE), {"masks": None, "colour": None})
     collective.barrier()
-    earlier = read_metrics(results.file(METRICS_FILE), cluster.num_clusters) if classes is not None and reuse else None
-    scored = classes is not None and earlier is None
-    scorer = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scored and classes else None
+    earlier = earlier if reuse else None
+    scoring = classes is not None and earlier is None
+    known_mapping = earlier["protocols"]["dense"]["mapping"] if earlier else None
+    colour_now = cluster.colour and write_files and not scoring
+    table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, known_mapping)
+    work = ShardWork(
+        results=results,
+        run_results=run.results,
+        model=model,
+        write_masks=write_files,
+        reuse_masks=reuse,
+        classes=classes if scoring else None,
+        evaluation=evaluation,
+        crf=crf if cluster.crf else None,
+        score_unrefined=cluster.crf == "both",
+        colour_table=table if colour_now else None,
+        reuse_colour=previous.get("colour") == {**identity, "mapping": known_mapping},
+        gallery_seed=cluster.seed if cluster.gallery and write_files else None,
+    )
+    own = shards[collective.rank :: collective.world_size]
+    workers = cluster.workers or auto_workers(len(own), collective.world_size)
+
+    started = time.perf_counter()
+    counts = Counts(cluster.num_clusters)
+    candidates = Candidates(cluster.num_clusters, cluster.seed)
+    totals = np.zeros(3, dtype=np.int64)  # images, valid segments, noise segments
+    scorer = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scoring and classes else None
     unrefined = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scorer and cluster.crf == "both" else None
-    counts = np.zeros(3, dtype=np.int64)  # images, valid segments, noise segments
-    writes = FileWriterPool()
-    progress = _progress(f"masks, K={cluster.num_clusters}" + (" (CRF)" if cluster.crf else ""), collective)
-    for item in _masks(own, model, results, reuse, scorer is not None, cluster, crf, collective):
-        record = item.record
-        counts += (1, record.num_valid, len(record.sizes) - record.num_valid)
-        if item.write or not results.image_file(SEGMENTS, record.image_id).is_file():
-            writes.submit(write_label_files, results, record, item.mask if item.write else None, cluster.num_clusters)
-        target = scorer.ground_truth(record) if scorer is not None and item.mask is not None else None
-        if scorer is not None and target is not None:
-            noise = noise_of(record)
-            scorer.add(item.mask, target, noise)
-            if unrefined is not None and item.unrefined is not None:
-                unrefined.add(item.unrefined, target, noise)
+    progress = _progress(f"masks, K={cluster.num_clusters}" + (" (CRF)" if cluster.crf else ""), len(own), collective)
+    for outcome in map_shards(paint_shard, work, own, workers):
+        totals += (outcome.images, outcome.valid, outcome.noise)
+        counts.merge(outcome.counts)
+        if outcome.candidates is not None:
+            candidates.merge(outcome.candidates)
+        if scorer is not None and outcome.confusion is not None:
+            scorer.metric.update(counts=torch.from_numpy(outcome.confusion))
+            scorer.skipped += outcome.skipped
+        if unrefined is not None and outcome.unrefined_confusion is not None:
+            unrefined.metric.update(counts=torch.from_numpy(outcome.unrefined_confusion))
         progress.update(1)
-    writes.wait()
     progress.close()
-    num_images, num_valid, num_noise = collective.sum_counts(counts.tolist())
+    num_images, num_valid, num_noise = collective.sum_counts(totals.tolist())
     seconds["painting"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -145,52 +196,169 @@ def postprocess(
     seconds["evaluation"] = time.perf_counter() - started
     mapping = metrics["protocols"]["dense"]["mapping"] if metrics else None
     class_names = classes.names if classes is not None else None
-    if collective.is_main:
-        write_dataset_files(run, results, cluster.num_clusters, mapping, class_names)
-
+    table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, mapping)
+    gathered = collective.gather_to_main((counts, candidates))
     skipped = (prediction.skipped if prediction else []) + (scorer.skipped if scorer else [])
-    facts: dict[str, Any] = {"images_in_run": num_images}
+    summary: dict[str, Any] = {}
+    drawings: dict[str, Future[float]] = {}
+    with ThreadPoolExecutor(2) as beside_colour:  # their decoding and encoding leave the GIL to the colour pass
+        if gathered is not None:
+            counts, candidates = _merged(gathered, cluster)
+            if write_files:
+                write_dataset_files(run, results, cluster.num_clusters, mapping, class_names)
+            diagnostics = counts.diagnostics(fit.stability)
+            panel = diagnostics_panel(diagnostics, table, cluster.gallery and write_files)
+            if write_files:
+                drawings["report"] = beside_colour.submit(_timed, make_report, run, results, diagnostics=panel)
+            if cluster.gallery and write_files:
+                names = matched_names(cluster.num_clusters, mapping, class_names)
+                drawings["gallery"] = beside_colour.submit(
+                    _timed, write_galleries, candidates.members(), results, diagnostics.clusters, names, cluster.seed
+                )
+        if cluster.colour and write_files:
+            started = time.perf_counter()
+            if not colour_now:
+                colours = replace(work, colour_table=table, reuse_colour=previous.get("colour") == {**identity, "mapping": mapping})
+                progress = _progress("colour masks and overlays", len(own), collective)
+                for _ in map_shards(colour_shard, colours, own, workers):
+                    progress.update(1)
+                progress.close()
+            if collective.is_main:
+                write_image(results.file(LEGEND_FILE), _legend(results, table, cluster.num_clusters, mapping, class_names))
+            seconds["colour"] = time.perf_counter() - started
+        collective.barrier()
+        if collective.is_main:
+            seconds |= {stage: drawing.result() for stage, drawing in drawings.items()}
+            facts = _facts(prediction, num_images, num_valid, num_noise, cluster.num_clusters, metrics)
+            facts["diagnostics"] = diagnostics.summary()
+            facts["stage_seconds"] = {**(prediction.stage_seconds if prediction else {}), **seconds}
+            summary = write_summary(run, results, facts, skipped)
+            painted = {
+                "masks": identity,
+                "colour": {**identity, "mapping": mapping} if cluster.colour and write_files else None,
+                "files": _file_counts(run, results, cluster) if write_files else None,
+            }
+            write_json(results.file(PAINTED_FILE), painted)
+    return Outcome(summary, metrics, class_names, seconds)
+
+
+SHARDS_PER_WORKER = 8
+"""Fewest shards per worker process when their number is chosen: a worker costs about two seconds
+to start (it imports torch), which a few shards of painting (~0.7 s each) would not repay."""
+
+
+def auto_workers(shards: int, world_size: int) -> int:
+    """Worker processes for ``shards`` shards: one per core (shared between ranks), fewer for short runs."""
+    return max(1, min(available_cores() // world_size, shards // SHARDS_PER_WORKER))
+
+
+def _merged(gathered: list[tuple[Counts, Candidates]], cluster: ClusterSettings) -> tuple[Counts, Candidates]:
+    """Every rank's diagnostics sums and gallery candidates, merged in rank order (rank 0 only)."""
+    counts, candidates = Counts(cluster.num_clusters), Candidates(cluster.num_clusters, cluster.seed)
+    for rank_counts, rank_candidates in gathered:
+        counts.merge(rank_counts)
+        candidates.merge(rank_candidates)
+    return counts, candidates
+
+
+def _facts(
+    prediction: PredictionLog | None, images: int, valid: int, noise: int, num_clusters: int, metrics: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The summary's counts: what this invocation predicted, and what the results hold."""
+    facts: dict[str, Any] = {"images_in_run": images}
     if prediction is not None:
         facts |= {
             "images_predicted_now": prediction.images_written,
             "images_from_earlier_runs": prediction.images_resumed,
             "backbone_passes": prediction.backbone_passes,
         }
-    facts |= {"segments": num_valid, "noise_segments": num_noise, "num_clusters": cluster.num_clusters}
+    facts |= {"segments": valid, "noise_segments": noise, "num_clusters": num_clusters}
     if metrics:
         facts["miou"] = {name: protocol["miou"] for name, protocol in metrics["protocols"].items()}
+    return facts
 
-    table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, mapping)
-    summary: dict[str, Any] = {}
-    drawings: dict[str, Future[float]] = {}
-    with ThreadPoolExecutor(2) as beside_colour:  # their decoding, resizing and encoding leave the GIL to the colour pass
-        if collective.is_main:
-            started = time.perf_counter()
-            diagnostics = measure(records_by_shard(shards), model, cluster)
-            seconds["diagnostics"] = time.perf_counter() - started
-            panel = diagnostics_panel(diagnostics, table, cluster.gallery)
-            drawings["report"] = beside_colour.submit(_timed, make_report, run, results, diagnostics=panel)
-            if cluster.gallery:
-                names = matched_names(cluster.num_clusters, mapping, class_names)
-                drawings["gallery"] = beside_colour.submit(
-                    _timed, write_galleries, records_by_shard(shards), results, model, diagnostics.clusters, names, cluster.seed
-                )
-        if cluster.colour:
-            started = time.perf_counter()
-            colour_identity = {**identity, "mapping": mapping}
-            _paint_colours(own, results, table, previous.get("colour") == colour_identity, collective)
-            if collective.is_main:
-                write_image(results.file(LEGEND_FILE), _legend(results, table, cluster.num_clusters, mapping, class_names))
-            seconds["colour"] = time.perf_counter() - started
-        collective.barrier()
-        if collective.is_main:
-            facts["diagnostics"] = diagnostics.summary()
-            seconds |= {stage: drawing.result() for stage, drawing in drawings.items()}
-            prediction_seconds = prediction.stage_seconds if prediction else {}
-            facts["stage_seconds"] = {**prediction_seconds, **seconds}
-            summary = write_summary(run, results, facts, skipped)
-            painted = {"masks": identity, "colour": {**identity, "mapping": mapping} if cluster.colour else None}
-            write_json(results.file(PAINTED_FILE), painted)
+
+def _file_counts(run: Run, results: Results, cluster: ClusterSettings) -> dict[str, int]:
+    """Files in each per-image folder, counted by listing (no file is opened or stat-ed)."""
+    folders = {MASKS: results.root / MASKS, SEGMENTS: run.results.root / SEGMENTS}
+    if cluster.colour:
+        folders |= {COLOUR: results.root / COLOUR, OVERLAY: results.root / OVERLAY}
+    return {name: _count_files(folder) for name, folder in folders.items()}
+
+
+def _count_files(folder: os.PathLike[str]) -> int:
+    total = 0
+    for _, _, files in os.walk(folder):
+        total += len(files)
+    return total
+
+
+def _unchanged(
+    run: Run,
+    results: Results,
+    cluster: ClusterSettings,
+    previous: dict[str, Any],
+    identity: dict[str, Any],
+    metrics: dict[str, Any] | None,
+    scored: bool,
+) -> dict[str, Any] | None:
+    """The earlier ``summary.json`` when nothing needs doing again, else None.
+
+    Nothing needs doing when ``painted.json`` says the folder was painted from this very fit,
+    settings and matching, the dataset-level files are present and sound, and every per-image
+    folder holds as many files as when it was painted (a deleted file makes the pass run again;
+    the pass then checks every file it keeps).
+    """
+    if scored and metrics is None:
+        return None
+    if not identity["write_files"]:
+        return None
+    mapping = metrics["protocols"]["dense"]["mapping"] if metrics else None
+    expected = {
+        "masks": identity,
+        "colour": {**identity, "mapping": mapping} if cluster.colour else None,
+        "files": previous.get("files"),
+    }
+    if previous != expected or not isinstance(previous.get("files"), dict):
+        return None
+    needed = [CLASSES_FILE, MANIFEST_FILE, REPORT_FILE] + ([LEGEND_FILE] if cluster.colour else [])
+    if not all(results.file(name).is_file() for name in needed):
+        return None
+    if cluster.gallery and not (results.root / GALLERY_DIR).is_dir():
+        return None
+    if _file_counts(run, results, cluster) != previous["files"]:
+        return None
+    try:
+        summary = read_json(results.file(SUMMARY_FILE))
+    except UnreadableFile:
+        return None
+    keys = ("images_in_run", "segments", "noise_segments", "num_clusters", "diagnostics")
+    if not isinstance(summary, dict) or not all(key in summary for key in keys) or summary["num_clusters"] != cluster.num_clusters:
+        return None
+    return summary
+
+
+def _describe_again(
+    run: Run,
+    results: Results,
+    earlier: dict[str, Any] | None,
+    metrics: dict[str, Any] | None,
+    class_names: list[str] | None,
+    prediction: PredictionLog | None,
+    seconds: dict[str, float],
+) -> Outcome:
+    """A rerun with nothing to do: the earlier results, with this invocation's facts (rank 0 writes them)."""
+    if earlier is None:  # a rank other than 0
+        return Outcome({}, metrics, class_names, seconds)
+    facts = _facts(prediction, earlier["images_in_run"], earlier["segments"], earlier["noise_segments"], earlier["num_clusters"], metrics)
+    facts["diagnostics"] = earlier["diagnostics"]
+    facts["stage_seconds"] = {**(prediction.stage_seconds if prediction else {}), **seconds}
+    scoring_skips = [  # masks that scoring left out stay left out: scoring is not redone
+        {"path": entry["path"], "reason": entry["reason"]}
+        for entry in earlier.get("skipped", [])
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str) and str(entry.get("reason")).startswith("not scored")
+    ]
+    summary = write_summary(run, results, facts, (prediction.skipped if prediction else []) + scoring_skips)
     return Outcome(summary, metrics, class_names, seconds)
 
 
@@ -209,81 +377,9 @@ def _read_painted(results: Results) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
-def _progress(description: str, collective: Collective) -> tqdm:
-    """A progress bar in images on rank 0, shown only on a terminal."""
-    return tqdm(desc=description, unit="image", disable=None if collective.is_main else True, leave=False)
-
-
-@dataclass
-class _Painting:
-    """One image's masks in the painting pass; ``write`` says whether its mask file must be (re)written."""
-
-    record: ImageRecord
-    write: bool
-    mask: np.ndarray | None = None
-    unrefined: np.ndarray | None = None
-
-
-def _masks(
-    shards: list[Path],
-    model: ClusterModel,
-    results: Results,
-    reuse: bool,
-    scoring: bool,
-    cluster: ClusterSettings,
-    crf: CRFParams,
-    collective: Collective,
-) -> Iterator[_Painting]:
-    """The painting work of every image of ``shards``, in order.
-
-    A mask is only computed when something needs it (a missing or outdated file, scoring);
-    CRF refinement runs in worker processes, a bounded number of images ahead.
-    """
-
-    def planned() -> Iterator[tuple[_Painting, np.ndarray]]:
-        for shard in shards:
-            records = read_records(shard)
-            for record, labels in zip(records, segment_labels(model, records)):
-                write = not (reuse and is_mask_of(results.image_file(MASKS, record.image_id), record))
-                yield _Painting(record, write), labels
-
-    def unrefined(item: _Painting, labels: np.ndarray) -> np.ndarray:
-        return mask_of(item.record, labels, cluster.num_clusters)
-
-    if not cluster.crf:
-        for item, labels in planned():
-            if item.write or scoring:
-                item.mask = item.unrefined = unrefined(item, labels)
-            yield item
-        return
-    for_jobs, for_results = itertools.tee(planned())
-    jobs = (
-        CRFJob(item.record.image_path, segment_probabilities_of(model, item.record, crf.temperature), item.record.segment_map)
-        for item, _ in for_jobs
-        if item.write or scoring
-    )
-    refined = refine_many(jobs, crf, max(1, available_cores() // collective.world_size))
-    for item, labels in for_results:
-        if item.write or scoring:
-            item.unrefined = unrefined(item, labels)
-            item.mask = next(refined)
-            if item.mask is None:
-                log.warning("no CRF for %s: the image cannot be read any more; its mask is unrefined", item.record.image_path)
-                item.mask = item.unrefined
-        yield item
-
-
-def _paint_colours(shards: list[Path], results: Results, table: np.ndarray, reuse: bool, collective: Collective) -> None:
-    """Colour masks and overlays of the masks as written, in the matched classes' colours."""
-    writes = FileWriterPool()
-    progress = _progress("colour masks and overlays", collective)
-    for image_id, image_path in read_image_paths(shards):
-        progress.update(1)
-        if reuse and all(results.image_file(kind, image_id).is_file() for kind in (COLOUR, OVERLAY)):
-            continue
-        writes.submit(write_colour_files, results, image_id, image_path, table)
-    writes.wait()
-    progress.close()
+def _progress(description: str, shards: int, collective: Collective) -> tqdm:
+    """A progress bar in shards, with a total and an ETA, on rank 0, shown only on a terminal."""
+    return tqdm(desc=description, total=shards, unit="shard", disable=None if collective.is_main else True, leave=False)
 
 
 def _legend(
@@ -299,4 +395,3 @@ def _legend(
         entries.append(((int(table[cluster][0]), int(table[cluster][1]), int(table[cluster][2])), label))
     columns = 1 if num_clusters <= 20 else 3
     return legend_picture(entries, f"{results.root.name}: colours of color/ and overlay/", columns)
-

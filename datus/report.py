@@ -17,9 +17,10 @@ Only PIL and numpy draw; only the shards that hold the sampled images are read.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from datus.errors import ConfigurationError
 from datus.evaluate import find_classes_file, read_classes_file
 from datus.io import UnreadableFile, load_rgb, read_json, read_label_png, write_image
 from datus.paint import outline_picture
-from datus.records import ImageRecord
+from datus.records import ImageRecord, segment_keys
 from datus.run import CLASSES_FILE, CONFUSION_FILE, MANIFEST_FILE, MASKS, METRICS_FILE, REPORT_FILE, Results, Run
 from datus.score import read_metrics
 from datus.shards import read_image_ids, read_records
@@ -130,8 +131,11 @@ def make_report(
     if not shards:
         raise FileNotFoundError(f"{run.root}: no shards found; run `datus predict` into this folder first.")
 
-    all_ids = _listed_ids(results) or read_image_ids(shards)
-    records = _find_records(shards, _sample_ids(all_ids, num_samples, seed))
+    ids = _listed_ids(results)
+    if ids is None:
+        ids = (image_id for shard in shards for image_id in read_image_ids([shard]))
+    sampled, num_images = _sample_ids(ids, num_samples, seed)
+    records = _find_records(shards, sampled)
     facts = _run_facts(run, results, records)
     with_ground_truth = any(record.mask_path for record in records)
     class_count = _class_count(facts, records) if with_ground_truth else facts.num_classes
@@ -142,7 +146,7 @@ def make_report(
     columns.append("CLS attention")
     rows = [_row_tiles(record, results, facts, class_count, with_ground_truth, thumb_height) for record in records]
     picture = _compose(
-        title=_title(facts, len(all_ids), results, run),
+        title=_title(facts, num_images, results, run),
         random_weights=facts.random_weights,
         legend=_legend_groups(facts, class_count, with_ground_truth),
         columns=columns,
@@ -155,24 +159,48 @@ def make_report(
     return target
 
 
-def _listed_ids(results: Results) -> list[str]:
-    """Image ids of the results folder's manifest: the images that really got masks."""
+def _listed_ids(results: Results) -> Iterator[str] | None:
+    """Image ids of the results folder's manifest, line by line: the images that really got masks.
+
+    None when the manifest is missing or not sound (its first line is checked here; a bad later
+    line ends the listing).
+    """
     path = results.file(MANIFEST_FILE)
-    if not path.is_file():
-        return []
     try:
-        return [json.loads(line)["image_id"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with path.open(encoding="utf-8") as stream:
+            json.loads(stream.readline())["image_id"]
     except (ValueError, KeyError, TypeError, OSError):
-        return []
+        return None
+
+    def lines() -> Iterator[str]:
+        try:
+            with path.open(encoding="utf-8") as stream:
+                for line in stream:
+                    if line.strip():
+                        yield str(json.loads(line)["image_id"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return
+
+    return lines()
 
 
-def _sample_ids(ids: Sequence[str], num_samples: int, seed: int) -> list[str]:
-    """A seeded sample, independent of the order the ids were listed in, returned sorted."""
-    unique = sorted(set(ids))
-    if len(unique) <= num_samples:
-        return unique
-    chosen = np.random.default_rng(seed).choice(len(unique), size=num_samples, replace=False)
-    return sorted(unique[i] for i in chosen)
+def _sample_ids(ids: Iterable[str], num_samples: int, seed: int) -> tuple[list[str], int]:
+    """A seeded sample of the ids, sorted, and how many ids there were.
+
+    Each id gets a key from the seed and the id alone and the smallest keys win, so the sample
+    does not depend on the order the ids come in; memory holds ``num_samples`` ids, whatever
+    the size of the run.
+    """
+    kept: list[tuple[int, str]] = []  # a max-heap of (-key, id)
+    seen = 0
+    for image_id in ids:
+        key = int(segment_keys(seed, image_id, np.zeros(1, dtype=np.uint64))[0])
+        seen += 1
+        if len(kept) < num_samples:
+            heapq.heappush(kept, (-key, image_id))
+        elif -key > kept[0][0]:
+            heapq.heapreplace(kept, (-key, image_id))
+    return sorted(image_id for _, image_id in kept), seen
 
 
 def _find_records(shards: Sequence[Path], wanted: Sequence[str]) -> list[ImageRecord]:

@@ -43,6 +43,9 @@ class ClusterSettings:
         gallery: also draw ``gallery/cluster_<k>.png`` (each cluster's most typical and some
             random segments, cut from their images) and ``gallery/index.png``, to see what a
             cluster means without labels; costs a few image decodes per cluster.
+        workers: processes for the per-shard work of painting, scoring and colouring (None: one
+            per core, shared between the ranks of this machine, fewer for short runs; 1: in the
+            main process).
     """
 
     num_clusters: int = 6
@@ -55,9 +58,12 @@ class ClusterSettings:
     colour: bool = True
     crf: bool | Literal["both"] = False
     gallery: bool = True
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         _check_choices(self, "cluster")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigurationError(f"--cluster.workers must be >= 1 or null (one per core), got {self.workers}")
         if self.num_clusters < 1:
             raise ConfigurationError(
                 f"--cluster.num_clusters must be >= 1, got {self.num_clusters}; give the number of pseudo classes, e.g. 6"

@@ -157,7 +157,7 @@ def test_galleries_one_sheet_per_cluster_of_fixed_size_with_crops_of_their_regio
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"from an earlier K")
     sizes = ClusterSizes(np.array([12, 12]), np.array([1500.0, 1500.0]))
-    write_galleries([records], results, MODEL, sizes, matched_names(2, {"0": 1, "1": None}, ["sky", "sea"]), seed=0)
+    write_galleries(select_members([records], MODEL, seed=0), results, sizes, matched_names(2, {"0": 1, "1": None}, ["sky", "sea"]), seed=0)
     assert sorted(p.name for p in (results.root / "gallery").iterdir()) == ["cluster_0.png", "cluster_1.png", "index.png"]
     members = select_members([records], MODEL, seed=0)
     for cluster in (0, 1):
@@ -194,7 +194,7 @@ def test_cli_writes_diagnostics_and_galleries_unless_turned_off(tmp_path: Path) 
     assert sum(diagnostics["segments_per_image"]["valid"]["histogram"]["counts"]) == 5
     assert diagnostics["modularity"]["images"] == 5 and diagnostics["stability"]["ari"] is not None
     assert len(diagnostics["clusters"]["segments"]) == 3
-    assert {"diagnostics", "gallery"} <= set(summary["stage_seconds"])
+    assert "gallery" in summary["stage_seconds"]
     sheets = sorted(p.name for p in (run / "gallery").iterdir())
     assert sheets == ["cluster_0.png", "cluster_1.png", "cluster_2.png", "index.png"]
 

@@ -1,0 +1,203 @@
+"""Stages 7-8 shard by shard, on every core: one read of each shard does all per-image work.
+
+For each shard a worker process labels the segments, writes the masks (and the run's segment
+maps when missing), refines them with the CRF when asked, counts the scoring confusion matrix,
+the diagnostics' sums and the gallery candidates, and, when the colours are already known,
+writes the colour masks and overlays. It returns only small things (:class:`ShardOutcome`),
+which the main process merges in shard order, so every number and every file is the same with
+one worker or many (and the same as painting in this process, ``workers = 1``).
+
+Memory per worker is one shard's records and one image's pictures; shards are handed out a
+bounded number ahead, so the main process never holds more than a few outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datus.clustering import ClusterModel
+from datus.crf import CRFJob, CRFParams, refine_job
+from datus.diagnostics import Counts
+from datus.gallery import Candidates
+from datus.io import write_png
+from datus.labels import segment_labels, segment_probabilities_of
+from datus.paint import is_mask_of, mask_of, noise_of, segment_picture_map, write_colour_files
+from datus.run import COLOUR, MASKS, OVERLAY, SEGMENTS, Results
+from datus.score import ClassInfo, Scorer
+from datus.settings import EvaluationSettings
+from datus.shards import read_image_paths, read_records
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """What the work on every shard shares; sent to each worker once.
+
+    Attributes:
+        results: where masks, colours and overlays go.
+        run_results: the run folder's own results: ``segments/`` lives there (it does not depend on K).
+        model: the fitted clusters.
+        write_masks: write mask files (False for a sweep that only scores).
+        reuse_masks: masks painted from the same fit and settings may be kept (checked one by one).
+        classes: the ground truth's classes when scoring now, else None.
+        evaluation: scoring settings.
+        crf: refine masks with these CRF settings, or None.
+        score_unrefined: also count the masks before refinement (``--cluster.crf both``).
+        colour_table: K x 3 colours when colour files are written in this pass, else None.
+        reuse_colour: colour files painted with the same colours may be kept when present.
+        gallery_seed: collect gallery candidates with this seed, or None.
+    """
+
+    results: Results
+    run_results: Results
+    model: ClusterModel
+    write_masks: bool
+    reuse_masks: bool
+    classes: ClassInfo | None
+    evaluation: EvaluationSettings
+    crf: CRFParams | None
+    score_unrefined: bool
+    colour_table: np.ndarray | None
+    reuse_colour: bool
+    gallery_seed: int | None
+
+
+@dataclass
+class ShardOutcome:
+    """What one shard's work found: counts to merge, never pictures."""
+
+    images: int
+    valid: int
+    noise: int
+    counts: Counts
+    confusion: np.ndarray | None = None
+    unrefined_confusion: np.ndarray | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    candidates: Candidates | None = None
+    manifest: list[tuple[str, str]] = field(default_factory=list)
+    """(image id, image path) of every image, in the shard's order."""
+
+
+def paint_shard(work: ShardWork, shard: Path) -> ShardOutcome:
+    """All per-image work of stages 7-8 for one shard (see the module docstring)."""
+    records = read_records(shard)
+    labels = segment_labels(work.model, records)
+    num_clusters = work.model.num_clusters
+    counts = Counts(num_clusters)
+    counts.add(records, labels)
+    outcome = ShardOutcome(len(records), sum(r.num_valid for r in records), sum(len(r.sizes) - r.num_valid for r in records), counts)
+    if work.gallery_seed is not None:
+        outcome.candidates = Candidates(num_clusters, work.gallery_seed)
+        outcome.candidates.add(records, work.model)
+    cpu = torch.device("cpu")
+    scorer = Scorer(work.classes, num_clusters, work.evaluation, cpu) if work.classes is not None else None
+    unrefined_scorer = Scorer(work.classes, num_clusters, work.evaluation, cpu) if work.classes and work.score_unrefined else None
+    for record, record_labels in zip(records, labels):
+        mask_path = work.results.image_file(MASKS, record.image_id)
+        write = work.write_masks and not (work.reuse_masks and is_mask_of(mask_path, record))
+        if write or scorer is not None:
+            unrefined = mask = mask_of(record, record_labels, num_clusters)
+            if work.crf is not None:
+                probabilities = segment_probabilities_of(work.model, record, work.crf.temperature)
+                refined = refine_job(CRFJob(record.image_path, probabilities, record.segment_map), work.crf)
+                if refined is None:
+                    log.warning("no CRF for %s: the image cannot be read any more; its mask is unrefined", record.image_path)
+                mask = unrefined if refined is None else refined.astype(unrefined.dtype, copy=False)
+            if write:
+                write_png(mask_path, mask)
+            if scorer is not None:
+                target = scorer.ground_truth(record)
+                if target is not None:
+                    noise = noise_of(record)
+                    scorer.add(mask, target, noise)
+                    if unrefined_scorer is not None:
+                        unrefined_scorer.add(unrefined, target, noise)
+        segments_path = work.run_results.image_file(SEGMENTS, record.image_id)
+        if work.write_masks and not is_mask_of(segments_path, record):
+            write_png(segments_path, segment_picture_map(record))
+        if work.colour_table is not None:
+            _colour(work, record.image_id, record.image_path, fresh=write)
+        outcome.manifest.append((record.image_id, record.image_path))
+    if scorer is not None:
+        outcome.confusion = scorer.metric.confusion.numpy()
+        outcome.skipped = scorer.skipped
+    if unrefined_scorer is not None:
+        outcome.unrefined_confusion = unrefined_scorer.metric.confusion.numpy()
+    return outcome
+
+
+def colour_shard(work: ShardWork, shard: Path) -> int:
+    """Colour masks and overlays of one shard's masks as written (a pass of its own when the
+    colours depend on this run's matching); reads only the shard's ids and paths. Returns images."""
+    pairs = read_image_paths([shard])
+    for image_id, image_path in pairs:
+        _colour(work, image_id, image_path, fresh=False)
+    return len(pairs)
+
+
+def _colour(work: ShardWork, image_id: str, image_path: str, fresh: bool) -> None:
+    """Colour files of one image, unless the same colours were painted on the same mask before."""
+    assert work.colour_table is not None
+    present = all(work.results.image_file(kind, image_id).is_file() for kind in (COLOUR, OVERLAY))
+    if fresh or not (work.reuse_colour and present):
+        write_colour_files(work.results, image_id, image_path, work.colour_table)
+
+
+_installed: ShardWork | None = None
+"""The shared work of a worker process, installed once by the pool's initialiser."""
+
+
+def _install(work: ShardWork) -> None:
+    global _installed
+    torch.set_num_threads(1)  # one worker per core: threads inside a worker would fight the others
+    _installed = work
+
+
+def _call_installed(function: Callable[[ShardWork, Path], Any], shard: Path) -> Any:
+    assert _installed is not None
+    return function(_installed, shard)
+
+
+def map_shards(
+    function: Callable[[ShardWork, Path], Any], work: ShardWork, shards: Sequence[Path], workers: int
+) -> Iterator[Any]:
+    """``function(work, shard)`` for every shard, results in shard order, on ``workers`` processes.
+
+    ``workers <= 1`` runs in this process. Workers start with ``spawn`` (safe beside CUDA and
+    threads) and get ``work`` once; at most ``2 * workers`` shards are in flight, so memory stays
+    flat however many shards there are. An error in a worker is raised here, in order; closing
+    the iterator early (an error, Ctrl-C) cancels what has not started.
+    """
+    if workers <= 1 or len(shards) <= 1:
+        for shard in shards:
+            yield function(work, shard)
+        return
+    pending: deque[Future[Any]] = deque()
+    executor = ProcessPoolExecutor(
+        max_workers=min(workers, len(shards)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_install,
+        initargs=(work,),
+    )
+    try:
+        for shard in shards:
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+            pending.append(executor.submit(_call_installed, function, shard))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        executor.shutdown(wait=True, cancel_futures=True)
