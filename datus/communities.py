@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -23,6 +22,8 @@ from typing import Literal
 import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
+
+from datus.workers import exit_with_parent
 
 LouvainEngine = Literal["fast", "sknetwork"]
 
@@ -183,32 +184,13 @@ def warm_up(engine: LouvainEngine) -> None:
     louvain_communities(np.ones((2, 2), dtype=bool), 1.0, engine)
 
 
-PARENT_CHECK_SECONDS = 0.5
-"""How often a Louvain worker checks that the process that started it still runs."""
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Worker initializer: end this worker when its parent process is gone.
-
-    A parent killed outright (SIGKILL, the OOM killer, a pre-empted job) cannot shut its pool
-    down, and an idle worker would otherwise wait on its queue for ever.
-    """
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_SECONDS)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="datus-parent-watch", daemon=True).start()
-
-
 def _start_workers(count: int, engine: LouvainEngine) -> ProcessPoolExecutor:
     """``count`` worker processes, each warming the engine up as soon as it runs.
 
     ``spawn`` is used because the parent holds CUDA and OpenMP state that must not be forked.
     """
     executor = ProcessPoolExecutor(
-        count, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent, initargs=(os.getpid(),)
+        count, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent, initargs=(os.getpid(),)
     )
     for _ in range(count):
         executor.submit(warm_up, engine)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -36,6 +37,7 @@ from datus.run import COLOUR, MASKS, OVERLAY, SEGMENTS, Results
 from datus.score import ClassInfo, Scorer
 from datus.settings import EvaluationSettings
 from datus.shards import read_image_paths, read_records
+from datus.workers import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +160,9 @@ _installed: ShardWork | None = None
 """The shared work of a worker process, installed once by the pool's initialiser."""
 
 
-def _install(work: ShardWork) -> None:
+def _install(work: ShardWork, parent: int) -> None:
     global _installed
+    exit_with_parent(parent)  # a parent killed outright must not leave workers behind
     torch.set_num_threads(1)  # one worker per core: threads inside a worker would fight the others
     _installed = work
 
@@ -188,7 +191,7 @@ def map_shards(
         max_workers=min(workers, len(shards)),
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_install,
-        initargs=(work,),
+        initargs=(work, os.getpid()),
     )
     try:
         for shard in shards:

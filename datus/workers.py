@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 
 
 def available_cores() -> int:
@@ -21,3 +23,22 @@ def louvain_workers_for(louvain_seconds: float, backbone_seconds: float, cores: 
     """
     needed = math.ceil(louvain_seconds / max(backbone_seconds, 1e-6))
     return max(1, min(needed, cores - 1))
+
+
+PARENT_CHECK_SECONDS = 0.5
+"""How often a worker process (Louvain, painting) checks that the process that started it still runs."""
+
+
+def exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when its parent process is gone.
+
+    A parent killed outright (SIGKILL, the OOM killer, a pre-empted job) cannot shut its pool
+    down, and an idle worker would otherwise wait on its queue for ever.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="datus-parent-watch", daemon=True).start()

@@ -61,9 +61,9 @@ def chunks(tensor: Tensor, rows: int) -> Iterator[Tensor]:
         yield tensor[start : start + rows].to(torch.float32)
 
 
-def chunk_rows(width: int) -> int:
-    """Rows per chunk so that a rows x ``width`` float32 temporary stays under 128 MiB."""
-    return max(1, min(CHUNK_ROWS, CHUNK_ELEMENTS // max(width, 1)))
+def chunk_rows(width: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk so that a rows x ``width`` float32 temporary stays under ``elements`` (128 MiB)."""
+    return max(1, min(CHUNK_ROWS, elements // max(width, 1)))
 
 
 def count_nonfinite(tensor: Tensor) -> int:

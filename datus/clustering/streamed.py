@@ -22,8 +22,10 @@ model, do not depend on the order or the split either.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ from datus.clustering.kernels import (
 from datus.clustering.model import ClusterModel, Iterations
 from datus.collective import Collective
 from datus.records import splitmix64
+from datus.workers import available_cores
 from datus.settings import ClusterSettings
 
 SAMPLE_MIN = 10_000
@@ -50,6 +53,8 @@ SAMPLE_MIN = 10_000
 SAMPLE_PER_CLUSTER = 50
 """Sample rows per cluster beyond :data:`SAMPLE_MIN` (faiss subsamples to 256 per centroid to *fit*;
 50 are plenty to initialise from)."""
+STREAM_CHUNK_ELEMENTS = 1 << 23
+"""Most float32 elements (32 MiB) of one chunk of a streamed table."""
 SUM_BLOCK_ROWS = 8192
 """Rows widened to float64 at once when summing a cluster's members on the CPU (48 MB at 768-d)."""
 STREAM_INIT = 1
@@ -94,8 +99,9 @@ class Rows:
         return int(self.components.shape[0] if self.components is not None else self.table.shape[1])
 
     def chunk_size(self, extra_width: int = 0) -> int:
-        """Rows per chunk, so that a chunk and an ``extra_width``-wide temporary stay under 128 MiB each."""
-        return chunk_rows(max(self.width, int(self.table.shape[1]), extra_width))
+        """Rows per chunk, so that a chunk and an ``extra_width``-wide temporary stay under 32 MiB each
+        (several threads each hold one)."""
+        return chunk_rows(max(self.width, int(self.table.shape[1]), extra_width), STREAM_CHUNK_ELEMENTS)
 
     def chunks(self, extra_width: int = 0) -> Iterator[Tensor]:
         """Consecutive float32 chunks of :meth:`chunk_size` rows."""
@@ -224,15 +230,15 @@ def _pca(rows: Rows, num_components: int, num_samples: int, group: Collective) -
         ``(mean, components)``: D and D' x D float32, identical on every rank.
     """
     dim = rows.width
-    total = torch.zeros(dim, dtype=torch.float64, device=rows.device)
-    for chunk in rows.chunks():
-        total += chunk.sum(0, dtype=torch.float64)
-    mean = (group.all_reduce(total) / num_samples).to(torch.float32)
-    scatter = torch.zeros(dim, dim, dtype=torch.float64, device=rows.device)
-    for chunk in rows.chunks():
+    total = stream_sum(rows, lambda chunk: chunk.sum(0, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64))
+    mean = (group.all_reduce(total.to(rows.device)) / num_samples).to(torch.float32)
+
+    def scatter_of(chunk: Tensor) -> Tensor:
         centred = chunk - mean
-        scatter += (centred.T @ centred).to(torch.float64)
-    covariance = group.all_reduce(scatter) / num_samples
+        return (centred.T @ centred).to(torch.float64)
+
+    scatter = stream_sum(rows, scatter_of, torch.zeros(dim, dim, dtype=torch.float64))
+    covariance = group.all_reduce(scatter.to(rows.device)) / num_samples
     _, eigenvectors = torch.linalg.eigh(covariance)
     components = eigenvectors.flip(-1)[:, :num_components].T
     largest = components.abs().argmax(1)
@@ -245,11 +251,11 @@ def _pca(rows: Rows, num_components: int, num_samples: int, group: Collective) -
 
 def _mean_variance(rows: Rows, num_samples: int, group: Collective) -> float:
     """Mean per-feature variance of all ranks' data: the scale ``tol`` is relative to."""
-    moments = torch.zeros(2, rows.width, dtype=torch.float64, device=rows.device)
-    for chunk in rows.chunks():
-        moments[0] += chunk.sum(0, dtype=torch.float64)
-        moments[1] += chunk.square().sum(0, dtype=torch.float64)
-    moments = group.all_reduce(moments) / num_samples
+    def moments_of(chunk: Tensor) -> Tensor:
+        return torch.stack([chunk.sum(0, dtype=torch.float64), chunk.square().sum(0, dtype=torch.float64)])
+
+    moments = stream_sum(rows, moments_of, torch.zeros(2, rows.width, dtype=torch.float64))
+    moments = group.all_reduce(moments.to(rows.device)) / num_samples
     return float((moments[1] - moments[0].square()).clamp_min(0).mean())
 
 
@@ -347,14 +353,18 @@ def lloyd(data: Rows, centroids: Tensor, max_iter: int, tolerance: float, group:
     iteration = 0
     for iteration in range(1, max_iter + 1):
         centroid_norms = squared_norms(centroids)
-        packed = torch.zeros(num_clusters * (width + 1), dtype=torch.float64, device=centroids.device)
+
+        def sums_of(chunk: Tensor) -> Tensor:
+            packed = torch.zeros(num_clusters * (width + 1), dtype=torch.float64, device=centroids.device)
+            labels = nearest(chunk, centroids, centroid_norms)
+            add_cluster_sums(packed[: num_clusters * width].view(num_clusters, width), labels, chunk)
+            packed[num_clusters * width :] += torch.bincount(labels, minlength=num_clusters).to(torch.float64)
+            return packed
+
+        zero = torch.zeros(num_clusters * (width + 1), dtype=torch.float64, device=centroids.device)
+        packed = group.all_reduce(stream_sum(data, sums_of, zero, num_clusters))
         sums = packed[: num_clusters * width].view(num_clusters, width)
         sizes = packed[num_clusters * width :]
-        for chunk in data.chunks(num_clusters):
-            labels = nearest(chunk, centroids, centroid_norms)
-            add_cluster_sums(sums, labels, chunk)
-            sizes += torch.bincount(labels, minlength=num_clusters).to(torch.float64)
-        group.all_reduce(packed)
         updated = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1)[:, None], centroids.to(torch.float64))
         updated = updated.to(torch.float32)
         empty = torch.nonzero(sizes == 0).flatten()
@@ -365,6 +375,36 @@ def lloyd(data: Rows, centroids: Tensor, max_iter: int, tolerance: float, group:
         if shift <= tolerance:
             break
     return centroids, inertia(data, centroids, group), iteration
+
+
+def stream_sum(data: Rows, function: Callable[[Tensor], Tensor], zero: Tensor, extra_width: int = 0) -> Tensor:
+    """``zero + sum of function(chunk)`` over every chunk of ``data``, on all CPU threads.
+
+    On the CPU, thread ``t`` of ``T`` (one per core) takes chunks ``t, t + T, ...``
+    with torch's own threading off, and the partial sums are added in thread order: the result
+    is deterministic for a given ``T``, and, for the exact float64 sums of fp16 rows, the same for
+    every ``T``. On an accelerator one thread feeds the device.
+    """
+    rows = data.chunk_size(extra_width)
+    starts = list(range(0, len(data), rows))
+    threads = max(1, min(available_cores() if data.device.type == "cpu" else 1, len(starts)))
+
+    def part(first: int) -> Tensor:
+        total = zero.clone()
+        for start in starts[first::threads]:
+            total += function(data.block(start, start + rows))
+        return total
+
+    if threads == 1:
+        return part(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's own pool would fight these threads for the same cores
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            partials = list(pool.map(part, range(threads)))
+    finally:
+        torch.set_num_threads(previous)
+    return functools.reduce(torch.add, partials)
 
 
 def add_cluster_sums(sums: Tensor, labels: Tensor, chunk: Tensor) -> None:
@@ -444,9 +484,12 @@ def _farthest_points(data: Rows, centroids: Tensor, count: int, group: Collectiv
 def inertia(data: Rows, centroids: Tensor, group: Collective) -> float:
     """Sum over all ranks of squared distances to the nearest centroid."""
     centroid_norms = squared_norms(centroids)
-    total = torch.zeros(1, dtype=torch.float64, device=centroids.device)
-    for chunk in data.chunks(centroids.shape[0]):
-        total += nearest_squared_distances(chunk, centroids, centroid_norms).sum(dtype=torch.float64)
+    total = stream_sum(
+        data,
+        lambda chunk: nearest_squared_distances(chunk, centroids, centroid_norms).sum(dtype=torch.float64)[None],
+        torch.zeros(1, dtype=torch.float64, device=centroids.device),
+        centroids.shape[0],
+    )
     return float(group.all_reduce(total))
 
 
