@@ -90,6 +90,12 @@ def _cluster_parser(defaults: dict[str, dict[str, Any]]) -> CommandParser:
         "Defaults are the run's own settings (its config.yaml); each K gets RUN/clusters/k<K>/.",
     )
     parser.add_argument("--run", type=Path, required=True, help="the --output_dir of a datus predict run")
+    parser.add_argument(
+        "--score_only",
+        action="store_true",
+        help="score and describe each K (metrics, diagnostics, the sweep table) without writing masks, colours, "
+        "galleries or a report: a quick sweep over K",
+    )
     add_options(parser, ClusterSettings, "cluster", defaults.get("cluster", {}), many=frozenset({"num_clusters"}))
     add_options(parser, EvaluationSettings, "eval", defaults.get("eval", {}))
     add_options(parser, CRFParams, "crf", defaults.get("crf", {}))
@@ -127,7 +133,9 @@ def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
         run.remove_temporaries()
         for settings in sweep:
             results = run.cluster_results(settings.num_clusters)
-            outcome = postprocess(run, results, settings, evaluation, Collective.current(), crf=crf)
+            outcome = postprocess(
+                run, results, settings, evaluation, Collective.current(), crf=crf, write_files=not options.score_only
+            )
             print(outcome.console_text(), flush=True)
             rows.append(sweep_row(settings.num_clusters, outcome.summary, outcome.metrics))
         write_json(run.file(CLUSTERS_DIR) / "summary.json", rows)

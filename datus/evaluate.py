@@ -19,11 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datus.classes import CLASSES_SEARCH_DEPTH, find_classes_file, read_classes_file
 from datus.crf import CRFJob, CRFParams, refine_many, require_densecrf
 from datus.drawing import save_confusion_png
 from datus.errors import ConfigurationError
 from datus.io import IMAGE_EXTENSIONS, TEMPORARY_NAME, UnreadableFile, read_label_png, write_json, write_text
-from datus.metrics import MatchedSegmentationMetric, format_table
+from datus.metric import MatchedSegmentationMetric
+from datus.metrics import format_table
 from datus.run import CLASSES_FILE, CONFUSION_FILE, METRICS_FILE, METRICS_TABLE
 from datus.settings import IGNORE_INDEX
 from datus.workers import available_cores
@@ -41,9 +43,6 @@ MAX_CRF_LABELS = 255
 
 LABEL_CONFIDENCE = 0.8
 """Probability a label map's own label gets as the CRF's input (label maps carry no probabilities)."""
-
-CLASSES_SEARCH_DEPTH = 3
-"""How many folders above ``gt_dir`` are searched for ``classes.json`` (``OUT/<split>/true_masks/<city>``)."""
 
 _LISTED = 5
 """File names shown in a warning; the full lists are in ``metrics.json``."""
@@ -82,35 +81,6 @@ def _resize_nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     image = Image.fromarray(labels.astype(np.int32))
     resized = image.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
     return np.asarray(resized).astype(np.int64)
-
-
-def find_classes_file(gt_dir: Path) -> Path | None:
-    """The ``classes.json`` in ``gt_dir`` or the nearest folder above it (up to 3 levels).
-
-    ``datus prepare`` writes it at the dataset root, two levels above ``<split>/true_masks``.
-    """
-    folder = Path(gt_dir).absolute()
-    for candidate in [folder, *folder.parents][: CLASSES_SEARCH_DEPTH + 1]:
-        if (candidate / CLASSES_FILE).is_file():
-            return candidate / CLASSES_FILE
-    return None
-
-
-def read_classes_file(path: Path) -> tuple[list[str], int | None]:
-    """Class names and ignore index (None when absent) from a ``classes.json``.
-
-    Raises:
-        ConfigurationError: the file is not JSON or has no list of class names.
-    """
-    try:
-        described = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ConfigurationError(f"{path}: not a readable classes.json ({error}); fix or remove it") from None
-    names = described.get("classes") if isinstance(described, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
-        raise ConfigurationError(f'{path}: expected a "classes" list of class names; fix or remove it')
-    ignore_index = described.get("ignore_index")
-    return names, ignore_index if isinstance(ignore_index, int) else None
 
 
 def _read_labels(path: Path, role: str) -> np.ndarray:

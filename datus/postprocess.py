@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from datus.collective import Collective
@@ -174,11 +173,10 @@ def postprocess(
         counts.merge(outcome.counts)
         if outcome.candidates is not None:
             candidates.merge(outcome.candidates)
-        if scorer is not None and outcome.confusion is not None:
-            scorer.metric.update(counts=torch.from_numpy(outcome.confusion))
-            scorer.skipped += outcome.skipped
-        if unrefined is not None and outcome.unrefined_confusion is not None:
-            unrefined.metric.update(counts=torch.from_numpy(outcome.unrefined_confusion))
+        if scorer is not None and outcome.scored is not None:
+            scorer.add_counts(outcome.scored)
+        if unrefined is not None and outcome.unrefined is not None:
+            unrefined.add_counts(outcome.unrefined)
         progress.update(1)
     progress.close()
     num_images, num_valid, num_noise = collective.sum_counts(totals.tolist())

@@ -44,7 +44,7 @@ from datus.drawing import (
     text_width,
 )
 from datus.errors import ConfigurationError
-from datus.evaluate import find_classes_file, read_classes_file
+from datus.classes import find_classes_file, read_classes_file
 from datus.io import UnreadableFile, load_rgb, read_json, read_label_png, write_image
 from datus.paint import outline_picture
 from datus.records import ImageRecord, segment_keys

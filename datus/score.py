@@ -18,9 +18,9 @@ import torch
 
 from datus.drawing import save_confusion_png
 from datus.errors import ConfigurationError
-from datus.evaluate import find_classes_file, read_classes_file
+from datus.classes import find_classes_file, read_classes_file
 from datus.io import UnreadableFile, read_json, read_label_png, write_json, write_text
-from datus.metrics import MatchedSegmentationMetric, format_table, pixel_counts
+from datus.metrics import format_table, pixel_counts
 from datus.records import ImageRecord
 from datus.run import CONFUSION_FILE, METRICS_FILE, METRICS_TABLE, Results
 from datus.settings import EvaluationSettings
@@ -72,21 +72,20 @@ def class_info(settings: EvaluationSettings, mask_path: str | None) -> ClassInfo
 
 
 @dataclass
-class Scorer:
-    """Accumulates the pooled confusion matrix of a run's masks and writes the metric files."""
+class PixelCounter:
+    """One process's pooled (2, K + 1, C) pixel counts of checked ground truth, in numpy.
+
+    Painting workers count with it without importing torchmetrics; :class:`Scorer` sums their
+    counts. A mask that cannot be scored is left out with a reason in ``skipped``.
+    """
 
     classes: ClassInfo
     num_clusters: int
     settings: EvaluationSettings
-    device: torch.device
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        try:
-            metric = MatchedSegmentationMetric(self.num_clusters, self.classes.num_classes, self.settings.ignore_index)
-        except ValueError as error:
-            raise ConfigurationError(f"--eval.ignore_index: {error}") from error
-        self.metric = metric.to(self.device)
+        self.counts = np.zeros((2, self.num_clusters + 1, self.classes.num_classes), dtype=np.int64)
 
     def ground_truth(self, record: ImageRecord) -> np.ndarray | None:
         """The record's mask, or None (with a listed reason when it exists but cannot be scored)."""
@@ -119,12 +118,34 @@ class Scorer:
 
     def add(self, mask: np.ndarray, target: np.ndarray, noise: np.ndarray) -> None:
         """Add one image (mask ids < K by construction, ``target`` from :meth:`ground_truth`), counted
-        with numpy in blocks of rows so that a 250 MP image never needs 64-bit copies of itself."""
-        total = sum(
-            pixel_counts(preds, truth, flags, self.num_clusters, self.classes.num_classes, self.settings.ignore_index)
-            for preds, truth, flags in zip(_blocks(mask), _blocks(target), _blocks(noise))
-        )
-        self.metric.update(counts=torch.from_numpy(total))
+        in blocks of rows so that a 250 MP image never needs 64-bit copies of itself."""
+        for preds, truth, flags in zip(_blocks(mask), _blocks(target), _blocks(noise)):
+            self.counts += pixel_counts(preds, truth, flags, self.num_clusters, self.classes.num_classes, self.settings.ignore_index)
+
+
+@dataclass
+class Scorer:
+    """The pooled confusion matrix of a run's masks, summed over workers and ranks; writes the metric files."""
+
+    classes: ClassInfo
+    num_clusters: int
+    settings: EvaluationSettings
+    device: torch.device
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from datus.metric import MatchedSegmentationMetric  # torchmetrics: the main process only
+
+        try:
+            metric = MatchedSegmentationMetric(self.num_clusters, self.classes.num_classes, self.settings.ignore_index)
+        except ValueError as error:
+            raise ConfigurationError(f"--eval.ignore_index: {error}") from error
+        self.metric = metric.to(self.device)
+
+    def add_counts(self, counter: PixelCounter) -> None:
+        """Add a :class:`PixelCounter`'s counts and the masks it left out."""
+        self.metric.update(counts=torch.from_numpy(counter.counts))
+        self.skipped += counter.skipped
 
     def compute(self) -> dict[str, Any]:
         """Both protocols on the counts of every rank (a collective: every rank calls it)."""

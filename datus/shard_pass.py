@@ -19,7 +19,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from datus.io import write_png
 from datus.labels import segment_labels, segment_probabilities_of
 from datus.paint import is_mask_of, mask_of, noise_of, segment_picture_map, write_colour_files
 from datus.run import COLOUR, MASKS, OVERLAY, SEGMENTS, Results
-from datus.score import ClassInfo, Scorer
+from datus.score import ClassInfo, PixelCounter
 from datus.settings import EvaluationSettings
 from datus.shards import read_image_paths, read_records
 from datus.workers import exit_with_parent
@@ -83,12 +83,9 @@ class ShardOutcome:
     valid: int
     noise: int
     counts: Counts
-    confusion: np.ndarray | None = None
-    unrefined_confusion: np.ndarray | None = None
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    scored: PixelCounter | None = None
+    unrefined: PixelCounter | None = None
     candidates: Candidates | None = None
-    manifest: list[tuple[str, str]] = field(default_factory=list)
-    """(image id, image path) of every image, in the shard's order."""
 
 
 def paint_shard(work: ShardWork, shard: Path) -> ShardOutcome:
@@ -102,9 +99,8 @@ def paint_shard(work: ShardWork, shard: Path) -> ShardOutcome:
     if work.gallery_seed is not None:
         outcome.candidates = Candidates(num_clusters, work.gallery_seed)
         outcome.candidates.add(records, work.model)
-    cpu = torch.device("cpu")
-    scorer = Scorer(work.classes, num_clusters, work.evaluation, cpu) if work.classes is not None else None
-    unrefined_scorer = Scorer(work.classes, num_clusters, work.evaluation, cpu) if work.classes and work.score_unrefined else None
+    scorer = PixelCounter(work.classes, num_clusters, work.evaluation) if work.classes is not None else None
+    unrefined_scorer = PixelCounter(work.classes, num_clusters, work.evaluation) if work.classes and work.score_unrefined else None
     for record, record_labels in zip(records, labels):
         mask_path = work.results.image_file(MASKS, record.image_id)
         write = work.write_masks and not (work.reuse_masks and is_mask_of(mask_path, record))
@@ -130,12 +126,7 @@ def paint_shard(work: ShardWork, shard: Path) -> ShardOutcome:
             write_png(segments_path, segment_picture_map(record))
         if work.colour_table is not None:
             _colour(work, record.image_id, record.image_path, fresh=write)
-        outcome.manifest.append((record.image_id, record.image_path))
-    if scorer is not None:
-        outcome.confusion = scorer.metric.confusion.numpy()
-        outcome.skipped = scorer.skipped
-    if unrefined_scorer is not None:
-        outcome.unrefined_confusion = unrefined_scorer.metric.confusion.numpy()
+    outcome.scored, outcome.unrefined = scorer, unrefined_scorer
     return outcome
 
 

@@ -24,8 +24,8 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from datus.drawing import save_confusion_png
+from datus.metric import MatchedSegmentationMetric
 from datus.metrics import (
-    MatchedSegmentationMetric,
     agreement_scores,
     format_table,
     match_clusters,
