@@ -45,6 +45,11 @@ def fit_identity(run: Run, settings: ClusterSettings) -> dict[str, Any]:
     return {"settings": settings.fit_identity(), "shards": {"count": len(shards), "digest": shards_digest(shards)}}
 
 
+def has_fit(run: Run, settings: ClusterSettings, identity: dict[str, Any]) -> bool:
+    """Whether a fit of ``identity`` is saved (:func:`fit_or_load` will then load it, if sound)."""
+    return _saved_identity(run.cluster_dir(settings.num_clusters)) == identity
+
+
 @dataclass(frozen=True)
 class Fit:
     """The cluster model (every rank) and its stability diagnostic (rank 0; None elsewhere)."""

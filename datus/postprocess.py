@@ -41,7 +41,7 @@ from datus.describe import PredictionLog, format_summary, write_dataset_files, w
 from datus.diagnostics import Counts, diagnostics_panel
 from datus.drawing import colour_table, legend_picture
 from datus.errors import ConfigurationError
-from datus.fit import fit_identity, fit_or_load
+from datus.fit import fit_identity, fit_or_load, has_fit
 from datus.gallery import Candidates, matched_names, write_galleries
 from datus.io import UnreadableFile, read_json, write_image, write_json
 from datus.report import make_report
@@ -64,7 +64,7 @@ from datus.run import (
 )
 from datus.score import Scorer, class_info, read_metrics
 from datus.settings import ClusterSettings, EvaluationSettings
-from datus.shard_pass import ShardWork, colour_shard, map_shards, paint_shard
+from datus.shard_pass import ShardPool, ShardWork, colour_shard, paint_shard
 from datus.shards import first_mask_path
 from datus.workers import available_cores
 
@@ -116,128 +116,130 @@ def postprocess(
             f"no image of the input could be used ({len(skipped)} skipped, reasons in {run.file(SKIPPED_FILE)}); "
             "point --data.root at readable images"
         )
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
-    fitted_on = fit_identity(run, cluster)
-    fit = fit_or_load(run, cluster, collective, fitted_on)
-    model = fit.model
-    seconds["clustering"] = time.perf_counter() - started
-    identity = {
-        "fit": fitted_on,
-        "evaluation": [evaluation.num_classes, evaluation.ignore_index],
-        "crf": [cluster.crf, asdict(crf) if cluster.crf else None],
-        "write_files": write_files,
-    }
-    previous = _read_painted(results)
-    classes = class_info(evaluation, first_mask_path(shards))
-    earlier = read_metrics(results.file(METRICS_FILE), cluster.num_clusters) if classes is not None else None
-    unchanged = _unchanged(run, results, cluster, previous, identity, earlier, classes is not None) if collective.is_main else None
-    if collective.agree(unchanged is not None):
-        return _describe_again(run, results, unchanged, earlier, classes.names if classes else None, prediction, seconds)
-
-    reuse = previous.get("masks") == identity
-    if collective.is_main:  # a pass killed midway must not pass for a finished one
-        write_json(results.file(PAINTED_FILE), {"masks": None, "colour": None})
-    collective.barrier()
-    earlier = earlier if reuse else None
-    scoring = classes is not None and earlier is None
-    known_mapping = earlier["protocols"]["dense"]["mapping"] if earlier else None
-    colour_now = cluster.colour and write_files and not scoring
-    table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, known_mapping)
-    work = ShardWork(
-        results=results,
-        run_results=run.results,
-        model=model,
-        write_masks=write_files,
-        reuse_masks=reuse,
-        classes=classes if scoring else None,
-        evaluation=evaluation,
-        crf=crf if cluster.crf else None,
-        score_unrefined=cluster.crf == "both",
-        colour_table=table if colour_now else None,
-        reuse_colour=previous.get("colour") == {**identity, "mapping": known_mapping},
-        gallery_seed=cluster.seed if cluster.gallery and write_files else None,
-    )
     own = shards[collective.rank :: collective.world_size]
-    workers = cluster.workers or auto_workers(len(own), collective.world_size)
+    fitted_on = fit_identity(run, cluster)
+    with ShardPool(cluster.workers or auto_workers(len(own), collective.world_size)) as pool:
+        seconds: dict[str, float] = {}
+        if not has_fit(run, cluster, fitted_on):
+            pool.start()  # the workers import while the fit runs
+        started = time.perf_counter()
+        fit = fit_or_load(run, cluster, collective, fitted_on)
+        model = fit.model
+        seconds["clustering"] = time.perf_counter() - started
+        identity = {
+            "fit": fitted_on,
+            "evaluation": [evaluation.num_classes, evaluation.ignore_index],
+            "crf": [cluster.crf, asdict(crf) if cluster.crf else None],
+            "write_files": write_files,
+        }
+        previous = _read_painted(results)
+        classes = class_info(evaluation, first_mask_path(shards))
+        earlier = read_metrics(results.file(METRICS_FILE), cluster.num_clusters) if classes is not None else None
+        unchanged = _unchanged(run, results, cluster, previous, identity, earlier, classes is not None) if collective.is_main else None
+        if collective.agree(unchanged is not None):
+            return _describe_again(run, results, unchanged, earlier, classes.names if classes else None, prediction, seconds)
 
-    started = time.perf_counter()
-    counts = Counts(cluster.num_clusters)
-    candidates = Candidates(cluster.num_clusters, cluster.seed)
-    totals = np.zeros(3, dtype=np.int64)  # images, valid segments, noise segments
-    scorer = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scoring and classes else None
-    unrefined = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scorer and cluster.crf == "both" else None
-    progress = _progress(f"masks, K={cluster.num_clusters}" + (" (CRF)" if cluster.crf else ""), len(own), collective)
-    for outcome in map_shards(paint_shard, work, own, workers):
-        totals += (outcome.images, outcome.valid, outcome.noise)
-        counts.merge(outcome.counts)
-        if outcome.candidates is not None:
-            candidates.merge(outcome.candidates)
-        if scorer is not None and outcome.scored is not None:
-            scorer.add_counts(outcome.scored)
-        if unrefined is not None and outcome.unrefined is not None:
-            unrefined.add_counts(outcome.unrefined)
-        progress.update(1)
-    progress.close()
-    num_images, num_valid, num_noise = collective.sum_counts(totals.tolist())
-    seconds["painting"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    metrics = earlier
-    if scorer is not None:
-        metrics = scorer.compute()
-        metrics["crf"] = {"applied": bool(cluster.crf), "settings": asdict(crf) if cluster.crf else None}
-        if unrefined is not None:
-            metrics["without_crf"] = unrefined.compute()["protocols"]
-        if collective.is_main:
-            scorer.write(results, metrics, num_images)
-    seconds["evaluation"] = time.perf_counter() - started
-    mapping = metrics["protocols"]["dense"]["mapping"] if metrics else None
-    class_names = classes.names if classes is not None else None
-    table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, mapping)
-    gathered = collective.gather_to_main((counts, candidates))
-    skipped = (prediction.skipped if prediction else []) + (scorer.skipped if scorer else [])
-    summary: dict[str, Any] = {}
-    drawings: dict[str, Future[float]] = {}
-    with ThreadPoolExecutor(2) as beside_colour:  # their decoding and encoding leave the GIL to the colour pass
-        if gathered is not None:
-            counts, candidates = _merged(gathered, cluster)
-            if write_files:
-                write_dataset_files(run, results, cluster.num_clusters, mapping, class_names)
-            diagnostics = counts.diagnostics(fit.stability)
-            panel = diagnostics_panel(diagnostics, table, cluster.gallery and write_files)
-            if write_files:
-                drawings["report"] = beside_colour.submit(_timed, make_report, run, results, diagnostics=panel)
-            if cluster.gallery and write_files:
-                names = matched_names(cluster.num_clusters, mapping, class_names)
-                drawings["gallery"] = beside_colour.submit(
-                    _timed, write_galleries, candidates.members(), results, diagnostics.clusters, names, cluster.seed
-                )
-        if cluster.colour and write_files:
-            started = time.perf_counter()
-            if not colour_now:
-                colours = replace(work, colour_table=table, reuse_colour=previous.get("colour") == {**identity, "mapping": mapping})
-                progress = _progress("colour masks and overlays", len(own), collective)
-                for _ in map_shards(colour_shard, colours, own, workers):
-                    progress.update(1)
-                progress.close()
-            if collective.is_main:
-                write_image(results.file(LEGEND_FILE), _legend(results, table, cluster.num_clusters, mapping, class_names))
-            seconds["colour"] = time.perf_counter() - started
+        reuse = previous.get("masks") == identity
+        if collective.is_main:  # a pass killed midway must not pass for a finished one
+            write_json(results.file(PAINTED_FILE), {"masks": None, "colour": None})
         collective.barrier()
-        if collective.is_main:
-            seconds |= {stage: drawing.result() for stage, drawing in drawings.items()}
-            facts = _facts(prediction, num_images, num_valid, num_noise, cluster.num_clusters, metrics)
-            facts["diagnostics"] = diagnostics.summary()
-            facts["stage_seconds"] = {**(prediction.stage_seconds if prediction else {}), **seconds}
-            summary = write_summary(run, results, facts, skipped)
-            painted = {
-                "masks": identity,
-                "colour": {**identity, "mapping": mapping} if cluster.colour and write_files else None,
-                "files": _file_counts(run, results, cluster) if write_files else None,
-            }
-            write_json(results.file(PAINTED_FILE), painted)
-    return Outcome(summary, metrics, class_names, seconds)
+        earlier = earlier if reuse else None
+        scoring = classes is not None and earlier is None
+        known_mapping = earlier["protocols"]["dense"]["mapping"] if earlier else None
+        colour_now = cluster.colour and write_files and not scoring
+        table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, known_mapping)
+        work = ShardWork(
+            results=results,
+            run_results=run.results,
+            model=model,
+            write_masks=write_files,
+            reuse_masks=reuse,
+            classes=classes if scoring else None,
+            evaluation=evaluation,
+            crf=crf if cluster.crf else None,
+            score_unrefined=cluster.crf == "both",
+            colour_table=table if colour_now else None,
+            reuse_colour=previous.get("colour") == {**identity, "mapping": known_mapping},
+            gallery_seed=cluster.seed if cluster.gallery and write_files else None,
+        )
+
+        started = time.perf_counter()
+        counts = Counts(cluster.num_clusters)
+        candidates = Candidates(cluster.num_clusters, cluster.seed)
+        totals = np.zeros(3, dtype=np.int64)  # images, valid segments, noise segments
+        scorer = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scoring and classes else None
+        unrefined = Scorer(classes, cluster.num_clusters, evaluation, collective.device) if scorer and cluster.crf == "both" else None
+        progress = _progress(f"masks, K={cluster.num_clusters}" + (" (CRF)" if cluster.crf else ""), len(own), collective)
+        for outcome in pool.map(paint_shard, work, own):
+            totals += (outcome.images, outcome.valid, outcome.noise)
+            counts.merge(outcome.counts)
+            if outcome.candidates is not None:
+                candidates.merge(outcome.candidates)
+            if scorer is not None and outcome.scored is not None:
+                scorer.add_counts(outcome.scored)
+            if unrefined is not None and outcome.unrefined is not None:
+                unrefined.add_counts(outcome.unrefined)
+            progress.update(1)
+        progress.close()
+        num_images, num_valid, num_noise = collective.sum_counts(totals.tolist())
+        seconds["painting"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        metrics = earlier
+        if scorer is not None:
+            metrics = scorer.compute()
+            metrics["crf"] = {"applied": bool(cluster.crf), "settings": asdict(crf) if cluster.crf else None}
+            if unrefined is not None:
+                metrics["without_crf"] = unrefined.compute()["protocols"]
+            if collective.is_main:
+                scorer.write(results, metrics, num_images)
+        seconds["evaluation"] = time.perf_counter() - started
+        mapping = metrics["protocols"]["dense"]["mapping"] if metrics else None
+        class_names = classes.names if classes is not None else None
+        table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, mapping)
+        gathered = collective.gather_to_main((counts, candidates))
+        skipped = (prediction.skipped if prediction else []) + (scorer.skipped if scorer else [])
+        summary: dict[str, Any] = {}
+        drawings: dict[str, Future[float]] = {}
+        with ThreadPoolExecutor(2) as beside_colour:  # their decoding and encoding leave the GIL to the colour pass
+            if gathered is not None:
+                counts, candidates = _merged(gathered, cluster)
+                if write_files:
+                    write_dataset_files(run, results, cluster.num_clusters, mapping, class_names)
+                diagnostics = counts.diagnostics(fit.stability)
+                panel = diagnostics_panel(diagnostics, table, cluster.gallery and write_files)
+                if write_files:
+                    drawings["report"] = beside_colour.submit(_timed, make_report, run, results, diagnostics=panel)
+                if cluster.gallery and write_files:
+                    names = matched_names(cluster.num_clusters, mapping, class_names)
+                    drawings["gallery"] = beside_colour.submit(
+                        _timed, write_galleries, candidates.members(), results, diagnostics.clusters, names, cluster.seed
+                    )
+            if cluster.colour and write_files:
+                started = time.perf_counter()
+                if not colour_now:
+                    colours = replace(work, colour_table=table, reuse_colour=previous.get("colour") == {**identity, "mapping": mapping})
+                    progress = _progress("colour masks and overlays", len(own), collective)
+                    for _ in pool.map(colour_shard, colours, own):
+                        progress.update(1)
+                    progress.close()
+                if collective.is_main:
+                    write_image(results.file(LEGEND_FILE), _legend(results, table, cluster.num_clusters, mapping, class_names))
+                seconds["colour"] = time.perf_counter() - started
+            collective.barrier()
+            if collective.is_main:
+                seconds |= {stage: drawing.result() for stage, drawing in drawings.items()}
+                facts = _facts(prediction, num_images, num_valid, num_noise, cluster.num_clusters, metrics)
+                facts["diagnostics"] = diagnostics.summary()
+                facts["stage_seconds"] = {**(prediction.stage_seconds if prediction else {}), **seconds}
+                summary = write_summary(run, results, facts, skipped)
+                painted = {
+                    "masks": identity,
+                    "colour": {**identity, "mapping": mapping} if cluster.colour and write_files else None,
+                    "files": _file_counts(run, results, cluster) if write_files else None,
+                }
+                write_json(results.file(PAINTED_FILE), painted)
+        return Outcome(summary, metrics, class_names, seconds)
 
 
 SHARDS_PER_WORKER = 8

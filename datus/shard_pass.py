@@ -8,7 +8,9 @@ which the main process merges in shard order, so every number and every file is 
 one worker or many (and the same as painting in this process, ``workers = 1``).
 
 Memory per worker is one shard's records and one image's pictures; shards are handed out a
-bounded number ahead, so the main process never holds more than a few outcomes.
+bounded number ahead, so the main process never holds more than a few outcomes. The shared
+work (:class:`ShardWork`, with the K x D centroids) travels with each shard: tens of kB against
+a shard's seconds of painting.
 """
 
 from __future__ import annotations
@@ -147,51 +149,68 @@ def _colour(work: ShardWork, image_id: str, image_path: str, fresh: bool) -> Non
         write_colour_files(work.results, image_id, image_path, work.colour_table)
 
 
-_installed: ShardWork | None = None
-"""The shared work of a worker process, installed once by the pool's initialiser."""
-
-
-def _install(work: ShardWork, parent: int) -> None:
-    global _installed
-    exit_with_parent(parent)  # a parent killed outright must not leave workers behind
+def _start_worker(parent: int) -> None:
+    """Pool initialiser: end with the parent (a parent killed outright cannot stop its pool), one thread."""
+    exit_with_parent(parent)
     torch.set_num_threads(1)  # one worker per core: threads inside a worker would fight the others
-    _installed = work
 
 
-def _call_installed(function: Callable[[ShardWork, Path], Any], shard: Path) -> Any:
-    assert _installed is not None
-    return function(_installed, shard)
+class ShardPool:
+    """Worker processes for the per-shard passes, started before they are needed and used for all of them.
 
-
-def map_shards(
-    function: Callable[[ShardWork, Path], Any], work: ShardWork, shards: Sequence[Path], workers: int
-) -> Iterator[Any]:
-    """``function(work, shard)`` for every shard, results in shard order, on ``workers`` processes.
-
-    ``workers <= 1`` runs in this process. Workers start with ``spawn`` (safe beside CUDA and
-    threads) and get ``work`` once; at most ``2 * workers`` shards are in flight, so memory stays
-    flat however many shards there are. An error in a worker is raised here, in order; closing
-    the iterator early (an error, Ctrl-C) cancels what has not started.
+    Starting is cheap for the caller (spawned workers import torch in the background, about two
+    seconds, while the caller fits), and one pool serves the painting and the colour pass.
+    ``workers <= 1`` runs everything in this process, with no pool. Workers start at :meth:`start`
+    or at the first :meth:`map`, whichever comes first.
     """
-    if workers <= 1 or len(shards) <= 1:
-        for shard in shards:
-            yield function(work, shard)
-        return
-    pending: deque[Future[Any]] = deque()
-    executor = ProcessPoolExecutor(
-        max_workers=min(workers, len(shards)),
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_install,
-        initargs=(work, os.getpid()),
-    )
-    try:
-        for shard in shards:
-            if len(pending) >= 2 * workers:
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start the workers now (they import in the background); no-op when started or in-process."""
+        if self.workers > 1 and self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(os.getpid(),),
+            )
+            for _ in range(self.workers):
+                self._executor.submit(int)  # start every worker now, not at the first shard
+
+    def map(self, function: Callable[[ShardWork, Path], Any], work: ShardWork, shards: Sequence[Path]) -> Iterator[Any]:
+        """``function(work, shard)`` for every shard, results in shard order.
+
+        At most ``2 * workers`` shards are in flight, so memory stays flat however many shards
+        there are. An error in a worker is raised here, in order; closing the iterator early (an
+        error, Ctrl-C) cancels what has not started.
+        """
+        self.start()
+        if self._executor is None:
+            for shard in shards:
+                yield function(work, shard)
+            return
+        pending: deque[Future[Any]] = deque()
+        try:
+            for shard in shards:
+                if len(pending) >= 2 * self.workers:
+                    yield pending.popleft().result()
+                pending.append(self._executor.submit(function, work, shard))
+            while pending:
                 yield pending.popleft().result()
-            pending.append(executor.submit(_call_installed, function, shard))
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for future in pending:
-            future.cancel()
-        executor.shutdown(wait=True, cancel_futures=True)
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> ShardPool:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()

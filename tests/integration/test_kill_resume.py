@@ -49,8 +49,8 @@ def uninterrupted(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return output_dir
 
 
-def run_and_kill(images: Path, output_dir: Path, moment: Callable[[], bool]) -> None:
-    """Start the CLI in a process and SIGKILL it as soon as ``moment()`` is true."""
+def run_and_kill(images: Path, output_dir: Path, moment: Callable[[], bool]) -> list[int]:
+    """Start the CLI in a process and SIGKILL it as soon as ``moment()`` is true; its child processes then."""
     environment = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen(
         [sys.executable, "-m", "datus", *arguments(images, output_dir)],
@@ -64,9 +64,20 @@ def run_and_kill(images: Path, output_dir: Path, moment: Callable[[], bool]) -> 
         assert process.poll() is None, "the run ended before the moment to kill it came"
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    children = _children(process.pid)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (output_dir / "summary.json").exists()  # it really died before finishing
+    return children
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (Louvain, loader and painting workers), from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split() if (task / "children").is_file() else []
+        found += [int(child) for child in children]
+    return found
 
 
 def assert_same_results(run: Path, reference: Path) -> None:
@@ -103,8 +114,14 @@ def test_killed_during_clustering(images: Path, uninterrupted: Path, tmp_path: P
 
 
 def test_killed_during_painting(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    """Painting runs in worker processes here (24 shards); they end with their killed parent."""
     masks = tmp_path / "masks"
-    run_and_kill(images, tmp_path, lambda: masks.is_dir() and any(masks.iterdir()))
+    workers = run_and_kill(images, tmp_path, lambda: masks.is_dir() and any(masks.iterdir()))
+    assert workers, "no painting worker was running when the run was killed"
+    deadline = time.monotonic() + 10
+    while any(process_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(process_alive(pid) for pid in workers)
     main(arguments(images, tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["images_predicted_now"] == 0 and summary["images_from_earlier_runs"] == NUM_IMAGES
