@@ -386,7 +386,10 @@ def console_main(process_starting: bool = False) -> None:
 
 def start() -> None:
     """The ``datus`` console script and ``python -m datus``."""
+    from datus.workers import mark_command_process
+
     keep_freed_memory()
+    mark_command_process()
     console_main(process_starting=True)
 
 

@@ -66,7 +66,7 @@ from datus.score import Scorer, class_info, read_metrics
 from datus.settings import ClusterSettings, EvaluationSettings
 from datus.shard_pass import ShardPool, ShardWork, colour_shard, paint_shard
 from datus.shards import first_mask_path
-from datus.workers import available_cores
+from datus.workers import available_cores, spawns_by_default
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,13 @@ to start (it imports torch), which a few shards of painting (~0.7 s each) would 
 
 
 def auto_workers(shards: int, world_size: int) -> int:
-    """Worker processes for ``shards`` shards: one per core (shared between ranks), fewer for short runs."""
+    """Worker processes for ``shards`` shards: one per core (shared between ranks), fewer for short runs.
+
+    In-process (the Python API) none unless asked for (``ClusterSettings(workers=N)``): spawned
+    workers import the caller's main script again, which only the ``datus`` command's is safe for.
+    """
+    if not spawns_by_default():
+        return 1
     return max(1, min(available_cores() // world_size, shards // SHARDS_PER_WORKER))
 
 

@@ -8,6 +8,24 @@ import threading
 import time
 
 
+_command_process = False
+"""Whether this process is the ``datus`` command (:func:`datus.cli.start`), whose main module is safe to re-import."""
+
+
+def mark_command_process() -> None:
+    """Called by the ``datus`` command: spawned workers may be started without being asked for.
+
+    A spawned worker imports the parent's main module again; the ``datus`` command's is safe, a
+    user's script (the Python API) may not be, so there datus starts workers only when told to.
+    """
+    global _command_process
+    _command_process = True
+
+
+def spawns_by_default() -> bool:
+    return _command_process
+
+
 def available_cores() -> int:
     """Cores this process may run on (its affinity mask, which container limits also set)."""
     if hasattr(os, "sched_getaffinity"):

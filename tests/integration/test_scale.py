@@ -168,8 +168,10 @@ def test_a_stored_segment_table_is_checked_not_trusted(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(segment_table(run.shards(), tmp_path / "cache", "all").embeddings), expected)
 
 
-def test_auto_workers_do_not_spawn_for_a_short_run(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_workers_do_not_spawn_for_a_short_run_or_from_a_script(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datus.postprocess, "available_cores", lambda: 8)
+    assert datus.postprocess.auto_workers(1000, 1) == 1  # in-process: a script may not be safe to re-import
+    monkeypatch.setattr(datus.postprocess, "spawns_by_default", lambda: True)
     assert datus.postprocess.auto_workers(3, 1) == 1
     assert datus.postprocess.auto_workers(40, 1) == 5
     assert datus.postprocess.auto_workers(1000, 2) == 4
