@@ -296,6 +296,13 @@ def _evaluate_parser() -> CommandParser:
     parser.add_argument(
         "--label_confidence", type=float, default=0.8, help="CRF input: probability of each pixel's own label (default 0.8)"
     )
+    parser.add_argument(
+        "--protocol",
+        choices=["all", "dense", "paper", "stego"],
+        default="all",
+        help="print only this protocol, with the numbers its peers publish (README: Evaluation protocols); "
+        "metrics.json always holds all three",
+    )
     add_options(parser, CRFParams, "crf", {})
     return parser
 
@@ -306,7 +313,7 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
 
     options = _evaluate_parser().parse_args(args)
     from datus.evaluate import evaluate_folders
-    from datus.metrics import format_table
+    from datus.metrics import format_protocol, format_table
 
     crf = {"false": False, "true": True, "both": "both"}[options.crf]
     with _missing_input_is_a_configuration_error():
@@ -322,7 +329,10 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
             crf_params=CRFParams(**from_options(options, CRFParams, "crf")),
             label_confidence=options.label_confidence,
         )
-    print(format_table(metrics, metrics["class_names"]))
+    if options.protocol == "all":
+        print(format_table(metrics, metrics["class_names"]))
+    else:
+        print(format_protocol(metrics, options.protocol, metrics["class_names"]))
     if metrics["classes_file"] is not None:
         print(f"classes from {metrics['classes_file']}")
     print(f"metrics written to {options.output_dir / 'metrics.json'}")

@@ -117,7 +117,10 @@ def format_summary(summary: dict[str, Any], metrics: dict[str, Any] | None, clas
     return "\n".join(lines)
 
 
-SWEEP_COLUMNS = ("dense_miou", "dense_pixel_accuracy", "dense_nmi", "dense_ari", "paper_miou", "paper_pixel_accuracy")
+SWEEP_COLUMNS = (
+    "dense_miou", "dense_pixel_accuracy", "dense_nmi", "dense_ari", "paper_miou", "paper_pixel_accuracy", "stego_miou",
+    "stego_pixel_accuracy",
+)  # fmt: skip
 
 
 def sweep_row(num_clusters: int, summary: dict[str, Any], metrics: dict[str, Any] | None) -> dict[str, Any]:

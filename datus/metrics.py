@@ -5,12 +5,17 @@ classes one-to-one (Hungarian matching on the pooled cluster x class confusion m
 computed from the dataset-level matrix, never averaged over images: a per-image mean would let
 small images weigh as much as large ones and would re-match clusters per image.
 
-Two protocols are always reported side by side (README, "Evaluation protocols"):
+Three protocols are always reported side by side (README, "Evaluation protocols"):
 
 - ``dense`` is the honest number: every labelled pixel counts, pixels without a prediction and
   pixels of clusters left unmatched (K > C) are errors.
 - ``paper`` reproduces what the DatUS code measured: noise-segment pixels, pixels without a
   prediction and pixels of unmatched clusters are all left out, which inflates the scores.
+- ``stego`` reproduces STEGO's ``UnsupervisedMetrics`` (its ``src/utils.py``), which HP, CAUSE,
+  EAGLE and PriMaPs inherit: pixels predicted as a cluster id >= C are dropped before the
+  matrix is built (so with K > C whole clusters vanish, whichever they are), Hungarian matching
+  on the remaining C x C matrix, mIoU the mean over classes with a defined IoU, accuracy over
+  the kept pixels. With K = C it equals ``dense``.
 
 The maths lives here in plain numpy functions (:func:`match_clusters`, :func:`protocol_scores`,
 :func:`protocol_report`, :func:`agreement_scores`, :func:`pixel_counts`), so that it is tested
@@ -28,7 +33,9 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-PROTOCOLS = ("dense", "paper")
+PROTOCOLS = ("dense", "paper", "stego")
+"""The protocols every scoring reports, in this order (module docstring; README, "Evaluation protocols")."""
+
 
 def match_clusters(confusion: np.ndarray) -> np.ndarray:
     """Match clusters to classes one-to-one so that the matched pixel count is maximal.
@@ -202,14 +209,14 @@ def protocol_report(confusion: np.ndarray, no_prediction: np.ndarray | None, dro
 
 
 def metrics_from_confusion(confusion: np.ndarray) -> dict[str, Any]:
-    """Both protocols from the accumulated (2, K + 1, C) counts of :class:`MatchedSegmentationMetric`.
+    """The three protocols from the accumulated (2, K + 1, C) counts of :class:`datus.metric.MatchedSegmentationMetric`.
 
     Args:
         confusion: axis 0 = (regular pixel, noise pixel), rows 0..K-1 = clusters, row K = "no
             prediction", columns = true classes.
 
     Returns:
-        ``{"num_clusters", "num_classes", "num_pixels", "protocols": {"dense": ..., "paper": ...}}``.
+        ``{"num_clusters", "num_classes", "num_pixels", "protocols": {"dense": ..., "paper": ..., "stego": ...}}``.
     """
     confusion = np.asarray(confusion, dtype=np.int64)
     if confusion.ndim != 3 or confusion.shape[0] != 2 or confusion.shape[1] < 2:
@@ -224,8 +231,23 @@ def metrics_from_confusion(confusion: np.ndarray) -> dict[str, Any]:
         "num_clusters": num_clusters,
         "num_classes": num_classes,
         "num_pixels": dense["num_pixels"],
-        "protocols": {"dense": dense, "paper": paper},
+        "protocols": {"dense": dense, "paper": paper, "stego": stego_report(everything[:num_clusters])},
     }
+
+
+def stego_report(confusion: np.ndarray) -> dict[str, Any]:
+    """STEGO's protocol on a K x C matrix of every pixel of the dense masks (see the module docstring).
+
+    Rows of cluster ids >= C are dropped, as STEGO's ``update`` drops those pixels (and pixels
+    without a prediction); the remaining rows are matched and scored as they are. Clusters
+    dropped this way are unmatched in ``mapping``; ``confusion`` holds the kept rows.
+    """
+    confusion = np.asarray(confusion, dtype=np.int64)
+    num_clusters, num_classes = confusion.shape
+    report = protocol_report(confusion[: min(num_clusters, num_classes)], None, drop_unmatched=True)
+    report["mapping"] |= {str(cluster): None for cluster in range(num_classes, num_clusters)}
+    report["dropped_pixels"] = int(confusion[num_classes:].sum())
+    return report
 
 
 def pixel_counts(
@@ -259,7 +281,7 @@ def _percent(value: float | None) -> str:
 
 
 def format_table(metrics: dict[str, Any], class_names: Sequence[str] | None = None) -> str:
-    """Render both protocols as a plain-text table for logs and terminals.
+    """Render the protocols as a plain-text table for logs and terminals.
 
     Args:
         metrics: the dict returned by :meth:`MatchedSegmentationMetric.compute`.
@@ -267,13 +289,13 @@ def format_table(metrics: dict[str, Any], class_names: Sequence[str] | None = No
 
     Returns:
         One row per class with IoU/accuracy/F1 (percent) of the dense and paper protocols side by
-        side, then one summary line per protocol.
+        side, then one summary line per protocol (stego's too).
     """
     num_classes = int(metrics["num_classes"])
     names = [str(name) for name in class_names] if class_names is not None else [str(c) for c in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"class_names has {len(names)} entries but the metrics have {num_classes} classes")
-    dense, paper = metrics["protocols"]["dense"], metrics["protocols"]["paper"]
+    protocols = metrics["protocols"]
     name_width = max([len("class"), *(len(name) for name in names)])
     column = 7
 
@@ -283,25 +305,54 @@ def format_table(metrics: dict[str, Any], class_names: Sequence[str] | None = No
 
     headings = " ".join(heading.rjust(column) for heading in ("IoU", "acc", "F1"))
     group_width = 3 * column + 2
+    rule = "-" * (name_width + 3 + len(protocols) * (group_width + 3) - 3)
     lines = [
-        f"{'':{name_width}}   {'dense'.center(group_width)} | {'paper'.center(group_width)}",
-        f"{'class':{name_width}}   {headings} | {headings}",
-        "-" * (name_width + 3 + 2 * group_width + 3),
+        f"{'':{name_width}}   " + " | ".join(label.center(group_width) for label in protocols),
+        f"{'class':{name_width}}   " + " | ".join(headings for _ in protocols),
+        rule,
     ]
     for c, name in enumerate(names):
-        lines.append(f"{name:{name_width}}   {block(dense, c)} | {block(paper, c)}")
-    lines.append("-" * (name_width + 3 + 2 * group_width + 3))
-    for label, protocol in (("dense", dense), ("paper", paper)):
+        lines.append(f"{name:{name_width}}   " + " | ".join(block(protocol, c) for protocol in protocols.values()))
+    lines.append(rule)
+    for label, protocol in protocols.items():
         lines.append(
             f"{label}: mIoU {_percent(protocol['miou'])}  pixel acc {_percent(protocol['pixel_accuracy'])}  "
             f"mean F1 {_percent(protocol['mean_f1'])}  mean acc {_percent(protocol['mean_accuracy'])}  "
             f"NMI {_percent(protocol.get('nmi'))}  ARI {_percent(protocol.get('ari'))}  "
             f"({protocol['num_pixels']} pixels)"
+            + (f", {protocol['dropped_pixels']} of ids >= C dropped" if protocol.get("dropped_pixels") else "")
         )
     lines.append(f"K = {metrics['num_clusters']} clusters, C = {num_classes} classes")
     if (metrics.get("crf") or {}).get("applied"):
         lines.append("masks refined with a dense CRF")
     if metrics.get("without_crf"):
         plain = metrics["without_crf"]
-        lines.append(f"without CRF: dense mIoU {_percent(plain['dense']['miou'])}, paper mIoU {_percent(plain['paper']['miou'])}")
+        lines.append("without CRF: " + ", ".join(f"{name} mIoU {_percent(plain[name]['miou'])}" for name in plain))
+    return "\n".join(lines) + "\n"
+
+
+PEER_SUMMARIES = {
+    "dense": ("every labelled pixel; datus's own", ("miou", "mIoU"), ("pixel_accuracy", "pixel accuracy"), ("mean_f1", "mean F1"), ("nmi", "NMI"), ("ari", "ARI")),
+    "paper": ("noise and unmatched clusters left out; DatUS's tables", ("miou", "mIoU"), ("pixel_accuracy", "pixel accuracy"), ("mean_f1", "mean F1")),
+    "stego": ("ids >= C dropped; STEGO, HP, CAUSE, EAGLE, PriMaPs tables", ("miou", "mIoU"), ("pixel_accuracy", "Accuracy")),
+}
+"""Per protocol: what it is, then the (key, name) of each number its peers publish, in their order."""
+
+
+def format_protocol(metrics: dict[str, Any], name: str, class_names: Sequence[str] | None = None) -> str:
+    """One protocol alone, as its peers report it: per-class IoU, then the numbers of their tables.
+
+    A row of a published table (STEGO's "mIoU, Accuracy"; DatUS's "mIoU, pixel accuracy, F1")
+    can be set beside datus's numbers for released masks (``datus evaluate --protocol``).
+    """
+    protocol = metrics["protocols"][name]
+    meaning, *numbers = PEER_SUMMARIES[name]
+    num_classes = int(metrics["num_classes"])
+    names = [str(n) for n in class_names] if class_names is not None else [str(c) for c in range(num_classes)]
+    width = max(len(n) for n in names)
+    lines = [f"{name} protocol ({meaning}), K = {metrics['num_clusters']}, C = {num_classes}"]
+    lines += [f"  {label:{width}}  IoU {_percent(iou)}" for label, iou in zip(names, protocol["per_class_iou"])]
+    lines.append("  ".join(f"{title} {_percent(protocol.get(key))}" for key, title in numbers))
+    if protocol.get("dropped_pixels"):
+        lines.append(f"{protocol['dropped_pixels']} pixels of cluster ids >= C dropped, as STEGO drops them")
     return "\n".join(lines) + "\n"

@@ -81,7 +81,7 @@ class _RunFacts:
     mapping: dict[str, int | None] | None
     cluster_names: list[str] | None
     class_names: list[str] | None
-    miou: tuple[float | None, float | None] | None
+    miou: dict[str, float | None] | None
 
 
 _Entry = tuple[tuple[int, int, int], str]
@@ -238,7 +238,7 @@ def _run_facts(run: Run, results: Results, records: Sequence[ImageRecord]) -> _R
     miou = None
     if metrics:
         protocols = metrics["protocols"]
-        miou = (protocols["dense"].get("miou"), protocols["paper"].get("miou"))
+        miou = {name: protocol.get("miou") for name, protocol in protocols.items()}
     class_names = metrics.get("class_names") if metrics else None
     if class_names is None:
         class_names = _dataset_class_names(records)
@@ -411,8 +411,8 @@ def _title(facts: _RunFacts, num_images: int, results: Results, run: Run) -> str
             parts[0] += f" (results: {results.root.resolve().name})"
     parts += [f"backbone {facts.backbone}", f"K {facts.num_clusters or '?'}", f"{num_images} images"]
     if facts.miou is not None:
-        dense, paper = (f"{100 * value:.1f}" if value is not None else "n/a" for value in facts.miou)
-        parts.append(f"mIoU dense {dense} / paper {paper}")
+        shown = (f"{name} {100 * value:.1f}" if value is not None else f"{name} n/a" for name, value in facts.miou.items())
+        parts.append("mIoU " + " / ".join(shown))
     else:
         parts.append("no ground truth: not scored")
     return "   |   ".join(parts)

@@ -20,7 +20,7 @@ from datus.drawing import save_confusion_png
 from datus.errors import ConfigurationError
 from datus.classes import find_classes_file, read_classes_file
 from datus.io import UnreadableFile, read_json, read_label_png, write_json, write_text
-from datus.metrics import format_table, pixel_counts
+from datus.metrics import PROTOCOLS, format_table, pixel_counts
 from datus.records import ImageRecord
 from datus.run import CONFUSION_FILE, METRICS_FILE, METRICS_TABLE, Results
 from datus.settings import EvaluationSettings
@@ -187,14 +187,14 @@ def _sound_metrics(metrics: Any) -> bool:
         return False
     clusters, classes = metrics["num_clusters"], metrics["num_classes"]
     protocols = metrics.get("protocols")
-    plain = metrics.get("without_crf") or {"dense": {}, "paper": {}}
+    plain = metrics.get("without_crf") or {name: {"miou": None} for name in PROTOCOLS}
     names = metrics.get("class_names")
     return (
         isinstance(protocols, dict)
-        and set(protocols) == {"dense", "paper"}
+        and set(protocols) == set(PROTOCOLS)
         and all(_sound_protocol(protocol, clusters, classes) for protocol in protocols.values())
         and isinstance(plain, dict)
-        and set(plain) == {"dense", "paper"}
+        and set(plain) == set(PROTOCOLS)
         and all(isinstance(protocol, dict) and _score(protocol.get("miou")) for protocol in plain.values())
         and isinstance(metrics.get("crf") or {}, dict)
         and (names is None or (isinstance(names, list) and len(names) == classes and all(isinstance(n, str) for n in names)))

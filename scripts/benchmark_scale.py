@@ -8,9 +8,11 @@ that overlays decode real pictures). Then ``datus cluster`` runs on it as a user
 full run, then a rerun with nothing changed.
 
 Peak memory is that of the whole process tree (main process and its workers), sampled every
-0.1 s as ``Pss_Anon + Pss_Shmem`` from ``/proc/PID/smaps_rollup``: proportional, so that pages
-forked workers share count once, and without the page cache of memory-mapped files, which the
-kernel can drop at any time.
+``--sample_every`` seconds as ``Pss_Anon + Pss_Shmem`` from ``/proc/PID/smaps_rollup``:
+proportional, so that pages forked workers share count once, and without the page cache of
+memory-mapped files, which the kernel can drop at any time. Reading ``smaps_rollup`` walks the
+page tables, so sampling costs CPU time on the same cores (about 0.2 of a core at 0.1 s); the
+CPU time of the sampling is printed beside the figures.
 
     python scripts/benchmark_scale.py --images 2500 10000           # two sizes: the growth law
     python scripts/benchmark_scale.py --images 100000 --keep runs/scale   # ~8 GB of shards
@@ -132,7 +134,7 @@ def tree_memory(root_pid: int) -> int:
     return total
 
 
-def timed_cluster(run_dir: Path, flags: list[str]) -> dict[str, Any]:
+def timed_cluster(run_dir: Path, flags: list[str], sample_every: float) -> dict[str, Any]:
     """Run ``datus cluster`` as a subprocess; wall, CPU and peak tree memory."""
     command = [sys.executable, "-m", "datus", "cluster", "--run", str(run_dir), *flags]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -140,10 +142,13 @@ def timed_cluster(run_dir: Path, flags: list[str]) -> dict[str, Any]:
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
 
+    sampling = [0.0]
+
     def sample() -> None:
         while process.poll() is None:
             peak[0] = max(peak[0], tree_memory(process.pid))
-            time.sleep(0.1)
+            time.sleep(sample_every)
+        sampling[0] = time.thread_time()
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -154,7 +159,7 @@ def timed_cluster(run_dir: Path, flags: list[str]) -> dict[str, Any]:
     if process.returncode != 0:
         raise SystemExit(f"datus cluster failed ({process.returncode}):\n{output[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": wall, "cpu_s": cpu, "cpu_per_wall": cpu / wall, "peak_tree_bytes": peak[0]}
+    return {"wall_s": wall, "cpu_s": cpu, "cpu_per_wall": cpu / wall, "peak_tree_bytes": peak[0], "sampling_cpu_s": sampling[0]}
 
 
 def main() -> None:
@@ -166,6 +171,7 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
     parser.add_argument("--per_shard", type=int, default=32, help="records per shard (a prediction batch)")
     parser.add_argument("--num_clusters", type=int, default=27)
+    parser.add_argument("--sample_every", type=float, default=0.5, help="seconds between memory samples")
     parser.add_argument("--keep", type=Path, default=None, help="keep (and reuse) synthesised runs in this folder")
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="more `datus cluster` flags")
     options = parser.parse_args()
@@ -180,9 +186,9 @@ def main() -> None:
                 print(f"synthesised {images} images in {time.perf_counter() - started:.0f} s", flush=True)
             shutil.rmtree(run_dir / "clusters", ignore_errors=True)  # a full run, not a rerun of an earlier one
             flags = ["--cluster.num_clusters", str(options.num_clusters), *options.flags]
-            full = timed_cluster(run_dir, flags)
+            full = timed_cluster(run_dir, flags, options.sample_every)
             stages = json.loads((Run(run_dir).cluster_dir(options.num_clusters) / "summary.json").read_text())["stage_seconds"]
-            rerun = timed_cluster(run_dir, flags)
+            rerun = timed_cluster(run_dir, flags, options.sample_every)
             row = {"images": images, "segments": images * options.valid, "full": full, "stages": stages, "rerun": rerun}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -194,6 +200,7 @@ def main() -> None:
             f"{full['peak_tree_bytes'] / 2**20:>8.0f} {rerun['wall_s']:>8.1f} {100 * rerun['wall_s'] / full['wall_s']:>6.1f}%"
         )
         print("         stages: " + ", ".join(f"{k} {v:.1f}" for k, v in row["stages"].items()))
+        print(f"         memory sampling used {full['sampling_cpu_s']:.1f} CPU s beside the full run")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_predict_writes_every_output(dataset: Path, finished_run: Path) -> None:
         assert np.array_equal(shown, colourise(mask, table, ignore_index=-1))  # the legend's colours
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["num_clusters"] == 3 and metrics["num_classes"] == 2 and metrics["num_images"] == NUM_IMAGES
-    assert set(metrics["protocols"]) == {"dense", "paper"}
+    assert set(metrics["protocols"]) == {"dense", "paper", "stego"}
     for protocol in metrics["protocols"].values():
         assert 0 <= protocol["miou"] <= 1 and len(protocol["per_class_iou"]) == 2
     assert set(metrics["mapping"]) == {"0", "1", "2"}

@@ -27,6 +27,7 @@ from datus.drawing import save_confusion_png
 from datus.metric import MatchedSegmentationMetric
 from datus.metrics import (
     agreement_scores,
+    format_protocol,
     format_table,
     match_clusters,
     metrics_from_confusion,
@@ -474,3 +475,55 @@ def test_pixel_counts_of_label_maps_equal_counting_selected_pixels(dtype: type, 
     expected = pixel_counts(preds.astype(np.int64), target.astype(np.int64), noise, 4, 3, ignore)
     assert expected.sum() == (target != ignore).sum()
     assert np.array_equal(pixel_counts(preds.astype(dtype), target.astype(dtype), noise, 4, 3, ignore), expected)
+
+
+def _stego_reference(preds: np.ndarray, target: np.ndarray, num_classes: int) -> tuple[float, float]:
+    """STEGO's ``UnsupervisedMetrics`` (src/utils.py, extra_clusters = 0), re-derived in numpy:
+    drop pixels whose prediction or target lies outside [0, C), build the C x C matrix, match
+    with the Hungarian algorithm, mIoU over classes with a defined IoU, accuracy over kept pixels."""
+    from scipy.optimize import linear_sum_assignment
+
+    keep = (target >= 0) & (target < num_classes) & (preds >= 0) & (preds < num_classes)
+    stats = np.bincount(num_classes * target[keep] + preds[keep], minlength=num_classes**2).reshape(num_classes, num_classes).T
+    _, columns = linear_sum_assignment(stats, maximize=True)
+    histogram = stats[np.argsort(columns), :].astype(np.float64)
+    tp = np.diag(histogram)
+    iou = tp / (tp + (histogram.sum(0) - tp) + (histogram.sum(1) - tp))
+    return float(np.nanmean(iou)), float(tp.sum() / histogram.sum())
+
+
+def test_the_three_protocols_differ_as_their_definitions_say_when_k_exceeds_c() -> None:
+    """K = 5 > C = 3 with noise, ignored pixels and a cluster id >= C holding pixels: stego equals an
+    independent re-derivation of STEGO's metric, dense counts every pixel, paper drops noise and
+    unmatched clusters; with K = C stego equals dense."""
+    rng = np.random.default_rng(7)
+    target = rng.integers(0, 3, 4000)
+    preds = np.where(rng.random(4000) < 0.7, target, rng.integers(0, 5, 4000))
+    preds[target == 2] = np.where(rng.random(int((target == 2).sum())) < 0.5, 4, 2)  # half of class 2 in cluster 4 >= C
+    target[:100] = IGNORE
+    noise = rng.random(4000) < 0.2
+    counts = pixel_counts(preds.astype(np.uint8), target.astype(np.uint8), noise, 5, 3, IGNORE)
+    metrics = metrics_from_confusion(counts)
+    stego = metrics["protocols"]["stego"]
+    miou, accuracy = _stego_reference(preds, target, 3)
+    assert stego["miou"] == pytest.approx(miou, abs=1e-12) and stego["pixel_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    kept = target != IGNORE
+    assert stego["dropped_pixels"] == int((kept & (preds >= 3)).sum()) > 0
+    assert metrics["protocols"]["dense"]["num_pixels"] == int(kept.sum())
+    assert metrics["protocols"]["paper"]["num_pixels"] < int((kept & ~noise).sum())  # unmatched clusters dropped too
+    assert stego["miou"] > metrics["protocols"]["dense"]["miou"]  # dropping clusters >= C flatters
+    assert set(stego["mapping"]) == {str(k) for k in range(5)} and stego["mapping"]["4"] is None
+
+    square = pixel_counts(np.minimum(preds, 2).astype(np.uint8), target.astype(np.uint8), noise, 3, 3, IGNORE)
+    same = metrics_from_confusion(square)["protocols"]
+    assert same["stego"]["miou"] == pytest.approx(same["dense"]["miou"], abs=1e-12)
+    assert same["stego"]["pixel_accuracy"] == pytest.approx(same["dense"]["pixel_accuracy"], abs=1e-12)
+
+
+def test_one_protocol_prints_as_its_peers_report_it() -> None:
+    counts = pixel_counts(np.array([[0, 1, 3]], np.uint8), np.array([[0, 1, 1]], np.uint8), np.zeros((1, 3), bool), 4, 2, IGNORE)
+    text = format_protocol(metrics_from_confusion(counts), "stego", ["sky", "sea"])
+    assert text.splitlines()[0].startswith("stego protocol (ids >= C dropped")
+    assert "mIoU 100.00  Accuracy 100.00" in text and "1 pixels of cluster ids >= C dropped" in text
+    paper = format_protocol(metrics_from_confusion(counts), "paper")
+    assert "mIoU" in paper and "mean F1" in paper and "Accuracy" not in paper
