@@ -45,20 +45,35 @@ class ImageEntry:
 
 
 def _image_files(image_dir: Path, exclude: Path | None) -> list[Path]:
-    """Image files below ``image_dir``, sorted, leaving out ``exclude`` and datus run folders."""
+    """Image files below ``image_dir``, sorted, leaving out ``exclude`` and datus run folders.
+
+    Symbolically linked folders are followed (each real folder read once, so a link back up
+    cannot loop). Every name with an image suffix is listed, whatever it is: one that is not a
+    readable regular file (a FIFO, a broken or looping link) is skipped with its reason when
+    it is read, not dropped in silence.
+    """
     excluded = exclude.resolve() if exclude is not None else None
-    found, runs = [], []
-    for folder, subfolders, files in os.walk(image_dir):
+    found, runs, seen = [], [], set()
+    for folder, subfolders, files in os.walk(image_dir, followlinks=True):
         here = Path(folder)
+        try:
+            status = os.stat(here)
+        except OSError:
+            subfolders.clear()
+            continue
+        if (status.st_dev, status.st_ino) in seen:  # a link to a folder already read
+            subfolders.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
         if here != image_dir and (RUN_FILE in files and Run(here).is_datus_run() or here.resolve() == excluded):
             runs.append(here)
             subfolders.clear()
             continue
-        subfolders[:] = [name for name in subfolders if (here / name).resolve() != excluded]
+        subfolders[:] = sorted(name for name in subfolders if (here / name).resolve() != excluded)  # first link wins
         found.extend(here / name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
     if runs:
         log.info("not read as input: %d datus run folder(s) below the data root (%s)", len(runs), runs[0])
-    return sorted(path for path in found if path.is_file())
+    return sorted(found)
 
 
 def list_images(image_dir: Path, mask_dir: Path | None = None, exclude: Path | None = None) -> list[ImageEntry]:

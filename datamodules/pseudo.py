@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from datus.io import load_rgb, read_label_png
+from datus.io import load_rgb, open_regular, read_label_png
 from datus.run import CLASSES_FILE, MANIFEST_FILE
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,18 @@ def read_manifest(run_dir: Path) -> list[PseudoPair]:
             f"{run_dir}` first (the manifest is written once the masks are painted)."
         )
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    with open_regular(path) as stream:
+        text = stream.read().decode("utf-8")
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
-            pairs.append(PseudoPair(entry["image_id"], Path(entry["image"]), run_dir / entry["mask"]))
+            mask = run_dir / entry["mask"]
+            if not mask.resolve().is_relative_to(run_dir.resolve()):
+                raise ValueError(f"{path}, line {number}: the mask {entry['mask']!r} lies outside {run_dir}; the manifest "
+                                 "was edited or not written by datus: predict again into a new --output_dir")
+            pairs.append(PseudoPair(entry["image_id"], Path(entry["image"]), mask))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(
                 f"{path}, line {number}: expected {{'image_id', 'image', 'mask'}}, got {line[:200]!r} ({error})"
@@ -183,7 +189,8 @@ class PseudoMaskDataModule(L.LightningDataModule):
                 f"{classes_path} not found: {self.run_dir} is not a finished datus run. Run `datus predict ... "
                 f"--output_dir {self.run_dir}` first."
             )
-        self.classes = json.loads(classes_path.read_text(encoding="utf-8"))
+        with open_regular(classes_path) as stream:
+            self.classes = json.loads(stream.read().decode("utf-8"))
         if "num_clusters" not in self.classes:
             raise ValueError(
                 f"{classes_path} has no num_clusters: it describes a ground-truth dataset (`datus prepare`), not "

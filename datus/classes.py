@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from datus.errors import ConfigurationError
+from datus.io import open_regular
 from datus.run import CLASSES_FILE
 
 CLASSES_SEARCH_DEPTH = 3
@@ -35,7 +36,8 @@ def read_classes_file(path: Path) -> tuple[list[str], int | None]:
         ConfigurationError: the file is not JSON or has no list of class names.
     """
     try:
-        described = json.loads(Path(path).read_text(encoding="utf-8"))
+        with open_regular(Path(path)) as stream:
+            described = json.loads(stream.read().decode("utf-8"))
     except (OSError, ValueError) as error:
         raise ConfigurationError(f"{path}: not a readable classes.json ({error}); fix or remove it") from None
     names = described.get("classes") if isinstance(described, dict) else None

@@ -162,6 +162,7 @@ def _saved_settings(run_dir: Path) -> dict[str, dict[str, Any]]:
     import yaml
 
     from datus.crf import CRFParams
+    from datus.io import open_regular
     from datus.run import CONFIG_FILE
     from datus.settings import ClusterSettings, EvaluationSettings
 
@@ -169,7 +170,8 @@ def _saved_settings(run_dir: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with open_regular(path) as stream:
+            saved = yaml.safe_load(stream.read().decode("utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise ConfigurationError(f"{path} is damaged ({error}); delete it to use the default settings") from error
     sections = {}

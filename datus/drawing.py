@@ -50,9 +50,14 @@ def fit_text(text: str, font: Any, width: int) -> str:
     """``text``, cut with ``...`` so that it fits ``width`` pixels (long image ids, many classes)."""
     if text_width(text, font) <= width:
         return text
-    while text and text_width(text + "...", font) > width:
-        text = text[:-1]
-    return text + "..."
+    fits, too_long = 0, len(text)  # prefixes only grow wider: bisect, so a long id costs log n measurements
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        if text_width(text[:middle] + "...", font) <= width:
+            fits = middle
+        else:
+            too_long = middle
+    return text[:fits] + "..."
 
 
 def palette(num_colours: int) -> np.ndarray:

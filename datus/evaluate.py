@@ -23,7 +23,7 @@ from datus.classes import CLASSES_SEARCH_DEPTH, find_classes_file, read_classes_
 from datus.crf import CRFJob, CRFParams, refine_many, require_densecrf
 from datus.drawing import save_confusion_png
 from datus.errors import ConfigurationError
-from datus.io import IMAGE_EXTENSIONS, TEMPORARY_NAME, UnreadableFile, read_label_png, write_json, write_text
+from datus.io import IMAGE_EXTENSIONS, TEMPORARY_NAME, UnreadableFile, open_regular, read_label_png, write_json, write_text
 from datus.metric import MatchedSegmentationMetric
 from datus.metrics import format_table
 from datus.run import CLASSES_FILE, CONFUSION_FILE, METRICS_FILE, METRICS_TABLE
@@ -315,7 +315,8 @@ def _check_output_dir(output_dir: Path, pred_dir: Path, gt_dir: Path) -> None:
 
 def _is_evaluation(path: Path) -> bool:
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path) as stream:
+            content = json.loads(stream.read().decode("utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(content, dict) and "protocols" in content and "gt_dir" in content

@@ -18,11 +18,12 @@ import json
 import os
 import re
 import secrets
+import stat
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -61,6 +62,40 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 class UnreadableFile(ValueError):
     """An input file could not be decoded; the message names it and says why."""
+
+
+class NotRegularFile(OSError):
+    """A path that is not a regular file: a FIFO, device or socket would block or never end."""
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading, refusing anything but a regular file without ever blocking.
+
+    Every file datus reads (images, masks, shards, its own run files) goes through here: a path
+    that became a FIFO would otherwise hang ``open()`` for ever, and a device never ends.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise NotRegularFile(f"{path} is not a regular file (a FIFO, device or socket); datus reads only regular files")
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Refuse an image above :data:`MAX_IMAGE_PIXELS`, the one limit that reading images and shards share.
+
+    PIL refuses only above twice its own limit and merely warns between, so an image of 250-500
+    MP would be predicted, then refused by the shard reader, and block the run for good.
+    """
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UnreadableFile(
+            f"{width} x {height} is above {MAX_IMAGE_PIXELS} pixels, the largest image datus reads; tile or "
+            "downscale it to include it"
+        )
 
 
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
@@ -176,7 +211,8 @@ def write_npy(destination: Path, array: np.ndarray) -> None:
 def read_json(path: Path) -> Any:
     """Parse a JSON file datus wrote earlier; a damaged one names itself and the fix."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        with open_regular(path) as stream:
+            return json.loads(stream.read().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UnreadableFile(f"{path} is damaged ({error}); delete it and run the command again") from error
 
@@ -188,7 +224,8 @@ def read_label_png(path: Path) -> np.ndarray:
     costs 250 MB, not the 2 GB of int64; callers widen small blocks when they compute.
     """
     try:
-        with Image.open(path) as image:
+        with open_regular(path) as stream, Image.open(stream) as image:
+            check_pixels(*image.size)
             if image.mode not in ("L", "P", "I;16", "I", "1"):
                 raise UnreadableFile(
                     f"{path}: expected a single-channel label map (mode L, P or I;16), got mode "
@@ -223,8 +260,9 @@ def load_rgb(path: Path, min_side: int | None = None) -> tuple[Image.Image, tupl
     palette and alpha images are flattened on black; CMYK is converted.
     """
     try:
-        with Image.open(path) as image:
+        with open_regular(path) as stream, Image.open(stream) as image:
             width, height = image.size
+            check_pixels(width, height)
             transposed = image.getexif().get(0x0112) in (5, 6, 7, 8)
             full_size = (width, height) if transposed else (height, width)
             if min_side is not None and width * height > REDUCE_ABOVE_PIXELS:
@@ -234,6 +272,8 @@ def load_rgb(path: Path, min_side: int | None = None) -> tuple[Image.Image, tupl
                 image = image.reduce(factor) if factor > 1 else image
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image), full_size
+    except UnreadableFile:
+        raise
     except (*DECODE_ERRORS, MemoryError) as error:
         raise UnreadableFile(decode_reason(error)) from error
 

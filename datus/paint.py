@@ -17,7 +17,16 @@ import numpy as np
 from PIL import Image
 
 from datus.drawing import colourise, overlay, palette_picture, segment_outlines
-from datus.io import DECODE_ERRORS, PICTURE_COMPRESSION, UnreadableFile, load_rgb, write_image, write_jpeg, write_png
+from datus.io import (
+    DECODE_ERRORS,
+    PICTURE_COMPRESSION,
+    UnreadableFile,
+    load_rgb,
+    open_regular,
+    write_image,
+    write_jpeg,
+    write_png,
+)
 from datus.records import ImageRecord
 from datus.run import COLOUR, MASKS, OVERLAY, SEGMENTS, Results
 
@@ -69,7 +78,7 @@ def is_mask_of(path: Path, record: ImageRecord) -> bool:
     replaced file) is painted again rather than read by the colour pass. Only the header is read.
     """
     try:
-        with Image.open(path) as stored:
+        with open_regular(path) as stream, Image.open(stream) as stored:
             return stored.mode in ("L", "I;16") and (stored.height, stored.width) == record.orig_size
     except DECODE_ERRORS:
         return False
@@ -117,7 +126,7 @@ def write_colour_files(results: Results, image_id: str, image_path: str, table: 
     proportionally smaller ones (nearest neighbour for the labels); the label mask itself is
     always full size.
     """
-    with Image.open(results.image_file(MASKS, image_id)) as stored:
+    with open_regular(results.image_file(MASKS, image_id)) as stream, Image.open(stream) as stored:
         full = (stored.height, stored.width)
         target = picture_size(full)
         labels = np.asarray(stored.resize(target, Image.Resampling.NEAREST) if stored.size != target else stored)

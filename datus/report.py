@@ -45,7 +45,7 @@ from datus.drawing import (
 )
 from datus.errors import ConfigurationError
 from datus.classes import find_classes_file, read_classes_file
-from datus.io import UnreadableFile, load_rgb, read_json, read_label_png, write_image
+from datus.io import UnreadableFile, load_rgb, open_regular, read_json, read_label_png, write_image
 from datus.paint import outline_picture
 from datus.records import ImageRecord, segment_keys
 from datus.run import CLASSES_FILE, CONFUSION_FILE, MANIFEST_FILE, MASKS, METRICS_FILE, REPORT_FILE, Results, Run
@@ -167,14 +167,14 @@ def _listed_ids(results: Results) -> Iterator[str] | None:
     """
     path = results.file(MANIFEST_FILE)
     try:
-        with path.open(encoding="utf-8") as stream:
-            json.loads(stream.readline())["image_id"]
+        with open_regular(path) as stream:
+            json.loads(stream.readline().decode("utf-8"))["image_id"]
     except (ValueError, KeyError, TypeError, OSError):
         return None
 
     def lines() -> Iterator[str]:
         try:
-            with path.open(encoding="utf-8") as stream:
+            with open_regular(path) as stream:
                 for line in stream:
                     if line.strip():
                         yield str(json.loads(line)["image_id"])
@@ -349,7 +349,7 @@ def _ground_truth_tile(record: ImageRecord, facts: _RunFacts, class_count: int, 
 
 def _label_thumbnail(path: Path, size: tuple[int, int]) -> np.ndarray:
     """A label map shrunk by PIL with nearest neighbour before it becomes an array (huge maps stay cheap)."""
-    with Image.open(path) as stored:
+    with open_regular(path) as stream, Image.open(stream) as stored:
         if stored.mode not in ("L", "P", "I;16", "I", "1"):
             raise ValueError(f"{path}: not a single-channel label map (mode {stored.mode})")
         return np.asarray(stored.resize(size, Image.Resampling.NEAREST))
@@ -398,7 +398,7 @@ def _row_tiles(
 def _open_rgb(path: Path) -> Image.Image | None:
     if not path.is_file():
         return None
-    with Image.open(path) as stored:
+    with open_regular(path) as stream, Image.open(stream) as stored:
         return stored.convert("RGB")
 
 

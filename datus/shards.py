@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from datus.errors import ConfigurationError
-from datus.io import MAX_IMAGE_PIXELS, atomic_path, write_npz
+from datus.io import MAX_IMAGE_PIXELS, atomic_path, open_regular, write_npz
 from datus.records import ImageRecord, segment_keys
 from datus.run import check_image_id
 
@@ -58,7 +58,7 @@ def write_shard(path: Path, records: Sequence[ImageRecord]) -> None:
 def _load(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """The arrays ``keys`` (all required) and those of ``optional`` that the shard holds."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open_regular(path) as stream, np.load(stream, allow_pickle=False) as data:
             missing = [key for key in keys if key not in data.files]
             if missing:
                 raise ShardError(_damaged(path, f"it lacks {', '.join(missing)}"))

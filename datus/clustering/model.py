@@ -25,7 +25,7 @@ from datus.clustering.kernels import (
     squared_distances,
     squared_norms,
 )
-from datus.io import read_json, write_json, write_npy
+from datus.io import open_regular, read_json, write_json, write_npy
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.json"
@@ -229,10 +229,10 @@ class ClusterModel:
                 raise ValueError(f"format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
             pca_mean = pca_components = None
             if meta["pca_components"] is not None:
-                pca_mean = np.load(directory / PCA_MEAN_FILE, allow_pickle=False)
-                pca_components = np.load(directory / PCA_COMPONENTS_FILE, allow_pickle=False)
+                pca_mean = _read_npy(directory / PCA_MEAN_FILE)
+                pca_components = _read_npy(directory / PCA_COMPONENTS_FILE)
             model = cls(
-                centroids=np.load(directory / CENTROIDS_FILE, allow_pickle=False),
+                centroids=_read_npy(directory / CENTROIDS_FILE),
                 pca_mean=pca_mean,
                 pca_components=pca_components,
                 engine=str(meta["engine"]),
@@ -264,3 +264,8 @@ class ClusterModel:
                 "use embeddings from the same backbone the clusters were fitted on"
             )
 
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    with open_regular(path) as stream:
+        return np.load(stream, allow_pickle=False)

@@ -1,0 +1,109 @@
+"""Hostile inputs that used to block, hang or be dropped in silence (issue: reliability).
+
+Each test builds the case and fails on the code before the fix: an image between PIL's limit
+and twice it, a path that became a FIFO, a symbolically linked sub-folder, a thousand-character
+image id in captions, a manifest pointing outside its run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datus.cli import main
+from datus.drawing import fit_text, font_of, text_width
+from tests.generated import REPO, TINY
+
+pytestmark = pytest.mark.integration
+
+
+def _photos(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
+        pixels[:, 40:] //= 3
+        Image.fromarray(pixels).save(folder / f"photo{index}.png")
+    return folder
+
+
+def _predict(images: Path, output_dir: Path) -> None:
+    main(["predict", "--config", TINY, "--data.root", str(images), "--output_dir", str(output_dir),
+          "--trainer.enable_progress_bar", "false", "--cluster.num_clusters", "2"])  # fmt: skip
+
+
+def test_an_image_above_the_pixel_limit_is_skipped_and_the_run_stays_usable(tmp_path: Path) -> None:
+    """16000 x 16000 (256 MP) lies between PIL's limit and twice it, where PIL only warns: it was
+    predicted, then every later predict and cluster refused the shard that held it."""
+    images = _photos(tmp_path / "images", 3)
+    Image.new("1", (16000, 16000)).save(images / "huge.png")
+    run = tmp_path / "run"
+    _predict(images, run)
+    skipped = json.loads((run / "skipped.json").read_text())
+    assert [Path(entry["path"]).name for entry in skipped] == ["huge.png"]
+    assert "above 250000000 pixels" in skipped[0]["reason"]
+    _predict(images, run)  # a rerun reads every shard again
+    main(["cluster", "--run", str(run), "--cluster.num_clusters", "2"])
+    assert len((run / "manifest.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_fifo_never_hangs_a_run(tmp_path: Path) -> None:
+    """A recorded image replaced by a FIFO (and a FIFO named like an image from the start): the run
+    and its rerun finish, and the FIFO is listed as skipped with a reason."""
+    images = _photos(tmp_path / "images", 3)
+    os.mkfifo(images / "pipe.jpg")
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "datus", "predict", "--config", TINY, "--data.root", str(images),
+               "--output_dir", str(run), "--trainer.enable_progress_bar", "false", "--cluster.num_clusters", "2"]  # fmt: skip
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    finished = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    skipped = json.loads((run / "skipped.json").read_text())
+    assert [Path(entry["path"]).name for entry in skipped] == ["pipe.jpg"] and "not a regular file" in skipped[0]["reason"]
+    (images / "photo1.png").unlink()
+    os.mkfifo(images / "photo1.png")  # the overlay of a recorded image now opens a FIFO
+    shutil.rmtree(run / "overlay")
+    finished = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert not (run / "overlay" / "photo1.jpg").exists() and (run / "overlay" / "photo0.jpg").is_file()
+
+
+def test_symlinked_sub_folders_are_read_once_and_loops_end(tmp_path: Path) -> None:
+    outside = _photos(tmp_path / "elsewhere", 2)
+    images = _photos(tmp_path / "images", 1)
+    (images / "linked").symlink_to(outside, target_is_directory=True)
+    (images / "linked_again").symlink_to(outside, target_is_directory=True)
+    (images / "loop").symlink_to(images, target_is_directory=True)
+    run = tmp_path / "run"
+    _predict(images, run)
+    ids = sorted(json.loads(line)["image_id"] for line in (run / "manifest.jsonl").read_text().splitlines())
+    assert ids == ["linked/photo0", "linked/photo1", "photo0"]
+
+
+def test_captions_of_long_ids_cost_time_linear_in_the_name() -> None:
+    font = font_of(10)
+    name = "x" * 4000
+    started = time.perf_counter()
+    cut = fit_text(name, font, 120)
+    assert time.perf_counter() - started < 1.0  # was ~60 s for one 4000-character id
+    assert cut.endswith("...") and text_width(cut, font) <= 120
+    assert text_width(cut[:-3] + "x...", font) > 120  # the longest prefix that fits
+
+
+def test_a_manifest_pointing_outside_its_run_is_refused(tmp_path: Path) -> None:
+    from datamodules.pseudo import read_manifest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.jsonl").write_text(json.dumps({"image_id": "a", "image": "/x/a.jpg", "mask": "../../etc/passwd"}) + "\n")
+    with pytest.raises(ValueError, match="lies outside"):
+        read_manifest(run)
