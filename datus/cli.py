@@ -12,6 +12,7 @@ import argparse
 import atexit
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -387,13 +388,40 @@ def console_main(process_starting: bool = False) -> None:
     process such as a test: ``predict`` then starts its Louvain worker during its imports, and
     after success the process exits without the interpreter's teardown.
     """
+    if process_starting:
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, _raise_interrupted)
     try:
         main(process_starting=process_starting)
     except ConfigurationError as error:
         print(f"datus: error: {one_line(str(error))}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Interrupted as interrupted:
+        name = signal.Signals(interrupted.signal_number).name
+        print(f"datus: interrupted by {name}: rerun the same command to resume", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + interrupted.signal_number)  # pools are shut down; skip a teardown that may wait on threads
     if process_starting:
         _exit_without_teardown()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""What a user (Ctrl-C), ``kill``, ``docker stop`` and SLURM send to stop a job."""
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived: unwinds like KeyboardInterrupt (every ``finally`` runs, pools stop),
+    but is not one, so Lightning re-raises it instead of calling ``exit(1)``."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+def _raise_interrupted(signal_number: int, frame: Any) -> None:
+    for stop in STOP_SIGNALS:  # a second signal while unwinding must not interrupt the clean-up
+        signal.signal(stop, signal.SIG_IGN)
+    raise Interrupted(signal_number)
 
 
 def start() -> None:

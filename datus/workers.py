@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import threading
 import time
 
@@ -48,11 +49,14 @@ PARENT_CHECK_SECONDS = 0.5
 
 
 def exit_with_parent(parent: int) -> None:
-    """Worker initializer: end this worker when its parent process is gone.
+    """Worker initializer: end this worker when its parent process is gone; leave Ctrl-C to the parent.
 
     A parent killed outright (SIGKILL, the OOM killer, a pre-empted job) cannot shut its pool
-    down, and an idle worker would otherwise wait on its queue for ever.
+    down, and an idle worker would otherwise wait on its queue for ever. Ctrl-C reaches every
+    process of the terminal's group: the parent stops its pools, and a worker that raised
+    KeyboardInterrupt itself would only print a traceback.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -387,9 +388,13 @@ def stream_sum(data: Rows, function: Callable[[Tensor], Tensor], zero: Tensor, e
     starts = list(range(0, len(data), rows))
     threads = max(1, min(available_cores() if data.device.type == "cpu" else 1, len(starts)))
 
+    stop = threading.Event()  # set when the caller stops (an error, a signal): threads end after their chunk
+
     def part(first: int) -> Tensor:
         total = zero.clone()
         for start in starts[first::threads]:
+            if stop.is_set():
+                break
             total += function(data.block(start, start + rows))
         return total
 
@@ -399,7 +404,12 @@ def stream_sum(data: Rows, function: Callable[[Tensor], Tensor], zero: Tensor, e
     torch.set_num_threads(1)  # torch's own pool would fight these threads for the same cores
     try:
         with ThreadPoolExecutor(threads) as pool:
-            partials = list(pool.map(part, range(threads)))
+            futures = [pool.submit(part, first) for first in range(threads)]
+            try:
+                partials = [future.result() for future in futures]
+            except BaseException:
+                stop.set()
+                raise
     finally:
         torch.set_num_threads(previous)
     return functools.reduce(torch.add, partials)

@@ -166,3 +166,46 @@ def process_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in state
+
+
+@pytest.mark.parametrize(
+    ("moment", "stop"), [("prediction", signal.SIGTERM), ("painting", signal.SIGTERM), ("prediction", signal.SIGINT)]
+)
+def test_a_stop_signal_ends_promptly_with_one_line_and_the_rerun_resumes(
+    images: Path, uninterrupted: Path, tmp_path: Path, moment: str, stop: signal.Signals
+) -> None:
+    """``kill``, ``docker stop`` and SLURM send SIGTERM, Ctrl-C sends SIGINT to the whole process
+    group (workers included): exit 128 + signal within seconds, one line, no traceback, no worker
+    left behind, and the same command then finishes as if never stopped."""
+    shards, masks = tmp_path / "shards", tmp_path / "masks"
+    ready = {
+        "prediction": lambda: shards.is_dir() and len(list(shards.glob("rank*.npz"))) >= 3,
+        "painting": lambda: masks.is_dir() and any(masks.iterdir()),
+    }[moment]
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "datus", *arguments(images, tmp_path)],
+        cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not ready():
+        assert process.poll() is None, "the run ended before the moment to stop it came"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    children = _children(process.pid)
+    stopped_at = time.monotonic()
+    if stop == signal.SIGINT:
+        os.killpg(process.pid, stop)  # as a terminal's Ctrl-C: every process of the group
+    else:
+        process.send_signal(stop)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + stop, stderr[-2000:]
+    assert time.monotonic() - stopped_at < 15
+    assert "Traceback" not in stderr
+    assert f"datus: interrupted by {stop.name}: rerun the same command to resume" in stderr
+    deadline = time.monotonic() + 10
+    while any(process_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(process_alive(pid) for pid in children)
+    main(arguments(images, tmp_path))
+    assert_same_results(tmp_path, uninterrupted)
