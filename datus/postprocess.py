@@ -108,12 +108,12 @@ def postprocess(
     """
     crf = crf or CRFParams()
     shards = run.shards()
+    input_skipped = (prediction or PredictionLog.read(run)).skipped  # datus cluster: the last prediction's
+    if collective.is_main:  # written first: a stage that refuses (K too high...) still leaves the list
+        write_json(run.file(SKIPPED_FILE), input_skipped)
     if not shards:
-        skipped = (prediction or PredictionLog()).skipped
-        if collective.is_main:
-            write_json(run.file(SKIPPED_FILE), skipped)
         raise ConfigurationError(
-            f"no image of the input could be used ({len(skipped)} skipped, reasons in {run.file(SKIPPED_FILE)}); "
+            f"no image of the input could be used ({len(input_skipped)} skipped, reasons in {run.file(SKIPPED_FILE)}); "
             "point --data.root at readable images"
         )
     own = shards[collective.rank :: collective.world_size]
@@ -137,7 +137,9 @@ def postprocess(
         earlier = read_metrics(results.file(METRICS_FILE), cluster.num_clusters) if classes is not None else None
         unchanged = _unchanged(run, results, cluster, previous, identity, earlier, classes is not None) if collective.is_main else None
         if collective.agree(unchanged is not None):
-            return _describe_again(run, results, unchanged, earlier, classes.names if classes else None, prediction, seconds)
+            return _describe_again(
+                run, results, unchanged, earlier, classes.names if classes else None, prediction, input_skipped, seconds
+            )
 
         reuse = previous.get("masks") == identity
         if collective.is_main:  # a pass killed midway must not pass for a finished one
@@ -198,7 +200,7 @@ def postprocess(
         class_names = classes.names if classes is not None else None
         table = colour_table(cluster.num_clusters, classes.num_classes if classes else 0, mapping)
         gathered = collective.gather_to_main((counts, candidates))
-        skipped = (prediction.skipped if prediction else []) + (scorer.skipped if scorer else [])
+        skipped = input_skipped + (scorer.skipped if scorer else [])
         summary: dict[str, Any] = {}
         drawings: dict[str, Future[float]] = {}
         with ThreadPoolExecutor(2) as beside_colour:  # their decoding and encoding leave the GIL to the colour pass
@@ -351,6 +353,7 @@ def _describe_again(
     metrics: dict[str, Any] | None,
     class_names: list[str] | None,
     prediction: PredictionLog | None,
+    input_skipped: list[dict[str, str]],
     seconds: dict[str, float],
 ) -> Outcome:
     """A rerun with nothing to do: the earlier results, with this invocation's facts (rank 0 writes them)."""
@@ -364,7 +367,7 @@ def _describe_again(
         for entry in earlier.get("skipped", [])
         if isinstance(entry, dict) and isinstance(entry.get("path"), str) and str(entry.get("reason")).startswith("not scored")
     ]
-    summary = write_summary(run, results, facts, (prediction.skipped if prediction else []) + scoring_skips)
+    summary = write_summary(run, results, facts, input_skipped + scoring_skips)
     return Outcome(summary, metrics, class_names, seconds)
 
 

@@ -89,7 +89,13 @@ class DatusCLI(LightningCLI):
         check_loader_options(self.config.data.batch_size, self.config.data.num_workers)
 
     def after_instantiate_classes(self) -> None:
-        """Refuse centroids that cannot label this run's segments before predicting any image."""
+        """Refuse cluster settings that cannot fit this model's embeddings before predicting any image."""
+        pca = self.cluster_settings.pca_components
+        if pca is not None and pca > self.model.embedding_dim:
+            raise ConfigurationError(
+                f"--cluster.pca_components {pca} is more than the {self.model.embedding_dim} dimensions of "
+                f"{self.model.describe()['backbone']}'s segment embeddings; pass at most {self.model.embedding_dim} or null"
+            )
         if self.cluster_settings.centroids is not None:
             applied_model(
                 Path(self.cluster_settings.centroids),

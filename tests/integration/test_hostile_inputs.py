@@ -107,3 +107,28 @@ def test_a_manifest_pointing_outside_its_run_is_refused(tmp_path: Path) -> None:
     (run / "manifest.jsonl").write_text(json.dumps({"image_id": "a", "image": "/x/a.jpg", "mask": "../../etc/passwd"}) + "\n")
     with pytest.raises(ValueError, match="lies outside"):
         read_manifest(run)
+
+
+def test_skips_are_listed_when_k_is_too_high_and_by_the_cluster_command_that_finishes(tmp_path: Path) -> None:
+    from datus.errors import ConfigurationError
+
+    images = _photos(tmp_path / "images", 3)
+    (images / "broken.jpg").write_text("not an image")
+    run = tmp_path / "run"
+    with pytest.raises(ConfigurationError, match="more than the"):
+        main(["predict", "--config", TINY, "--data.root", str(images), "--output_dir", str(run),
+              "--trainer.enable_progress_bar", "false", "--cluster.num_clusters", "500"])  # fmt: skip
+    assert [Path(entry["path"]).name for entry in json.loads((run / "skipped.json").read_text())] == ["broken.jpg"]
+    main(["cluster", "--run", str(run), "--cluster.num_clusters", "2"])
+    summary = json.loads((run / "clusters" / "k2" / "summary.json").read_text())
+    assert [Path(entry["path"]).name for entry in summary["skipped"]] == ["broken.jpg"]
+
+
+def test_pca_wider_than_the_embeddings_is_refused_before_any_image_is_predicted(tmp_path: Path) -> None:
+    from datus.errors import ConfigurationError
+
+    images = _photos(tmp_path / "images", 2)
+    with pytest.raises(ConfigurationError, match="--cluster.pca_components 4096 is more than the 48 dimensions"):
+        main(["predict", "--config", TINY, "--data.root", str(images), "--output_dir", str(tmp_path / "run"),
+              "--cluster.pca_components", "4096"])  # fmt: skip
+    assert not (tmp_path / "run" / "shards").exists()
