@@ -83,6 +83,22 @@ def _resize_nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(resized).astype(np.int64)
 
 
+MAX_CONFUSION_CELLS = 1 << 27
+"""Most counts of the pooled (2, K + 1, C) matrix (1 GiB of int64): K x C near 65535^2 would need 68 GB."""
+
+
+def _check_cells(num_clusters: int, num_classes: int, source: Path | None = None) -> None:
+    """Refuse a K x C whose confusion matrix does not fit in memory, naming where K came from."""
+    cells = 2 * (num_clusters + 1) * num_classes
+    if cells > MAX_CONFUSION_CELLS:
+        where = f" (the prediction {source} holds the id {num_clusters - 1})" if source is not None else ""
+        raise ConfigurationError(
+            f"{num_clusters} clusters x {num_classes} classes{where} need {cells} counts, more than the "
+            f"{MAX_CONFUSION_CELLS} datus keeps in memory; check --num_classes and that the predictions are label maps "
+            "of cluster ids, not images"
+        )
+
+
 def _read_labels(path: Path, role: str) -> np.ndarray:
     """A label map, or one line naming the file when it is truncated or not a label image."""
     try:
@@ -228,6 +244,7 @@ def evaluate_folders(
             )
     if num_classes > MAX_LABELS or (num_clusters or 0) > MAX_LABELS:
         raise ConfigurationError(f"--num_classes and --num_clusters must be at most {MAX_LABELS}, got {num_classes} and {num_clusters}")
+    _check_cells(num_clusters or 1, num_classes)
     # Without an explicit K, start small and grow as larger ids show up: one pass over the files.
     try:
         metric = MatchedSegmentationMetric(num_clusters if num_clusters is not None else 1, num_classes, ignore_index)
@@ -246,6 +263,7 @@ def evaluate_folders(
                 if needed > MAX_LABELS:
                     raise ValueError(f"holds the id {needed - 1}; label maps hold at most {MAX_LABELS} ids")
                 if needed > metric.num_clusters:
+                    _check_cells(needed, num_classes, pred_path)
                     metric = metric.expanded(needed)
             metric.update(torch.from_numpy(preds), torch.from_numpy(target))
         except ValueError as error:

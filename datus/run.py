@@ -73,6 +73,10 @@ _MAX_NAME_BYTES = 200
 _CUT_NAME_BYTES = 180
 """Where a long name is cut, leaving room for the suffixes that make ids unique (``_jpg``, ``_2``)."""
 
+_MAX_ID_BYTES = 1024
+"""Longest whole id: an output path (run folder, ``clusters/k<K>/overlay/``, id, suffix) then stays far
+below the 4096 bytes of PATH_MAX however deep the input tree is."""
+
 _OUTPUT_SUFFIX = re.compile(r"\.(png|jpg)$", re.IGNORECASE)
 """A folder named like an output file (``a.png/``) would collide with the output of ``a.jpg``."""
 
@@ -83,7 +87,8 @@ def image_id_for(relative_path: Path) -> str:
     Folders are kept, so outputs mirror the input tree. Characters that are illegal on common
     file systems, control characters and undecodable bytes become ``_``; a component longer
     than :data:`_CUT_NAME_BYTES` bytes is cut and given a hash of its full name, so that any
-    legal input name maps to an output name every file system accepts; a folder named like an
+    legal input name maps to an output name every file system accepts; an id longer than
+    :data:`_MAX_ID_BYTES` keeps its leading folders that fit and ends in a hash of the whole path; a folder named like an
     output file (``x.png``) gets a trailing ``_``. The manifest keeps the original path.
     """
     parts = []
@@ -98,6 +103,15 @@ def image_id_for(relative_path: Path) -> str:
             digest = hashlib.sha1(part.encode("utf-8", "surrogateescape")).hexdigest()[:10]
             safe = safe.encode("utf-8")[: _CUT_NAME_BYTES - 11].decode("utf-8", "ignore") + "~" + digest
         parts.append(safe)
+    if len("/".join(parts).encode("utf-8")) > _MAX_ID_BYTES:  # a deep tree: keep the leading folders that fit
+        digest = hashlib.sha1(str(relative_path).encode("utf-8", "surrogateescape")).hexdigest()[:10]
+        last = parts[-1].encode("utf-8")[: _CUT_NAME_BYTES - 11].decode("utf-8", "ignore") + "~" + digest
+        kept: list[str] = []
+        for part in parts[:-1]:
+            if len("/".join([*kept, part, last]).encode("utf-8")) > _MAX_ID_BYTES:
+                break
+            kept.append(part)
+        parts = [*kept, last]
     return "/".join(parts)
 
 
@@ -114,6 +128,7 @@ def check_image_id(image_id: str, source: Path | str) -> str:
         or any(part in ("", ".", "..") for part in parts)
         or _UNSAFE_CHARACTERS.search(image_id) is not None
         or any(len(part.encode("utf-8")) > _MAX_NAME_BYTES for part in parts)
+        or len(image_id.encode("utf-8")) > _MAX_ID_BYTES + _MAX_NAME_BYTES - _CUT_NAME_BYTES
     )
     if bad:
         raise ConfigurationError(

@@ -132,3 +132,33 @@ def test_pca_wider_than_the_embeddings_is_refused_before_any_image_is_predicted(
         main(["predict", "--config", TINY, "--data.root", str(images), "--output_dir", str(tmp_path / "run"),
               "--cluster.pca_components", "4096"])  # fmt: skip
     assert not (tmp_path / "run" / "shards").exists()
+
+
+def test_an_input_tree_deeper_than_path_max_allows_for_outputs_is_painted(tmp_path: Path) -> None:
+    """A 3,800-byte relative path fits the input side of PATH_MAX but not the run's outputs: the
+    id is shortened (leading folders, then a hash), painting and its rerun finish."""
+    images = _photos(tmp_path / "images", 1)
+    deep = images
+    for level in range(19):
+        deep = deep / (f"{level:02d}" + "d" * 190)
+    deep.mkdir(parents=True)
+    Image.fromarray(np.full((64, 80, 3), 90, np.uint8)).save(deep / "leaf.png")
+    run = tmp_path / ("r" * 200) / "run"
+    _predict(images, run)
+    _predict(images, run)
+    entries = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    deep_entry = next(entry for entry in entries if entry["image"].endswith("leaf.png"))
+    assert len(deep_entry["image_id"].encode()) <= 1024 and (run / deep_entry["mask"]).is_file()
+
+
+def test_evaluate_refuses_a_confusion_matrix_that_cannot_fit_in_one_line(tmp_path: Path) -> None:
+    """K x C near 65535^2 allocated 68 GB and crashed."""
+    from datus.errors import ConfigurationError
+
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    Image.fromarray(np.full((4, 4), 65000, np.uint16)).save(tmp_path / "pred" / "a.png")
+    Image.fromarray(np.zeros((4, 4), np.uint16)).save(tmp_path / "gt" / "a.png")
+    with pytest.raises(ConfigurationError, match="65001 clusters x 60000 classes .* need .* counts"):
+        main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--num_classes", "60000",
+              "--ignore_index", "65535", "--output_dir", str(tmp_path / "out")])  # fmt: skip
