@@ -396,6 +396,23 @@ def console_main(process_starting: bool = False) -> None:
     except ConfigurationError as error:
         print(f"datus: error: {one_line(str(error))}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as error:
+        from datus.run import NOT_WRITABLE, OUT_OF_SPACE
+
+        if error.errno not in NOT_WRITABLE | OUT_OF_SPACE:
+            raise
+        from datus.io import TEMPORARY_NAME
+
+        fix = "free some space" if error.errno in OUT_OF_SPACE else "make it writable"
+        where = str(error.filename or "")
+        if TEMPORARY_NAME.fullmatch(os.path.basename(where)):  # name the folder, not datus's temporary
+            where = os.path.dirname(where)
+        where = f" in {where}" if where else ""
+        print(
+            f"datus: error: cannot write{one_line(where)}: {error.strerror}; {fix}, then rerun the same command to resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
     except Interrupted as interrupted:
         name = signal.Signals(interrupted.signal_number).name
         print(f"datus: interrupted by {name}: rerun the same command to resume", file=sys.stderr, flush=True)

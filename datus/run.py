@@ -19,6 +19,7 @@ What the folder guarantees:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -76,6 +77,10 @@ _CUT_NAME_BYTES = 180
 _MAX_ID_BYTES = 1024
 """Longest whole id: an output path (run folder, ``clusters/k<K>/overlay/``, id, suffix) then stays far
 below the 4096 bytes of PATH_MAX however deep the input tree is."""
+
+NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+"""Errors of a folder the user may not write: read-only mounts, permissions."""
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 _OUTPUT_SUFFIX = re.compile(r"\.(png|jpg)$", re.IGNORECASE)
 """A folder named like an output file (``a.png/``) would collide with the output of ``a.jpg``."""
@@ -379,11 +384,16 @@ class Run:
             stream, count = _HELD[key]
             _HELD[key] = (stream, count + 1)
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.check_links()
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.check_links()
             descriptor = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as error:
+            if error.errno in NOT_WRITABLE:
+                raise ConfigurationError(
+                    f"--output_dir {self.root} is not writable ({error.strerror}); make it writable or give another "
+                    "--output_dir"
+                ) from None
             raise ConfigurationError(f"{self.root / LOCK_FILE} cannot be opened ({error}); remove it") from None
         stream = os.fdopen(descriptor, "r+")
         try:

@@ -162,3 +162,26 @@ def test_evaluate_refuses_a_confusion_matrix_that_cannot_fit_in_one_line(tmp_pat
     with pytest.raises(ConfigurationError, match="65001 clusters x 60000 classes .* need .* counts"):
         main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--num_classes", "60000",
               "--ignore_index", "65535", "--output_dir", str(tmp_path / "out")])  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "fix"), [(13, "make it writable"), (30, "make it writable"), (28, "free some space")])
+def test_a_write_error_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], code: int, fix: str) -> None:
+    """EACCES, EROFS, ENOSPC while painting: one line, exit 1, no traceback (tests run as root, where
+    permissions never refuse, so the error is injected where a real one would come from)."""
+    from datus.cli import console_main
+
+    images = _photos(tmp_path / "images", 2)
+    run = tmp_path / "run"
+    _predict(images, run)
+    masks = run / "clusters" / "k3" / "masks"
+
+    def refuse(path: Path, *args: object) -> None:
+        raise OSError(code, os.strerror(code), str(masks / ".datus-tmp-0123456789abcdef"))
+
+    monkeypatch.setattr("datus.shard_pass.write_png", refuse)
+    monkeypatch.setattr(sys, "argv", ["datus", "cluster", "--run", str(run), "--cluster.num_clusters", "3"])
+    with pytest.raises(SystemExit) as stopped:
+        console_main()
+    assert stopped.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == f"datus: error: cannot write in {masks}: {os.strerror(code)}; {fix}, then rerun the same command to resume"
