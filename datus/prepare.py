@@ -742,6 +742,10 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     folder that holds nothing but an earlier ``datus prepare`` output, so that a mistyped path
     can never delete unrelated files.
     """
+    if out_dir.is_symlink():  # replacing it would swap the user's link for a folder
+        raise ConfigurationError(
+            f"out_dir {out_dir} is a symbolic link; give the folder it points to ({out_dir.resolve()}) or a new folder"
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigurationError(f"out_dir {out_dir} is a file; pass a folder path for the converted dataset")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):

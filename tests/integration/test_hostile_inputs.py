@@ -185,3 +185,18 @@ def test_a_write_error_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch
     assert stopped.value.code == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == f"datus: error: cannot write in {masks}: {os.strerror(code)}; {fix}, then rerun the same command to resume"
+
+
+def test_prepare_never_replaces_a_symlinked_output_folder(tmp_path: Path) -> None:
+    from datus.errors import ConfigurationError
+
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    link = tmp_path / "out"
+    link.symlink_to(target, target_is_directory=True)
+    for folder in ("images", "masks"):
+        (tmp_path / "raw" / "train_val" / folder).mkdir(parents=True)
+    with pytest.raises(ConfigurationError, match="is a symbolic link"):
+        main(["prepare", "suim", str(tmp_path / "raw"), str(link), "--overwrite"])
+    assert link.is_symlink() and (target / "notes.txt").read_text() == "mine"
