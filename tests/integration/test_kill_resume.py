@@ -49,24 +49,27 @@ def uninterrupted(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return output_dir
 
 
-def run_and_kill(images: Path, output_dir: Path, moment: Callable[[], bool]) -> list[int]:
-    """Start the CLI in a process and SIGKILL it as soon as ``moment()`` is true; its child processes then."""
+def start_run(images: Path, output_dir: Path, moment: Callable[[], bool]) -> subprocess.Popen[str]:
+    """Start the CLI in its own process group and return once ``moment()`` is true."""
     environment = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen(
         [sys.executable, "-m", "datus", *arguments(images, output_dir)],
-        cwd=REPO,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+        cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
     deadline = time.monotonic() + 240
     while not moment():
-        assert process.poll() is None, "the run ended before the moment to kill it came"
+        assert process.poll() is None, "the run ended before the moment to stop it came"
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    return process
+
+
+def run_and_kill(images: Path, output_dir: Path, moment: Callable[[], bool]) -> list[int]:
+    """Start the CLI in a process and SIGKILL it as soon as ``moment()`` is true; its child processes then."""
+    process = start_run(images, output_dir, moment)
     children = _children(process.pid)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.communicate()
     assert not (output_dir / "summary.json").exists()  # it really died before finishing
     return children
 
@@ -182,16 +185,7 @@ def test_a_stop_signal_ends_promptly_with_one_line_and_the_rerun_resumes(
         "prediction": lambda: shards.is_dir() and len(list(shards.glob("rank*.npz"))) >= 3,
         "painting": lambda: masks.is_dir() and any(masks.iterdir()),
     }[moment]
-    environment = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "datus", *arguments(images, tmp_path)],
-        cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not ready():
-        assert process.poll() is None, "the run ended before the moment to stop it came"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    process = start_run(images, tmp_path, ready)
     children = _children(process.pid)
     stopped_at = time.monotonic()
     if stop == signal.SIGINT:
