@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from datus.clustering import ClusterModel, Rows, fit_rows
+from datus.clustering.model import model_digest
 from datus.collective import Collective
 from datus.diagnostics import Stability, sampled_stability
 from datus.errors import ConfigurationError
@@ -40,9 +41,14 @@ EMBEDDING_IDENTITY = (
 
 
 def fit_identity(run: Run, settings: ClusterSettings) -> dict[str, Any]:
-    """What a fit depends on: the settings and the exact shards (a digest of names, sizes, modification times)."""
+    """What a fit depends on: the settings, the exact shards (a digest of names, sizes, modification
+    times) and, for ``--cluster.centroids``, the content of the applied model's files (the source run
+    may be re-clustered since)."""
     shards = run.shards()
-    return {"settings": settings.fit_identity(), "shards": {"count": len(shards), "digest": shards_digest(shards)}}
+    identity = {"settings": settings.fit_identity(), "shards": {"count": len(shards), "digest": shards_digest(shards)}}
+    if settings.centroids is not None:
+        identity["applied_model"] = model_digest(Path(settings.centroids))
+    return identity
 
 
 def has_fit(run: Run, settings: ClusterSettings, identity: dict[str, Any]) -> bool:

@@ -8,6 +8,7 @@ each other, since a run folder is untrusted input.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
@@ -264,6 +265,18 @@ class ClusterModel:
                 "use embeddings from the same backbone the clusters were fitted on"
             )
 
+
+
+def model_digest(directory: Path) -> str:
+    """A digest of the saved model's files (what they hold, not when they were written); "" when absent."""
+    hasher = hashlib.sha256()
+    for name in (MODEL_FILE, CENTROIDS_FILE, PCA_MEAN_FILE, PCA_COMPONENTS_FILE):
+        try:
+            with open_regular(Path(directory) / name) as stream:
+                hasher.update(name.encode() + b"\0" + stream.read())
+        except OSError:
+            hasher.update(name.encode() + b"\0missing")
+    return hasher.hexdigest()[:16]
 
 
 def _read_npy(path: Path) -> np.ndarray:

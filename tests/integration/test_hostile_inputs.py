@@ -200,3 +200,30 @@ def test_prepare_never_replaces_a_symlinked_output_folder(tmp_path: Path) -> Non
     with pytest.raises(ConfigurationError, match="is a symbolic link"):
         main(["prepare", "suim", str(tmp_path / "raw"), str(link), "--overwrite"])
     assert link.is_symlink() and (target / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_labelled_with_another_runs_centroids_follows_when_those_change(tmp_path: Path) -> None:
+    """Run B labelled with RUN_A/clusters/k2 kept A's old centroids after A was re-clustered: the
+    fit is now keyed on the content of the applied model, so B's rerun equals a fresh run."""
+    from datus.clustering import ClusterModel
+    from datus.io import read_label_png
+
+    source = tmp_path / "a"
+    _predict(_photos(tmp_path / "images_a", 3), source)
+    images_b = _photos(tmp_path / "images_b", 2)
+    centroids = source / "clusters" / "k2"
+
+    def label(output_dir: Path) -> None:
+        main(["predict", "--config", TINY, "--data.root", str(images_b), "--output_dir", str(output_dir),
+              "--trainer.enable_progress_bar", "false", "--cluster.num_clusters", "2", "--cluster.centroids", str(centroids)])  # fmt: skip
+
+    label(tmp_path / "b")
+    before = read_label_png(tmp_path / "b" / "masks" / "photo0.png")
+    model = ClusterModel.load(centroids)
+    model.centroids = model.centroids[::-1].copy()  # A re-clustered: same clusters, other ids
+    model.save(centroids)
+    label(tmp_path / "b")
+    label(tmp_path / "fresh")
+    after = read_label_png(tmp_path / "b" / "masks" / "photo0.png")
+    assert np.array_equal(after, read_label_png(tmp_path / "fresh" / "masks" / "photo0.png"))
+    assert np.array_equal(after, 1 - before)
