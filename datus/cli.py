@@ -389,6 +389,8 @@ def console_main(process_starting: bool = False) -> None:
     after success the process exits without the interpreter's teardown.
     """
     if process_starting:
+        global _command_pid
+        _command_pid = os.getpid()
         for stop in STOP_SIGNALS:
             signal.signal(stop, _raise_interrupted)
     try:
@@ -435,7 +437,17 @@ class Interrupted(BaseException):
         self.signal_number = signal_number
 
 
+_command_pid: int | None = None
+"""The datus command's own process; forked children (data loader workers) inherit the handler, not the role."""
+
+
 def _raise_interrupted(signal_number: int, frame: Any) -> None:
+    if os.getpid() != _command_pid:  # a forked worker: behave as if no handler were set
+        if signal_number == signal.SIGINT:
+            raise KeyboardInterrupt  # torch's loader workers end quietly on it
+        signal.signal(signal_number, signal.SIG_DFL)
+        os.kill(os.getpid(), signal_number)
+        return
     for stop in STOP_SIGNALS:  # a second signal while unwinding must not interrupt the clean-up
         signal.signal(stop, signal.SIG_IGN)
     raise Interrupted(signal_number)

@@ -17,7 +17,7 @@ from datus.errors import one_line
 from datus.io import UnreadableFile, json_text, read_json, write_json, write_lines
 from datus.metrics import format_table
 from datus.run import CLASSES_FILE, IMAGE_FOLDERS, MANIFEST_FILE, MASKS, SKIPPED_FILE, SUMMARY_FILE, Results, Run
-from datus.shards import check_unique_ids, read_image_paths
+from datus.shards import read_image_paths
 
 
 @dataclass
@@ -73,7 +73,6 @@ def write_dataset_files(
         },
     )
     write_lines(results.file(MANIFEST_FILE), _manifest_lines(run.shards(), results))
-    check_unique_ids(run.shards())
 
 
 def _manifest_lines(shards: Sequence[Path], results: Results) -> Iterator[str]:

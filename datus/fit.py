@@ -94,7 +94,7 @@ def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective, ide
                 assert rows is not None
                 _check_enough_segments(run, settings, len(rows))
                 model = _fit_or_refuse(lambda: fit_rows(rows, settings))
-            except ConfigurationError as refused:
+            except Exception as refused:  # any failure: the other ranks must not wait for a model for ever
                 error = refused
         if collective.agree(error is not None):
             raise error or ConfigurationError("clustering failed on rank 0; see its message")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 
 def _current_umask() -> int:
@@ -175,18 +175,29 @@ PICTURE_COMPRESSION = 1
 times faster to encode than zlib's default 6, for files 10-20 % larger. Label maps keep 6."""
 
 
-def write_png(destination: Path, array: np.ndarray, compress_level: int = 6) -> None:
+PNG_NOTE = "datus"
+"""Key of the PNG text chunk in which a mask names what it was painted from (read with the header)."""
+
+
+def write_png(destination: Path, array: np.ndarray, compress_level: int = 6, note: str | None = None) -> None:
     """Write a uint8/uint16 label map (H x W) or an RGB image (H x W x 3) as PNG, atomically.
 
     Label maps compress best at the default; pass :data:`PICTURE_COMPRESSION` for pictures.
+    ``note`` goes to a text chunk before the pixels (:data:`PNG_NOTE`), readable without decoding.
     """
     image = Image.fromarray(np.ascontiguousarray(array))  # uint16 becomes a 16-bit greyscale PNG
-    write_image(destination, image, compress_level)
+    write_image(destination, image, compress_level, note)
 
 
-def write_image(destination: Path, image: Image.Image, compress_level: int = PICTURE_COMPRESSION) -> None:
+def write_image(
+    destination: Path, image: Image.Image, compress_level: int = PICTURE_COMPRESSION, note: str | None = None
+) -> None:
     """Write a PIL image (a picture, unless told otherwise) as PNG, atomically."""
-    _write_with(destination, lambda stream: image.save(stream, format="PNG", compress_level=compress_level))
+    info = None
+    if note is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PNG_NOTE, note)
+    _write_with(destination, lambda stream: image.save(stream, format="PNG", compress_level=compress_level, pnginfo=info))
 
 
 def write_jpeg(destination: Path, array: np.ndarray, quality: int = 90) -> None:

@@ -1,17 +1,14 @@
 """Stage 7: segment labels to full-size masks, segment maps, colour masks and overlays.
 
 Every file goes through :class:`datus.run.Results`, which checks that its path stays inside the
-results folder. Encoding runs in a few threads (PIL and zlib release the GIL) with a bounded
-queue, so memory stays flat however many images there are.
+results folder. The functions here work on one image; :mod:`datus.shard_pass` runs them shard by
+shard in worker processes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -20,6 +17,7 @@ from datus.drawing import colourise, overlay, palette_picture, segment_outlines
 from datus.io import (
     DECODE_ERRORS,
     PICTURE_COMPRESSION,
+    PNG_NOTE,
     UnreadableFile,
     load_rgb,
     open_regular,
@@ -28,7 +26,7 @@ from datus.io import (
     write_png,
 )
 from datus.records import ImageRecord
-from datus.run import COLOUR, MASKS, OVERLAY, SEGMENTS, Results
+from datus.run import COLOUR, MASKS, OVERLAY, Results
 
 log = logging.getLogger(__name__)
 
@@ -71,46 +69,20 @@ def noise_of(record: ImageRecord) -> np.ndarray:
     return upsample_nearest(record.is_noise[record.segment_map], record.orig_size)
 
 
-def is_mask_of(path: Path, record: ImageRecord) -> bool:
+def is_mask_of(path: Path, record: ImageRecord, note: str | None = None) -> bool:
     """Whether ``path`` holds a label map of ``record``'s size, as painting writes them.
 
-    A rerun reuses a mask only then: anything else at its place (a damaged, truncated or
-    replaced file) is painted again rather than read by the colour pass. Only the header is read.
+    A rerun reuses a mask only then, and, given ``note``, only when the mask's text chunk names
+    the same painting (:data:`datus.io.PNG_NOTE`): anything else at its place (a damaged,
+    truncated or replaced file, a mask copied from another clustering) is painted again rather
+    than read by the colour pass. Only the header is read.
     """
     try:
         with open_regular(path) as stream, Image.open(stream) as stored:
-            return stored.mode in ("L", "I;16") and (stored.height, stored.width) == record.orig_size
+            painted_here = note is None or stored.info.get(PNG_NOTE) == note
+            return painted_here and stored.mode in ("L", "I;16") and (stored.height, stored.width) == record.orig_size
     except DECODE_ERRORS:
         return False
-
-
-class FileWriterPool:
-    """Runs file encoding and writing in threads and re-raises their errors; bounded backlog."""
-
-    def __init__(self, threads: int = 4, max_pending: int = 64) -> None:
-        self._executor = ThreadPoolExecutor(threads)
-        self._pending: list[Future[Any]] = []
-        self._max_pending = max_pending
-
-    def submit(self, function: Callable[..., Any], *args: Any) -> None:
-        self._pending.append(self._executor.submit(function, *args))
-        if len(self._pending) >= self._max_pending:
-            self._pending.pop(0).result()
-
-    def wait(self) -> None:
-        try:
-            for future in self._pending:
-                future.result()
-        finally:
-            self._pending = []
-            self._executor.shutdown(wait=True)
-
-
-def write_label_files(results: Results, record: ImageRecord, mask: np.ndarray | None, num_clusters: int) -> None:
-    """The pseudo mask (when given) and the segment map of one image."""
-    if mask is not None:
-        write_png(results.image_file(MASKS, record.image_id), mask.astype(label_dtype(num_clusters), copy=False))
-    write_png(results.image_file(SEGMENTS, record.image_id), segment_picture_map(record))
 
 
 def picture_size(size: tuple[int, int]) -> tuple[int, int]:

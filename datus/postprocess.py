@@ -18,18 +18,20 @@ Under DDP each rank works on its own shards; only counts, k-means statistics and
 candidates cross ranks, through :class:`datus.collective.Collective`.
 
 A rerun with nothing changed (same fit, settings and results, every file in place) reads no
-shard body and opens no image or mask: ``painted.json`` records what was painted and how many
-files each folder held, and is checked against the folders (counted by listing, not opened).
+shard body and opens no image or mask: ``painted.json`` records what was painted and a
+fingerprint of each per-image folder (names, sizes, times: listed and stat-ed, not opened).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +45,7 @@ from datus.drawing import colour_table, legend_picture
 from datus.errors import ConfigurationError
 from datus.fit import fit_identity, fit_or_load, has_fit
 from datus.gallery import Candidates, matched_names, write_galleries
-from datus.io import UnreadableFile, read_json, write_image, write_json
+from datus.io import UnreadableFile, json_text, read_json, write_image, write_json
 from datus.report import make_report
 from datus.run import (
     CLASSES_FILE,
@@ -65,7 +67,7 @@ from datus.run import (
 from datus.score import Scorer, class_info, read_metrics
 from datus.settings import ClusterSettings, EvaluationSettings
 from datus.shard_pass import ShardPool, ShardWork, colour_shard, paint_shard
-from datus.shards import first_mask_path
+from datus.shards import check_unique_ids, first_mask_path
 from datus.workers import available_cores, spawns_by_default
 
 log = logging.getLogger(__name__)
@@ -126,14 +128,16 @@ def postprocess(
         fit = fit_or_load(run, cluster, collective, fitted_on)
         model = fit.model
         seconds["clustering"] = time.perf_counter() - started
+        classes = class_info(evaluation, first_mask_path(shards))
         identity = {
             "fit": fitted_on,
             "evaluation": [evaluation.num_classes, evaluation.ignore_index],
+            "classes": [classes.num_classes, classes.names] if classes else None,  # an edited classes.json
             "crf": [cluster.crf, asdict(crf) if cluster.crf else None],
+            "gallery": cluster.gallery,
             "write_files": write_files,
         }
         previous = _read_painted(results)
-        classes = class_info(evaluation, first_mask_path(shards))
         earlier = read_metrics(results.file(METRICS_FILE), cluster.num_clusters) if classes is not None else None
         unchanged = _unchanged(run, results, cluster, previous, identity, earlier, classes is not None) if collective.is_main else None
         if collective.agree(unchanged is not None):
@@ -141,6 +145,14 @@ def postprocess(
                 run, results, unchanged, earlier, classes.names if classes else None, prediction, input_skipped, seconds
             )
 
+        duplicated = None
+        if collective.is_main:  # before any mask is written: one id twice would paint one image over another
+            try:
+                check_unique_ids(shards)
+            except ConfigurationError as error:
+                duplicated = error
+        if collective.agree(duplicated is not None):
+            raise duplicated or ConfigurationError("an image id is recorded twice in the shards; see rank 0's message")
         reuse = previous.get("masks") == identity
         if collective.is_main:  # a pass killed midway must not pass for a finished one
             write_json(results.file(PAINTED_FILE), {"masks": None, "colour": None})
@@ -163,6 +175,7 @@ def postprocess(
             colour_table=table if colour_now else None,
             reuse_colour=previous.get("colour") == {**identity, "mapping": known_mapping},
             gallery_seed=cluster.seed if cluster.gallery and write_files else None,
+            mask_note=hashlib.sha256(json_text(identity, indent=None).encode()).hexdigest()[:16],
         )
 
         started = time.perf_counter()
@@ -238,7 +251,7 @@ def postprocess(
                 painted = {
                     "masks": identity,
                     "colour": {**identity, "mapping": mapping} if cluster.colour and write_files else None,
-                    "files": _file_counts(run, results, cluster) if write_files else None,
+                    "files": _fingerprints(run, results, cluster) if write_files else None,
                 }
                 write_json(results.file(PAINTED_FILE), painted)
         return Outcome(summary, metrics, class_names, seconds)
@@ -286,19 +299,31 @@ def _facts(
     return facts
 
 
-def _file_counts(run: Run, results: Results, cluster: ClusterSettings) -> dict[str, int]:
-    """Files in each per-image folder, counted by listing (no file is opened or stat-ed)."""
+def _fingerprints(run: Run, results: Results, cluster: ClusterSettings) -> dict[str, list[Any]]:
+    """Per per-image folder: how many files, and a digest of their names, sizes and modification times.
+
+    Listing and one ``stat`` per file, no file opened: a deleted, added, rewritten or replaced
+    file changes it (one copied in with its old time and the same size does not; the pass that
+    a change starts checks each mask's own note, :func:`datus.paint.is_mask_of`).
+    """
     folders = {MASKS: results.root / MASKS, SEGMENTS: run.results.root / SEGMENTS}
     if cluster.colour:
         folders |= {COLOUR: results.root / COLOUR, OVERLAY: results.root / OVERLAY}
-    return {name: _count_files(folder) for name, folder in folders.items()}
+    return {name: _fingerprint(folder) for name, folder in folders.items()}
 
 
-def _count_files(folder: os.PathLike[str]) -> int:
-    total = 0
-    for _, _, files in os.walk(folder):
-        total += len(files)
-    return total
+def _fingerprint(folder: Path) -> list[Any]:
+    count, hasher = 0, hashlib.sha256()
+    for here, subfolders, _ in os.walk(folder):
+        subfolders.sort()
+        with os.scandir(here) as entries:
+            for entry in sorted(entries, key=lambda entry: entry.name):
+                if entry.is_file(follow_symlinks=False):
+                    status = entry.stat(follow_symlinks=False)
+                    name = os.path.relpath(entry.path, folder)  # a moved run folder keeps its fingerprints
+                    hasher.update(f"{name}\0{status.st_size}\0{status.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+                    count += 1
+    return [count, hasher.hexdigest()[:16]]
 
 
 def _unchanged(
@@ -314,8 +339,8 @@ def _unchanged(
 
     Nothing needs doing when ``painted.json`` says the folder was painted from this very fit,
     settings and matching, the dataset-level files are present and sound, and every per-image
-    folder holds as many files as when it was painted (a deleted file makes the pass run again;
-    the pass then checks every file it keeps).
+    folder holds the very files it held when it was painted (:func:`_fingerprints`; a deleted or
+    replaced file makes the pass run again, which then checks every file it keeps).
     """
     if scored and metrics is None:
         return None
@@ -334,7 +359,7 @@ def _unchanged(
         return None
     if cluster.gallery and not (results.root / GALLERY_DIR).is_dir():
         return None
-    if _file_counts(run, results, cluster) != previous["files"]:
+    if _fingerprints(run, results, cluster) != previous["files"]:
         return None
     try:
         summary = read_json(results.file(SUMMARY_FILE))

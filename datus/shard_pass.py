@@ -61,6 +61,8 @@ class ShardWork:
         colour_table: K x 3 colours when colour files are written in this pass, else None.
         reuse_colour: colour files painted with the same colours may be kept when present.
         gallery_seed: collect gallery candidates with this seed, or None.
+        mask_note: what the masks are painted from (a digest), written into each mask and required
+            of a mask that is kept.
     """
 
     results: Results
@@ -75,6 +77,7 @@ class ShardWork:
     colour_table: np.ndarray | None
     reuse_colour: bool
     gallery_seed: int | None
+    mask_note: str
 
 
 @dataclass
@@ -105,7 +108,7 @@ def paint_shard(work: ShardWork, shard: Path) -> ShardOutcome:
     unrefined_scorer = PixelCounter(work.classes, num_clusters, work.evaluation) if work.classes and work.score_unrefined else None
     for record, record_labels in zip(records, labels):
         mask_path = work.results.image_file(MASKS, record.image_id)
-        write = work.write_masks and not (work.reuse_masks and is_mask_of(mask_path, record))
+        write = work.write_masks and not (work.reuse_masks and is_mask_of(mask_path, record, work.mask_note))
         if write or scorer is not None:
             unrefined = mask = mask_of(record, record_labels, num_clusters)
             if work.crf is not None:
@@ -115,7 +118,7 @@ def paint_shard(work: ShardWork, shard: Path) -> ShardOutcome:
                     log.warning("no CRF for %s: the image cannot be read any more; its mask is unrefined", record.image_path)
                 mask = unrefined if refined is None else refined.astype(unrefined.dtype, copy=False)
             if write:
-                write_png(mask_path, mask)
+                write_png(mask_path, mask, note=work.mask_note)
             if scorer is not None:
                 target = scorer.ground_truth(record)
                 if target is not None:

@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -258,25 +259,27 @@ def segment_table(shards: Sequence[Path], folder: Path, name: str) -> SegmentTab
     for old in [*folder.glob(f"segments-{name}-*.npy"), *folder.glob(f"keys-{name}-*.npy")]:
         if old.is_file() and not old.is_symlink():
             old.unlink()
-    with atomic_path(embeddings_path) as table_file, atomic_path(keys_path) as keys_file:
-        table = np.lib.format.open_memmap(table_file, mode="w+", dtype=np.float16, shape=(rows, width))
-        keys = np.lib.format.open_memmap(keys_file, mode="w+", dtype=np.uint64, shape=(rows,))
-        filled = 0
+    # Written with write(), not through a memory map: a full disk is then an OSError (one line),
+    # not a SIGBUS from a page of a sparse file that cannot be allocated.
+    with atomic_path(embeddings_path) as table_file, atomic_path(keys_path) as keys_file, \
+            open(table_file, "wb") as table, open(keys_file, "wb") as keys:  # fmt: skip
+        _write_npy_header(table, np.float16, (rows, width))
+        _write_npy_header(keys, np.uint64, (rows,))
         for shard in shards:
             for record in read_records(shard):
                 if record.image_embedding.shape[0] != width:
                     raise ShardError(_damaged(shard, f"its embeddings have {record.image_embedding.shape[0]} dimensions, "
                                                      f"those of {shards[0].name} {width}"))
-                count = record.num_valid
-                table[filled : filled + count] = record.embeddings
-                keys[filled : filled + count] = segment_keys(TABLE_KEYS_SEED, record.image_id, np.flatnonzero(~record.is_noise))
-                filled += count
-        table.flush()
-        keys.flush()
-        del table, keys
+                table.write(np.ascontiguousarray(record.embeddings, dtype=np.float16).tobytes())
+                keys.write(segment_keys(TABLE_KEYS_SEED, record.image_id, np.flatnonzero(~record.is_noise)).tobytes())
     mapped = _mapped_table(embeddings_path, keys_path, rows, width)
     assert mapped is not None
     return mapped
+
+
+def _write_npy_header(stream: Any, dtype: type, shape: tuple[int, ...]) -> None:
+    """The ``.npy`` header of a C-ordered array, so that its rows can follow with ``write()``."""
+    np.lib.format.write_array_header_2_0(stream, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
 
 
 def embedding_width_of(shards: Sequence[Path]) -> int:
@@ -286,6 +289,8 @@ def embedding_width_of(shards: Sequence[Path]) -> int:
 
 def _mapped_table(embeddings_path: Path, keys_path: Path, rows: int, width: int) -> SegmentTable | None:
     """The stored table, memory-mapped, or None when absent or not what the shards say it must be."""
+    if not (embeddings_path.is_file() and keys_path.is_file()):  # a FIFO in its place would block
+        return None
     try:
         embeddings = np.load(embeddings_path, mmap_mode="r", allow_pickle=False)
         keys = np.load(keys_path, mmap_mode="r", allow_pickle=False)

@@ -17,7 +17,9 @@ Determinism: the initialisation sample is the rows with the smallest seeded keys
 each segment's image id and segment number), sorted by key, so it is the same whatever the
 order of the rows and however they are spread over ranks. Cluster sums are accumulated in
 float64, in which sums of fp16 embeddings are exact, so without PCA the iterations, and the
-model, do not depend on the order or the split either.
+model, do not depend on the order or the split either, short of two limits of floating point:
+a point equidistant to two centroids to the last bit may be assigned differently by matrix
+products of other shapes, and the stopping threshold (a variance) is not an exact sum.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def fit_streamed(rows: Rows, settings: ClusterSettings, iterations: Iterations, 
             # kernels differ between devices, so that all ranks run the same iterations.
             centroids = group.broadcast(centroids)
             if settings.minibatch:
-                fitted = minibatch(data, centroids, iterations, tolerance, _generator(seed, STREAM_MINIBATCH, run))
+                fitted = minibatch(data, centroids, sample, iterations, tolerance, _generator(seed, STREAM_MINIBATCH, run))
             else:
                 fitted = lloyd(data, centroids, iterations.max_iter, tolerance, group)
             if best is None or fitted[1] < best[1]:
@@ -229,14 +231,14 @@ def _pca(rows: Rows, num_components: int, num_samples: int, group: Collective) -
         ``(mean, components)``: D and D' x D float32, identical on every rank.
     """
     dim = rows.width
-    total = stream_sum(rows, lambda chunk: chunk.sum(0, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64))
+    total = stream_sum(rows, lambda chunk: chunk.sum(0, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64, device=rows.device))
     mean = (group.all_reduce(total.to(rows.device)) / num_samples).to(torch.float32)
 
     def scatter_of(chunk: Tensor) -> Tensor:
         centred = chunk - mean
         return (centred.T @ centred).to(torch.float64)
 
-    scatter = stream_sum(rows, scatter_of, torch.zeros(dim, dim, dtype=torch.float64))
+    scatter = stream_sum(rows, scatter_of, torch.zeros(dim, dim, dtype=torch.float64, device=rows.device))
     covariance = group.all_reduce(scatter.to(rows.device)) / num_samples
     _, eigenvectors = torch.linalg.eigh(covariance)
     components = eigenvectors.flip(-1)[:, :num_components].T
@@ -253,7 +255,7 @@ def _mean_variance(rows: Rows, num_samples: int, group: Collective) -> float:
     def moments_of(chunk: Tensor) -> Tensor:
         return torch.stack([chunk.sum(0, dtype=torch.float64), chunk.square().sum(0, dtype=torch.float64)])
 
-    moments = stream_sum(rows, moments_of, torch.zeros(2, rows.width, dtype=torch.float64))
+    moments = stream_sum(rows, moments_of, torch.zeros(2, rows.width, dtype=torch.float64, device=rows.device))
     moments = group.all_reduce(moments.to(rows.device)) / num_samples
     return float((moments[1] - moments[0].square()).clamp_min(0).mean())
 
@@ -271,7 +273,7 @@ def draw_sample(rows: Rows, size: int, seed: int, group: Collective) -> Tensor:
     gathered = group.all_gather(torch.from_numpy(padded.view(np.int64)).to(group.device))
     every = np.sort(np.concatenate([key.cpu().numpy().view(np.uint64) for key in gathered]))
     threshold = every[size - 1] if size else np.uint64(0)
-    mine = np.flatnonzero(seeded_keys(rows.keys, seed) <= threshold) if size else np.zeros(0, np.int64)
+    mine = _rows_at_most(rows.keys, seed, threshold) if size else np.zeros(0, np.int64)
     chosen_keys = seeded_keys(rows.keys[mine], seed)
     most = max(int(count) for count in group.all_gather(torch.tensor([len(mine)], device=group.device)))
     block = torch.zeros((most, rows.width), dtype=torch.float32, device=rows.device)
@@ -284,6 +286,13 @@ def draw_sample(rows: Rows, size: int, seed: int, group: Collective) -> Tensor:
     keys = np.concatenate(key_blocks)
     order = np.argsort(keys, kind="stable")[:size]
     return sample[torch.as_tensor(order, device=sample.device)]
+
+
+def _rows_at_most(keys: np.ndarray, seed: int, threshold: np.uint64) -> np.ndarray:
+    """Indices of the rows whose seeded key is at most ``threshold``, read in blocks."""
+    block = 1 << 20
+    found = [start + np.flatnonzero(seeded_keys(keys[start : start + block], seed) <= threshold) for start in range(0, len(keys), block)]
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 def _smallest_keys(keys: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -433,11 +442,13 @@ def add_cluster_sums(sums: Tensor, labels: Tensor, chunk: Tensor) -> None:
 
 
 def minibatch(
-    data: Rows, centroids: Tensor, iterations: Iterations, tolerance: float, generator: torch.Generator
+    data: Rows, centroids: Tensor, sample: Tensor, iterations: Iterations, tolerance: float, generator: torch.Generator
 ) -> tuple[Tensor, float, int]:
     """scikit-learn's ``MiniBatchKMeans.partial_fit`` over seeded mini-batches of the stream (one process).
 
-    Each epoch visits the chunks in a seeded order and each chunk's rows in a seeded order,
+    The first batch is the initialisation sample (scikit-learn's first ``partial_fit`` needs at
+    least K rows, which a short last chunk or K above the batch size would not give). Then each
+    epoch visits the chunks in a seeded order and each chunk's rows in a seeded order,
     ``iterations.batch_size`` at a time; it stops once an epoch moves the centroids by at most
     ``tolerance`` (Lloyd's rule) or after ``iterations.max_iter`` epochs.
     """
@@ -447,7 +458,8 @@ def minibatch(
         n_clusters=centroids.shape[0], init=centroids.cpu().numpy(), n_init=1, batch_size=iterations.batch_size,
         random_state=int(torch.randint(2**31 - 1, (1,), generator=generator)),
     )  # fmt: skip
-    current = centroids.cpu().numpy().astype(np.float64)
+    estimator.partial_fit(sample.cpu().numpy())
+    current = estimator.cluster_centers_.astype(np.float64)
     rows = data.chunk_size(centroids.shape[0])
     starts = torch.arange(0, len(data), rows)
     epoch = 0
@@ -474,17 +486,21 @@ def _farthest_points(data: Rows, centroids: Tensor, count: int, group: Collectiv
     going to the lower rank, then to the lower row.
     """
     centroid_norms = squared_norms(centroids)
-    local_distances = torch.cat(
-        [nearest_squared_distances(chunk, centroids, centroid_norms).cpu() for chunk in data.chunks(centroids.shape[0])]
-        or [torch.zeros(0)]
-    )
-    local = min(count, len(data))
+    best = torch.zeros(0, dtype=torch.float32)
+    best_rows = torch.zeros(0, dtype=torch.int64)
+    rows = data.chunk_size(centroids.shape[0])
+    for start in range(0, len(data), rows):  # a running top-count: memory does not grow with the rows
+        found = nearest_squared_distances(data.block(start, start + rows), centroids, centroid_norms).cpu()
+        merged = torch.cat([best, found])
+        merged_rows = torch.cat([best_rows, torch.arange(start, start + len(found))])
+        order = torch.sort(merged, descending=True, stable=True).indices[:count]
+        best, best_rows = merged[order], merged_rows[order]
+    local = len(best)
     distances = torch.full((count,), -math.inf, dtype=torch.float32, device=centroids.device)
     points = torch.zeros((count, data.width), dtype=torch.float32, device=centroids.device)
     if local:
-        order = torch.sort(local_distances, descending=True, stable=True).indices[:local]
-        distances[:local] = local_distances[order].to(centroids.device)
-        points[:local] = data.take(order.numpy())
+        distances[:local] = best.to(centroids.device)
+        points[:local] = data.take(best_rows.numpy())
     all_distances = torch.cat(group.all_gather(distances))
     all_points = torch.cat(group.all_gather(points))
     chosen = torch.sort(all_distances, descending=True, stable=True).indices[:count]

@@ -175,7 +175,7 @@ def test_a_write_error_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch
     _predict(images, run)
     masks = run / "clusters" / "k3" / "masks"
 
-    def refuse(path: Path, *args: object) -> None:
+    def refuse(path: Path, *args: object, **kwargs: object) -> None:
         raise OSError(code, os.strerror(code), str(masks / ".datus-tmp-0123456789abcdef"))
 
     monkeypatch.setattr("datus.shard_pass.write_png", refuse)

@@ -47,6 +47,7 @@ def test_workers_paint_the_same_bytes_as_one_process(finished_run: Path, tmp_pat
         main(["cluster", "--run", str(run), "--cluster.num_clusters", "4", "--cluster.workers", str(workers)])
         files = _files(run / "clusters" / "k4")
         files.pop("summary.json")  # stage seconds
+        files.pop("painted.json")  # the folders' fingerprints hold the files' modification times
         outputs[workers] = files
     assert outputs[1].keys() == outputs[2].keys()
     assert any(name.startswith("masks/") for name in outputs[1]) and any(name.startswith("overlay/") for name in outputs[1])
@@ -175,3 +176,15 @@ def test_auto_workers_do_not_spawn_for_a_short_run_or_from_a_script(monkeypatch:
     assert datus.postprocess.auto_workers(3, 1) == 1
     assert datus.postprocess.auto_workers(40, 1) == 5
     assert datus.postprocess.auto_workers(1000, 2) == 4
+
+
+def test_a_mask_copied_in_from_another_clustering_is_painted_again(finished_run: Path, tmp_path: Path) -> None:
+    """Same name, same size, a valid label map: only the mask's note says it was painted from another fit."""
+    run = _copy(finished_run, tmp_path / "run")
+    main(["cluster", "--run", str(run), "--cluster.num_clusters", "2"])
+    main(["cluster", "--run", str(run), "--cluster.num_clusters", "3"])
+    name = sorted(path.relative_to(run / "clusters" / "k3" / "masks") for path in (run / "clusters" / "k3" / "masks").rglob("*.png"))[0]
+    own = (run / "clusters" / "k3" / "masks" / name).read_bytes()
+    shutil.copyfile(run / "clusters" / "k2" / "masks" / name, run / "clusters" / "k3" / "masks" / name)
+    main(["cluster", "--run", str(run), "--cluster.num_clusters", "3"])
+    assert (run / "clusters" / "k3" / "masks" / name).read_bytes() == own
