@@ -138,8 +138,14 @@ def postprocess(
             "write_files": write_files,
         }
         previous = _read_painted(results)
-        earlier = read_metrics(results.file(METRICS_FILE), cluster.num_clusters) if classes is not None else None
-        unchanged = _unchanged(run, results, cluster, previous, identity, earlier, classes is not None) if collective.is_main else None
+        ground_truth = _ground_truth_fingerprint(run) if classes is not None else None
+        scored_on_it = previous.get("ground_truth") == ground_truth  # edited masks make earlier metrics stale
+        earlier = read_metrics(results.file(METRICS_FILE), cluster.num_clusters) if classes is not None and scored_on_it else None
+        unchanged = (
+            _unchanged(run, results, cluster, previous, identity, earlier, classes is not None, ground_truth)
+            if collective.is_main
+            else None
+        )
         if collective.agree(unchanged is not None):
             return _describe_again(
                 run, results, unchanged, earlier, classes.names if classes else None, prediction, input_skipped, seconds
@@ -252,6 +258,7 @@ def postprocess(
                     "masks": identity,
                     "colour": {**identity, "mapping": mapping} if cluster.colour and write_files else None,
                     "files": _fingerprints(run, results, cluster) if write_files else None,
+                    "ground_truth": ground_truth,
                 }
                 write_json(results.file(PAINTED_FILE), painted)
         return Outcome(summary, metrics, class_names, seconds)
@@ -312,6 +319,14 @@ def _fingerprints(run: Run, results: Results, cluster: ClusterSettings) -> dict[
     return {name: _fingerprint(folder) for name, folder in folders.items()}
 
 
+def _ground_truth_fingerprint(run: Run) -> list[Any] | None:
+    """:func:`_fingerprint` of the run's mask folder (from ``run.json``): metrics are reused only
+    while it holds the very files they were computed from. None when the run names no mask folder."""
+    identity = run.recorded_identity() or {}
+    masks = (identity.get("data") or {}).get("masks") if isinstance(identity.get("data"), dict) else None
+    return _fingerprint(Path(masks)) if isinstance(masks, str) and Path(masks).is_dir() else None
+
+
 def _fingerprint(folder: Path) -> list[Any]:
     count, hasher = 0, hashlib.sha256()
     for here, subfolders, _ in os.walk(folder):
@@ -334,6 +349,7 @@ def _unchanged(
     identity: dict[str, Any],
     metrics: dict[str, Any] | None,
     scored: bool,
+    ground_truth: list[Any] | None,
 ) -> dict[str, Any] | None:
     """The earlier ``summary.json`` when nothing needs doing again, else None.
 
@@ -351,6 +367,7 @@ def _unchanged(
         "masks": identity,
         "colour": {**identity, "mapping": mapping} if cluster.colour else None,
         "files": previous.get("files"),
+        "ground_truth": ground_truth,
     }
     if previous != expected or not isinstance(previous.get("files"), dict):
         return None
