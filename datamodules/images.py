@@ -26,13 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from datus.errors import ConfigurationError
-from datus.io import IMAGE_EXTENSIONS, UnreadableFile, load_rgb
+from datus.io import IMAGE_EXTENSIONS, UnreadableFile, load_rgb, paired_mask
 from datus.run import RUN_FILE, Run, image_id_for
 from datus.workers import available_cores
 
 log = logging.getLogger(__name__)
-
-MASK_EXTENSION = ".png"
 
 
 @dataclass(frozen=True)
@@ -102,11 +100,8 @@ def list_images(image_dir: Path, mask_dir: Path | None = None, exclude: Path | N
         ids[position] = unique
         taken.add(unique)
     entries = []
-    for path, rel, image_id in zip(paths, relative, ids):
-        mask_path = None
-        if mask_dir is not None:
-            candidate = mask_dir / rel.with_suffix(MASK_EXTENSION)
-            mask_path = candidate if candidate.is_file() else None
+    for path, image_id in zip(paths, ids):
+        mask_path = paired_mask(path, image_dir, mask_dir) if mask_dir is not None else None
         entries.append(ImageEntry(path=path, image_id=image_id, mask_path=mask_path))
     return entries
 

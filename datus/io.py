@@ -175,6 +175,23 @@ PICTURE_COMPRESSION = 1
 times faster to encode than zlib's default 6, for files 10-20 % larger. Label maps keep 6."""
 
 
+MASK_EXTENSION = ".png"
+"""Ground truth pairs with an image by relative path and stem: ``images/a/b.jpg`` <-> ``masks/a/b.png``."""
+
+
+def paired_mask(image_path: Path, image_dir: Path, mask_dir: Path) -> Path | None:
+    """The ground-truth file of ``image_path`` in ``mask_dir`` (the one pairing rule), or None.
+
+    The image's path below ``image_dir`` is tried as given, then resolved (``image_dir`` may be
+    recorded resolved, the image path not). Only a regular file counts.
+    """
+    for image, root in ((Path(os.path.abspath(image_path)), Path(image_dir)), (Path(image_path).resolve(), Path(image_dir).resolve())):
+        if image.is_relative_to(root):
+            candidate = Path(mask_dir) / image.relative_to(root).with_suffix(MASK_EXTENSION)
+            return candidate if candidate.is_file() else None
+    return None
+
+
 PNG_NOTE = "datus"
 """Key of the PNG text chunk in which a mask names what it was painted from (read with the header)."""
 

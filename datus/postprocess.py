@@ -128,7 +128,8 @@ def postprocess(
         fit = fit_or_load(run, cluster, collective, fitted_on)
         model = fit.model
         seconds["clustering"] = time.perf_counter() - started
-        classes = class_info(evaluation, first_mask_path(shards))
+        mask_folders = _mask_folders(run)
+        classes = class_info(evaluation, str(Path(mask_folders[1]) / "_") if mask_folders else first_mask_path(shards))
         identity = {
             "fit": fitted_on,
             "evaluation": [evaluation.num_classes, evaluation.ignore_index],
@@ -138,7 +139,7 @@ def postprocess(
             "write_files": write_files,
         }
         previous = _read_painted(results)
-        ground_truth = _ground_truth_fingerprint(run) if classes is not None else None
+        ground_truth = _fingerprint(Path(mask_folders[1])) if classes is not None and mask_folders else None
         scored_on_it = previous.get("ground_truth") == ground_truth  # edited masks make earlier metrics stale
         earlier = read_metrics(results.file(METRICS_FILE), cluster.num_clusters) if classes is not None and scored_on_it else None
         unchanged = (
@@ -182,6 +183,7 @@ def postprocess(
             reuse_colour=previous.get("colour") == {**identity, "mapping": known_mapping},
             gallery_seed=cluster.seed if cluster.gallery and write_files else None,
             mask_note=hashlib.sha256(json_text(identity, indent=None).encode()).hexdigest()[:16],
+            mask_folders=mask_folders,
         )
 
         started = time.perf_counter()
@@ -203,6 +205,8 @@ def postprocess(
             progress.update(1)
         progress.close()
         num_images, num_valid, num_noise = collective.sum_counts(totals.tolist())
+        if scorer is not None and not collective.sum_counts([int(scorer.metric.confusion.sum())])[0]:
+            scorer = unrefined = None  # classes.json but no mask of any image: nothing was scored
         seconds["painting"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -319,12 +323,14 @@ def _fingerprints(run: Run, results: Results, cluster: ClusterSettings) -> dict[
     return {name: _fingerprint(folder) for name, folder in folders.items()}
 
 
-def _ground_truth_fingerprint(run: Run) -> list[Any] | None:
-    """:func:`_fingerprint` of the run's mask folder (from ``run.json``): metrics are reused only
-    while it holds the very files they were computed from. None when the run names no mask folder."""
-    identity = run.recorded_identity() or {}
-    masks = (identity.get("data") or {}).get("masks") if isinstance(identity.get("data"), dict) else None
-    return _fingerprint(Path(masks)) if isinstance(masks, str) and Path(masks).is_dir() else None
+def _mask_folders(run: Run) -> tuple[str, str] | None:
+    """(images, masks) folders that ``run.json`` records, when both are there: scoring pairs ground
+    truth through them, and metrics are reused only while the mask folder's fingerprint holds."""
+    data = (run.recorded_identity() or {}).get("data")
+    images, masks = (data.get("images"), data.get("masks")) if isinstance(data, dict) else (None, None)
+    if isinstance(images, str) and isinstance(masks, str) and Path(masks).is_dir():
+        return images, masks
+    return None
 
 
 def _fingerprint(folder: Path) -> list[Any]:

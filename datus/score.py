@@ -87,17 +87,17 @@ class PixelCounter:
     def __post_init__(self) -> None:
         self.counts = np.zeros((2, self.num_clusters + 1, self.classes.num_classes), dtype=np.int64)
 
-    def ground_truth(self, record: ImageRecord) -> np.ndarray | None:
-        """The record's mask, or None (with a listed reason when it exists but cannot be scored)."""
-        if not record.mask_path:
+    def ground_truth(self, record: ImageRecord, mask_path: Path | None) -> np.ndarray | None:
+        """The record's ground truth at ``mask_path``, or None (with a listed reason when it exists but cannot be scored)."""
+        if mask_path is None:
             return None
         try:
-            target = read_label_png(Path(record.mask_path))
+            target = read_label_png(mask_path)
         except UnreadableFile as error:
-            return self._refuse(record, str(error))
+            return self._refuse(mask_path, str(error))
         if target.shape != record.orig_size:
             return self._refuse(
-                record,
+                mask_path,
                 f"mask is {target.shape[1]}x{target.shape[0]}, image is {record.orig_size[1]}x{record.orig_size[0]}; "
                 "fix the mask (datus prepare crops SUIM's tall masks) so that sizes match",
             )
@@ -105,15 +105,15 @@ class PixelCounter:
         invalid = np.unique(np.concatenate([block[(block >= count) & (block != ignore)] for block in _blocks(target)]))
         if invalid.size:
             return self._refuse(
-                record,
+                mask_path,
                 f"mask has values {invalid[:10].tolist()} >= num_classes {count} that are not the ignore index "
                 f"{ignore}; map them to {ignore} or raise --eval.num_classes",
             )
         return target
 
-    def _refuse(self, record: ImageRecord, reason: str) -> None:
-        self.skipped.append({"path": record.mask_path, "reason": f"not scored: {reason}"})
-        log.warning("not scored: %s: %s", record.mask_path, reason)
+    def _refuse(self, mask_path: Path, reason: str) -> None:
+        self.skipped.append({"path": str(mask_path), "reason": f"not scored: {reason}"})
+        log.warning("not scored: %s: %s", mask_path, reason)
         return None
 
     def add(self, mask: np.ndarray, target: np.ndarray, noise: np.ndarray) -> None:

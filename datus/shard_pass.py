@@ -32,8 +32,9 @@ from datus.clustering import ClusterModel
 from datus.crf import CRFJob, CRFParams, refine_job
 from datus.diagnostics import Counts
 from datus.gallery import Candidates
-from datus.io import write_png
+from datus.io import paired_mask, write_png
 from datus.labels import segment_labels, segment_probabilities_of
+from datus.records import ImageRecord
 from datus.paint import is_mask_of, mask_of, noise_of, segment_picture_map, write_colour_files
 from datus.run import COLOUR, MASKS, OVERLAY, SEGMENTS, Results
 from datus.score import ClassInfo, PixelCounter
@@ -63,6 +64,8 @@ class ShardWork:
         gallery_seed: collect gallery candidates with this seed, or None.
         mask_note: what the masks are painted from (a digest), written into each mask and required
             of a mask that is kept.
+        mask_folders: (images, masks) folders of the run (run.json): ground truth is paired when
+            scoring, so a mask added after prediction counts; None pairs as recorded at prediction.
     """
 
     results: Results
@@ -78,6 +81,7 @@ class ShardWork:
     reuse_colour: bool
     gallery_seed: int | None
     mask_note: str
+    mask_folders: tuple[str, str] | None = None
 
 
 @dataclass
@@ -120,7 +124,7 @@ def paint_shard(work: ShardWork, shard: Path) -> ShardOutcome:
             if write:
                 write_png(mask_path, mask, note=work.mask_note)
             if scorer is not None:
-                target = scorer.ground_truth(record)
+                target = scorer.ground_truth(record, ground_truth_of(record, work.mask_folders))
                 if target is not None:
                     noise = noise_of(record)
                     scorer.add(mask, target, noise)
@@ -133,6 +137,13 @@ def paint_shard(work: ShardWork, shard: Path) -> ShardOutcome:
             _colour(work, record.image_id, record.image_path, fresh=write)
     outcome.scored, outcome.unrefined = scorer, unrefined_scorer
     return outcome
+
+
+def ground_truth_of(record: ImageRecord, mask_folders: tuple[str, str] | None) -> Path | None:
+    """The record's ground-truth file: paired now from the run's folders, or as recorded at prediction."""
+    if mask_folders is not None:
+        return paired_mask(Path(record.image_path), Path(mask_folders[0]), Path(mask_folders[1]))
+    return Path(record.mask_path) if record.mask_path else None
 
 
 def colour_shard(work: ShardWork, shard: Path) -> int:

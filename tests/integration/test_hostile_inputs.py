@@ -248,3 +248,23 @@ def test_edited_ground_truth_is_scored_again(tmp_path: Path) -> None:
     main(["evaluate", "--pred", str(run / "masks"), "--gt", str(dataset / "train" / "true_masks"), "--output_dir", str(tmp_path / "eval")])
     reference = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert after["protocols"]["dense"]["confusion"] == reference["protocols"]["dense"]["confusion"] != before
+
+
+def test_a_mask_added_after_prediction_is_scored(tmp_path: Path) -> None:
+    """Masks are paired when scoring, not frozen at prediction: `datus cluster` and a rerun count it."""
+    from tests.generated import write_datus_layout
+
+    dataset = write_datus_layout(tmp_path / "data", 5, ["blue", "red"])
+    masks = dataset / "train" / "true_masks"
+    late = sorted(masks.rglob("*.png"))[0]
+    kept = tmp_path / "late.png"
+    shutil.move(late, kept)
+    run = tmp_path / "run"
+    main(["predict", "--config", TINY, "--data.root", str(dataset), "--data.split", "train", "--output_dir", str(run),
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    before = json.loads((run / "metrics.json").read_text())["protocols"]["dense"]["num_pixels"]
+    shutil.move(kept, late)
+    main(["cluster", "--run", str(run), "--cluster.num_clusters", "3"])
+    after = json.loads((run / "clusters" / "k3" / "metrics.json").read_text())["protocols"]["dense"]["num_pixels"]
+    labels = np.asarray(Image.open(late))
+    assert after == before + int((labels != 255).sum())
