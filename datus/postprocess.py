@@ -335,15 +335,18 @@ def _mask_folders(run: Run) -> tuple[str, str] | None:
 
 def _fingerprint(folder: Path) -> list[Any]:
     count, hasher = 0, hashlib.sha256()
+    skip = len(str(folder)) + 1  # names relative to the folder: a moved run folder keeps its fingerprints
     for here, subfolders, _ in os.walk(folder):
         subfolders.sort()
         with os.scandir(here) as entries:
-            for entry in sorted(entries, key=lambda entry: entry.name):
+            lines = []
+            for entry in entries:
                 if entry.is_file(follow_symlinks=False):
                     status = entry.stat(follow_symlinks=False)
-                    name = os.path.relpath(entry.path, folder)  # a moved run folder keeps its fingerprints
-                    hasher.update(f"{name}\0{status.st_size}\0{status.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-                    count += 1
+                    lines.append(f"{entry.path[skip:]}\0{status.st_size}\0{status.st_mtime_ns}\n")
+        lines.sort()
+        count += len(lines)
+        hasher.update("".join(lines).encode("utf-8", "surrogateescape"))
     return [count, hasher.hexdigest()[:16]]
 
 
