@@ -65,7 +65,7 @@ def read_manifest(run_dir: Path) -> list[PseudoPair]:
                 raise ValueError(f"{path}, line {number}: the mask {entry['mask']!r} lies outside {run_dir}; the manifest "
                                  "was edited or not written by datus: predict again into a new --output_dir")
             pairs.append(PseudoPair(entry["image_id"], Path(entry["image"]), mask))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as error:
             raise ValueError(
                 f"{path}, line {number}: expected {{'image_id', 'image', 'mask'}}, got {line[:200]!r} ({error})"
             ) from error
@@ -189,8 +189,11 @@ class PseudoMaskDataModule(L.LightningDataModule):
                 f"{classes_path} not found: {self.run_dir} is not a finished datus run. Run `datus predict ... "
                 f"--output_dir {self.run_dir}` first."
             )
-        with open_regular(classes_path) as stream:
-            self.classes = json.loads(stream.read().decode("utf-8"))
+        try:
+            with open_regular(classes_path) as stream:
+                self.classes = json.loads(stream.read().decode("utf-8"))
+        except (ValueError, RecursionError) as error:
+            raise ValueError(f"{classes_path} is damaged ({type(error).__name__}); predict again into a new --output_dir") from None
         if "num_clusters" not in self.classes:
             raise ValueError(
                 f"{classes_path} has no num_clusters: it describes a ground-truth dataset (`datus prepare`), not "

@@ -38,7 +38,7 @@ def read_classes_file(path: Path) -> tuple[list[str], int | None]:
     try:
         with open_regular(Path(path)) as stream:
             described = json.loads(stream.read().decode("utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise ConfigurationError(f"{path}: not a readable classes.json ({error}); fix or remove it") from None
     names = described.get("classes") if isinstance(described, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):

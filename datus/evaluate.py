@@ -335,7 +335,7 @@ def _is_evaluation(path: Path) -> bool:
     try:
         with open_regular(path) as stream:
             content = json.loads(stream.read().decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(content, dict) and "protocols" in content and "gt_dir" in content
 

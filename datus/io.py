@@ -241,7 +241,7 @@ def read_json(path: Path) -> Any:
     try:
         with open_regular(path) as stream:
             return json.loads(stream.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # nesting too deep: crafted
         raise UnreadableFile(f"{path} is damaged ({error}); delete it and run the command again") from error
 
 

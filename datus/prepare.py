@@ -775,7 +775,7 @@ def _foreign_entries(out_dir: Path) -> list[str]:
     try:
         described = json.loads(classes_file.read_text(encoding="utf-8"))
         splits = described.get("splits") if isinstance(described, dict) and isinstance(described.get("dataset"), str) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         splits = None
     if not isinstance(splits, dict):
         return [f"no {CLASSES_FILE} of an earlier conversion"]

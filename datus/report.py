@@ -169,7 +169,7 @@ def _listed_ids(results: Results) -> Iterator[str] | None:
     try:
         with open_regular(path) as stream:
             json.loads(stream.readline().decode("utf-8"))["image_id"]
-    except (ValueError, KeyError, TypeError, OSError):
+    except (ValueError, KeyError, TypeError, OSError, RecursionError):
         return None
 
     def lines() -> Iterator[str]:
@@ -178,7 +178,7 @@ def _listed_ids(results: Results) -> Iterator[str] | None:
                 for line in stream:
                     if line.strip():
                         yield str(json.loads(line)["image_id"])
-        except (ValueError, KeyError, TypeError, OSError):
+        except (ValueError, KeyError, TypeError, OSError, RecursionError):
             return
 
     return lines()

@@ -239,12 +239,15 @@ def shards_digest(shards: Sequence[Path]) -> str:
 
 
 def segment_table(shards: Sequence[Path], folder: Path, name: str) -> SegmentTable:
-    """The segment table of ``shards``, written once to ``folder`` and memory-mapped.
+    """The segment table of ``shards``, written to ``folder`` and memory-mapped.
 
-    Files are named by ``name`` and :func:`shards_digest`, so a rerun on the same shards maps
-    the table again without reading a shard body, and other shards get their own table (earlier
-    tables of ``name`` are removed). A stored table is checked (dtypes, shapes, row count from
-    the shards' noise flags) and rebuilt when anything disagrees: the run folder is untrusted.
+    Files are named by ``name`` and :func:`shards_digest` (earlier tables of ``name`` are
+    removed). A table is written afresh by each process that fits and reused only within it
+    (a sweep over K fits many times): its content is derived data, and one left by an earlier
+    process could have been altered in ways no cheap check sees (the run folder is untrusted),
+    while rebuilding costs a read of the shards, a few percent of a fit. Within the process it is
+    reused while its files are the very ones written (inode, size, modification time) and of the
+    shape the shards say.
 
     Memory: one shard's records while building; the table itself stays on disk.
     """
@@ -252,9 +255,10 @@ def segment_table(shards: Sequence[Path], folder: Path, name: str) -> SegmentTab
     embeddings_path, keys_path = folder / f"segments-{name}-{digest}.npy", folder / f"keys-{name}-{digest}.npy"
     rows = sum(int((~_load(shard, ("is_noise",))["is_noise"].astype(bool)).sum()) for shard in shards)
     width = embedding_width_of(shards)
-    stored = _mapped_table(embeddings_path, keys_path, rows, width)
-    if stored is not None:
-        return stored
+    if _WRITTEN.get(str(embeddings_path)) == _file_marks(embeddings_path, keys_path):
+        stored = _mapped_table(embeddings_path, keys_path, rows, width)
+        if stored is not None:
+            return stored
     folder.mkdir(parents=True, exist_ok=True)
     for old in [*folder.glob(f"segments-{name}-*.npy"), *folder.glob(f"keys-{name}-*.npy")]:
         if old.is_file() and not old.is_symlink():
@@ -272,9 +276,23 @@ def segment_table(shards: Sequence[Path], folder: Path, name: str) -> SegmentTab
                                                      f"those of {shards[0].name} {width}"))
                 table.write(np.ascontiguousarray(record.embeddings, dtype=np.float16).tobytes())
                 keys.write(segment_keys(TABLE_KEYS_SEED, record.image_id, np.flatnonzero(~record.is_noise)).tobytes())
+    _WRITTEN[str(embeddings_path)] = _file_marks(embeddings_path, keys_path)
     mapped = _mapped_table(embeddings_path, keys_path, rows, width)
     assert mapped is not None
     return mapped
+
+
+_WRITTEN: dict[str, tuple[int, ...] | None] = {}
+"""Tables this process wrote: path -> :func:`_file_marks` right after writing."""
+
+
+def _file_marks(*paths: Path) -> tuple[int, ...] | None:
+    """(inode, size, modification time) of each file, None when one is missing: a replaced or
+    rewritten file has other marks."""
+    try:
+        return tuple(value for path in paths for status in [path.stat()] for value in (status.st_ino, status.st_size, status.st_mtime_ns))
+    except OSError:
+        return None
 
 
 def _write_npy_header(stream: Any, dtype: type, shape: tuple[int, ...]) -> None:

@@ -23,11 +23,11 @@ def check_data(num_samples: int, dim: int, num_nonfinite: int, num_clusters: int
     if pca_components is not None and pca_components > dim:
         raise ValueError(
             f"pca_components={pca_components} exceeds the embedding dimension {dim}; PCA cannot produce more "
-            f"components than features, so pass pca_components <= {dim} or None"
+            f"components than features, so pass pca_components <= {dim} or null (None in Python)"
         )
     if pca_components is not None and pca_components > num_samples:
         raise ValueError(
             f"pca_components={pca_components} exceeds the number of embeddings ({num_samples}); PCA of "
-            f"{num_samples} samples has at most {num_samples} components, so lower pca_components or pass None"
+            f"{num_samples} samples has at most {num_samples} components, so lower pca_components or pass null (None in Python)"
         )
 

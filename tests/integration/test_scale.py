@@ -188,3 +188,24 @@ def test_a_mask_copied_in_from_another_clustering_is_painted_again(finished_run:
     shutil.copyfile(run / "clusters" / "k2" / "masks" / name, run / "clusters" / "k3" / "masks" / name)
     main(["cluster", "--run", str(run), "--cluster.num_clusters", "3"])
     assert (run / "clusters" / "k3" / "masks" / name).read_bytes() == own
+
+
+def test_a_table_left_by_an_earlier_process_is_never_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same shape, same size, other values (tampered, or written by another version): rebuilt."""
+    import datus.shards
+
+    run = _synthetic_run(tmp_path)
+    expected = np.array(segment_table(run.shards(), tmp_path / "cache", "all").embeddings)
+    stored = sorted((tmp_path / "cache").glob("segments-*.npy"))[0]
+    np.save(stored, np.zeros_like(expected))
+    monkeypatch.setattr(datus.shards, "_WRITTEN", {})  # a new process
+    np.testing.assert_array_equal(np.asarray(segment_table(run.shards(), tmp_path / "cache", "all").embeddings), expected)
+
+
+@pytest.mark.parametrize("name", ["stability.json", "painted.json", "settings.json"])
+def test_a_run_file_nested_too_deep_is_damaged_not_a_crash(finished_run: Path, tmp_path: Path, name: str) -> None:
+    run = _copy(finished_run, tmp_path / "run")
+    main(["cluster", "--run", str(run), "--cluster.num_clusters", "3"])
+    (run / "clusters" / "k3" / name).write_text("[" * 200000 + "]" * 200000)
+    main(["cluster", "--run", str(run), "--cluster.num_clusters", "3"])  # refitted or repainted, no RecursionError
+    assert json.loads((run / "clusters" / "k3" / "summary.json").read_text())["num_clusters"] == 3
