@@ -344,7 +344,7 @@ def diagnostics_panel(diagnostics: Diagnostics, colours: np.ndarray, gallery: bo
         ),
         "stability: "
         + (
-            f"ARI {diagnostics.stability:.3f} against k-means with seed {diagnostics.stability_seed} (valid segments)"
+            f"ARI {diagnostics.stability:.3f} against k-means with seed {diagnostics.stability_seed} (a seeded sample of valid segments)"
             if diagnostics.stability is not None
             else "not measured"
         ),
