@@ -53,6 +53,17 @@ def write_two_region_dataset(
     return sorted(ids)
 
 
+def write_photos(folder: Path, count: int, size: tuple[int, int] = (64, 80), stem: str = "photo{index}") -> Path:
+    """``count`` seeded noise pictures of ``size`` (H, W), darker on the right half, as PNGs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+        pixels[:, size[1] // 2 :] //= 3
+        Image.fromarray(pixels).save(folder / f"{stem.format(index=index)}.png")
+    return folder
+
+
 def write_classes(path: Path, names: Sequence[str]) -> None:
     path.write_text(json.dumps({"classes": list(names), "ignore_index": 255}))
 

@@ -21,19 +21,9 @@ from PIL import Image
 
 from datus.cli import main
 from datus.drawing import fit_text, font_of, text_width
-from tests.generated import REPO, TINY
+from tests.generated import REPO, TINY, write_photos
 
 pytestmark = pytest.mark.integration
-
-
-def _photos(folder: Path, count: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        pixels = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
-        pixels[:, 40:] //= 3
-        Image.fromarray(pixels).save(folder / f"photo{index}.png")
-    return folder
 
 
 def _predict(images: Path, output_dir: Path) -> None:
@@ -44,7 +34,7 @@ def _predict(images: Path, output_dir: Path) -> None:
 def test_an_image_above_the_pixel_limit_is_skipped_and_the_run_stays_usable(tmp_path: Path) -> None:
     """16000 x 16000 (256 MP) lies between PIL's limit and twice it, where PIL only warns: it was
     predicted, then every later predict and cluster refused the shard that held it."""
-    images = _photos(tmp_path / "images", 3)
+    images = write_photos(tmp_path / "images", 3)
     Image.new("1", (16000, 16000)).save(images / "huge.png")
     run = tmp_path / "run"
     _predict(images, run)
@@ -59,7 +49,7 @@ def test_an_image_above_the_pixel_limit_is_skipped_and_the_run_stays_usable(tmp_
 def test_a_fifo_never_hangs_a_run(tmp_path: Path) -> None:
     """A recorded image replaced by a FIFO (and a FIFO named like an image from the start): the run
     and its rerun finish, and the FIFO is listed as skipped with a reason."""
-    images = _photos(tmp_path / "images", 3)
+    images = write_photos(tmp_path / "images", 3)
     os.mkfifo(images / "pipe.jpg")
     run = tmp_path / "run"
     command = [sys.executable, "-m", "datus", "predict", "--config", TINY, "--data.root", str(images),
@@ -78,8 +68,8 @@ def test_a_fifo_never_hangs_a_run(tmp_path: Path) -> None:
 
 
 def test_symlinked_sub_folders_are_read_once_and_loops_end(tmp_path: Path) -> None:
-    outside = _photos(tmp_path / "elsewhere", 2)
-    images = _photos(tmp_path / "images", 1)
+    outside = write_photos(tmp_path / "elsewhere", 2)
+    images = write_photos(tmp_path / "images", 1)
     (images / "linked").symlink_to(outside, target_is_directory=True)
     (images / "linked_again").symlink_to(outside, target_is_directory=True)
     (images / "loop").symlink_to(images, target_is_directory=True)
@@ -112,7 +102,7 @@ def test_a_manifest_pointing_outside_its_run_is_refused(tmp_path: Path) -> None:
 def test_skips_are_listed_when_k_is_too_high_and_by_the_cluster_command_that_finishes(tmp_path: Path) -> None:
     from datus.errors import ConfigurationError
 
-    images = _photos(tmp_path / "images", 3)
+    images = write_photos(tmp_path / "images", 3)
     (images / "broken.jpg").write_text("not an image")
     run = tmp_path / "run"
     with pytest.raises(ConfigurationError, match="more than the"):
@@ -127,7 +117,7 @@ def test_skips_are_listed_when_k_is_too_high_and_by_the_cluster_command_that_fin
 def test_pca_wider_than_the_embeddings_is_refused_before_any_image_is_predicted(tmp_path: Path) -> None:
     from datus.errors import ConfigurationError
 
-    images = _photos(tmp_path / "images", 2)
+    images = write_photos(tmp_path / "images", 2)
     with pytest.raises(ConfigurationError, match="--cluster.pca_components 4096 is more than the 48 dimensions"):
         main(["predict", "--config", TINY, "--data.root", str(images), "--output_dir", str(tmp_path / "run"),
               "--cluster.pca_components", "4096"])  # fmt: skip
@@ -137,7 +127,7 @@ def test_pca_wider_than_the_embeddings_is_refused_before_any_image_is_predicted(
 def test_an_input_tree_deeper_than_path_max_allows_for_outputs_is_painted(tmp_path: Path) -> None:
     """A 3,800-byte relative path fits the input side of PATH_MAX but not the run's outputs: the
     id is shortened (leading folders, then a hash), painting and its rerun finish."""
-    images = _photos(tmp_path / "images", 1)
+    images = write_photos(tmp_path / "images", 1)
     deep = images
     for level in range(19):
         deep = deep / (f"{level:02d}" + "d" * 190)
@@ -170,7 +160,7 @@ def test_a_write_error_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch
     permissions never refuse, so the error is injected where a real one would come from)."""
     from datus.cli import console_main
 
-    images = _photos(tmp_path / "images", 2)
+    images = write_photos(tmp_path / "images", 2)
     run = tmp_path / "run"
     _predict(images, run)
     masks = run / "clusters" / "k3" / "masks"
@@ -209,8 +199,8 @@ def test_a_run_labelled_with_another_runs_centroids_follows_when_those_change(tm
     from datus.io import read_label_png
 
     source = tmp_path / "a"
-    _predict(_photos(tmp_path / "images_a", 3), source)
-    images_b = _photos(tmp_path / "images_b", 2)
+    _predict(write_photos(tmp_path / "images_a", 3), source)
+    images_b = write_photos(tmp_path / "images_b", 2)
     centroids = source / "clusters" / "k2"
 
     def label(output_dir: Path) -> None:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from datus.cli import main
 from datus.io import read_label_png
-from tests.generated import REPO, TINY
+from tests.generated import REPO, TINY, write_photos
 
 pytestmark = pytest.mark.integration
 
@@ -26,13 +25,7 @@ NUM_IMAGES = 24
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("kill-data")
-    rng = np.random.default_rng(0)
-    for index in range(NUM_IMAGES):
-        pixels = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
-        pixels[:, 160:] //= 3
-        Image.fromarray(pixels).save(root / f"frame{index:02d}.png")
-    return root
+    return write_photos(tmp_path_factory.mktemp("kill-data"), NUM_IMAGES, (240, 320), "frame{index:02d}")
 
 
 def arguments(images: Path, output_dir: Path) -> list[str]:
