@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import difflib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -37,9 +39,23 @@ _OWN_PACKAGES = ("datus", "datamodules", "callbacks")
 
 
 class CommandParser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one ``datus: error:`` line instead of usage plus error."""
+    """argparse that reports a mistake as one ``datus: error:`` line instead of usage plus error.
+
+    Options are never abbreviated (``--cluster.num_cluster`` is a mistake, not ``num_clusters``),
+    and an unknown option is answered with the nearest valid one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flag = unknown[1].split("=", 1)[0]
+            options = [option for action in self._actions for option in action.option_strings]
+            nearest = difflib.get_close_matches(flag, options, n=1)
+            if nearest:
+                message += f"; did you mean {nearest[0]}?"
         raise ConfigurationError(f"{message} (see {self.prog} --help)")
 
 

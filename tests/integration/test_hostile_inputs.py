@@ -258,3 +258,13 @@ def test_a_mask_added_after_prediction_is_scored(tmp_path: Path) -> None:
     after = json.loads((run / "clusters" / "k3" / "metrics.json").read_text())["protocols"]["dense"]["num_pixels"]
     labels = np.asarray(Image.open(late))
     assert after == before + int((labels != 255).sum())
+
+
+def test_an_abbreviated_or_misspelled_option_is_refused_with_the_nearest_name(tmp_path: Path) -> None:
+    """`--cluster.num_cluster 3` was silently taken as num_clusters; now a mistake, answered in one line."""
+    from datus.errors import ConfigurationError
+
+    run = tmp_path / "run"
+    _predict(write_photos(tmp_path / "images", 2), run)
+    with pytest.raises(ConfigurationError, match=r"--cluster\.num_cluster 3; did you mean --cluster\.num_clusters\?"):
+        main(["cluster", "--run", str(run), "--cluster.num_cluster", "3"])
