@@ -21,7 +21,7 @@ from datus.errors import ConfigurationError
 from datus.io import write_json
 from datus.records import PredictionBatch
 from datus.run import Run
-from datus.shards import write_shard
+from datus.shards import drop_stale_records, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ class SegmentShardWriter(BasePredictionWriter):
             self.run.claim({"model": pl_module.describe(), "data": data.describe() if resumable else None})
             for stale in self.run.log_files():
                 stale.unlink()  # logs describe this invocation only; earlier work is counted as resumed
+            changed, vanished = drop_stale_records(self.run.shards())
+            if changed:
+                log.info("predicting again %d image(s) changed since they were predicted, e.g. %s", len(changed), changed[0])
+            for image_id, path in vanished:
+                self.run.remove_image_outputs(image_id)
+                self.skipped.append({"path": path, "reason": "vanished since it was predicted: left out of the run"})
         trainer.strategy.barrier("datus-writer-setup")
         finished = self.run.finished_images()
         self.images_resumed = len(finished)

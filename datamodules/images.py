@@ -127,6 +127,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
         try:
+            status = os.stat(entry.path)  # before decoding: a file replaced meanwhile is then predicted again
             image, (height, width) = load_rgb(entry.path, min_side=self.image_size)
             if min(height, width) < self.min_side:
                 raise UnreadableFile(f"image is {width}x{height}, smaller than one patch ({self.min_side} px)")
@@ -143,6 +144,7 @@ class ImageDataset(Dataset):
             "image_id": entry.image_id,
             "index": index,
             "orig_size": torch.tensor([height, width]),
+            "image_mark": torch.tensor([status.st_size, status.st_mtime_ns], dtype=torch.int64),
             "image_path": str(entry.path),
             "mask_path": str(entry.mask_path) if entry.mask_path else "",
         }

@@ -56,7 +56,7 @@ from datus.ops import (
     segment_masks,
     valid_segment_maps,
 )
-from datus.records import ImageRecord, PredictionBatch
+from datus.records import UNKNOWN_MARK, ImageRecord, PredictionBatch
 from datus.workers import available_cores, louvain_workers_for
 
 log = logging.getLogger(__name__)
@@ -438,6 +438,7 @@ class DatusModule(L.LightningModule):
                     image_path=batch["image_path"][index],
                     mask_path=batch["mask_path"][index],
                     orig_size=(int(height), int(width)),
+                    image_mark=image_mark_of(batch, index),
                     segment_map=partition.segment_map,
                     sizes=partition.sizes,
                     is_noise=partition.is_noise,
@@ -467,3 +468,11 @@ class DatusModule(L.LightningModule):
             return
         previous, self._pool = self._pool, CommunityPool(workers, self.resolution, self.min_patches, self.louvain)
         previous.close(cancel_pending=False)  # the batch started last is still in its hands
+
+
+def image_mark_of(batch: dict[str, Any], index: int) -> tuple[int, int]:
+    """(size, modification time in ns) of the batch's image ``index`` when the loader recorded it, else unknown."""
+    if "image_mark" not in batch:
+        return UNKNOWN_MARK
+    size, mtime = batch["image_mark"][index].tolist()
+    return int(size), int(mtime)

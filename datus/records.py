@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+UNKNOWN_MARK = (-1, -1)
+"""The ``image_mark`` of a record whose input file was not stat-ed (shards of earlier versions, synthetic runs)."""
+
+
 @dataclass
 class ImageRecord:
     """Everything the dataset-level stages need about one image.
@@ -39,6 +43,8 @@ class ImageRecord:
         cls_attention: h x w float16, last-block CLS attention (for pictures).
         modularity: modularity of the image's Louvain communities on its patch graph (a
             label-free diagnostic); NaN when not recorded (shards of earlier datus versions).
+        image_mark: (size, modification time in ns) of the input file when it was read: a rerun
+            predicts the image again when they differ; :data:`UNKNOWN_MARK` when not recorded.
     """
 
     image_id: str
@@ -53,6 +59,7 @@ class ImageRecord:
     image_embedding: np.ndarray
     cls_attention: np.ndarray
     modularity: float = float("nan")
+    image_mark: tuple[int, int] = UNKNOWN_MARK
 
     @property
     def num_valid(self) -> int:

@@ -217,6 +217,19 @@ class Run:
         """Where the fit for K lives (centroids, assignments; results too for ``datus cluster``)."""
         return self.root / CLUSTERS_DIR / f"k{num_clusters}"
 
+    def remove_image_outputs(self, image_id: str) -> None:
+        """Delete the per-image files datus painted for ``image_id``, in the run folder and every
+        ``clusters/k<K>/`` (an image that vanished from the input must not keep a mask)."""
+        folders = [self.results]
+        clusters = self.root / CLUSTERS_DIR
+        if clusters.is_dir() and not clusters.is_symlink():
+            folders += [Results(entry, self.root) for entry in sorted(clusters.iterdir()) if re.fullmatch(r"k\d+", entry.name)]
+        for results in folders:
+            for folder in IMAGE_FOLDERS:
+                path = results.image_file(folder, image_id)
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+
     def cluster_results(self, num_clusters: int) -> Results:
         return Results(self.cluster_dir(num_clusters), self.root)
 

@@ -11,6 +11,7 @@ others, and every image id must be a safe relative name, before anything is buil
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,13 +22,13 @@ import numpy as np
 
 from datus.errors import ConfigurationError
 from datus.io import MAX_IMAGE_PIXELS, atomic_path, open_regular, write_npz
-from datus.records import ImageRecord, segment_keys
+from datus.records import UNKNOWN_MARK, ImageRecord, segment_keys
 from datus.run import check_image_id
 
 _PER_IMAGE = ("image_ids", "image_paths", "mask_paths", "orig_sizes", "segment_maps", "segment_counts",
               "image_embeddings", "cls_attention")
 _PER_SEGMENT = ("sizes", "is_noise", "donors")
-_OPTIONAL_PER_IMAGE = ("modularity",)
+_OPTIONAL_PER_IMAGE = ("modularity", "image_marks")
 """Per-image arrays added after the first shard format: a shard without them still reads (as NaN)."""
 
 
@@ -48,6 +49,7 @@ def write_shard(path: Path, records: Sequence[ImageRecord]) -> None:
             "image_embeddings": np.stack([r.image_embedding for r in records]).astype(np.float16),
             "cls_attention": np.stack([r.cls_attention for r in records]).astype(np.float16),
             "modularity": np.array([r.modularity for r in records], dtype=np.float64),
+            "image_marks": np.array([r.image_mark for r in records], dtype=np.int64).reshape(-1, 2),
             "sizes": np.concatenate([r.sizes for r in records]).astype(np.int32),
             "is_noise": np.concatenate([r.is_noise for r in records]).astype(bool),
             "donors": np.concatenate([r.donors for r in records]).astype(np.int32),
@@ -82,6 +84,7 @@ def read_records(path: Path) -> list[ImageRecord]:
     arrays = _load(path, (*_PER_IMAGE, *_PER_SEGMENT, "embeddings"), _OPTIONAL_PER_IMAGE)
     _check(path, arrays)
     modularity = arrays.get("modularity", np.full(len(arrays["image_ids"]), np.nan))
+    marks = arrays.get("image_marks", np.full((len(arrays["image_ids"]), 2), -1, dtype=np.int64))
     counts = arrays["segment_counts"]
     ends = np.cumsum(counts)
     valid_counts = [int((~arrays["is_noise"][end - count : end]).sum()) for count, end in zip(counts, ends)]
@@ -103,6 +106,7 @@ def read_records(path: Path) -> list[ImageRecord]:
                 image_embedding=arrays["image_embeddings"][i],
                 cls_attention=arrays["cls_attention"][i],
                 modularity=float(modularity[i]),
+                image_mark=(int(marks[i, 0]), int(marks[i, 1])),
             )
         )
     return records
@@ -121,6 +125,8 @@ def _check(path: Path, arrays: dict[str, np.ndarray]) -> None:
     for key in ("image_ids", "image_paths", "mask_paths"):
         if arrays[key].dtype.kind != "U":
             refuse(f"{key} is not text")
+    if "image_marks" in arrays and (arrays["image_marks"].shape != (images, 2) or arrays["image_marks"].dtype.kind not in "iu"):
+        refuse(f"image_marks must be {images} pairs of integers, one per image")
     if "modularity" in arrays:
         quality = arrays["modularity"]
         if quality.shape != (images,) or quality.dtype.kind != "f" or np.isinf(quality).any():
@@ -188,6 +194,46 @@ def read_image_paths(shards: Sequence[Path]) -> list[tuple[str, str]]:
 
 TABLE_KEYS_SEED = 0
 """Seed of the row keys stored with a segment table; samples mix their own seed in (:mod:`datus.clustering.streamed`)."""
+
+
+def drop_stale_records(shards: Sequence[Path]) -> tuple[list[str], list[str]]:
+    """Take out of ``shards`` the records of input images that changed or vanished since they were predicted.
+
+    An image whose size or modification time differs from its record's mark is changed (it is
+    then predicted again, under the same id, as an unfinished image); one that no longer exists
+    has vanished (it leaves the dataset stages). A shard is rewritten atomically without those
+    records, or removed when none is left: shards are datus's own files, and a run killed
+    midway finds each one either old or new. Costs one ``stat`` per recorded image; a record
+    without a mark (earlier versions) can only be found vanished.
+
+    Returns:
+        (changed image paths, vanished (image id, image path) pairs), as recorded.
+    """
+    changed: list[str] = []
+    vanished: list[tuple[str, str]] = []
+    for shard in shards:
+        arrays = _load(shard, ("image_ids", "image_paths"), ("image_marks",))
+        marks = arrays.get("image_marks")
+        stale = set()
+        for index, raw_path in enumerate(arrays["image_paths"]):
+            path = str(raw_path)
+            try:
+                status = os.stat(path)
+            except OSError:
+                vanished.append((check_image_id(str(arrays["image_ids"][index]), shard), path))
+                stale.add(index)
+                continue
+            recorded = (int(marks[index, 0]), int(marks[index, 1])) if marks is not None and marks.shape[1:] == (2,) else UNKNOWN_MARK
+            if recorded != UNKNOWN_MARK and recorded != (status.st_size, status.st_mtime_ns):
+                changed.append(path)
+                stale.add(index)
+        if stale:
+            kept = [record for index, record in enumerate(read_records(shard)) if index not in stale]
+            if kept:
+                write_shard(shard, kept)
+            else:
+                shard.unlink()
+    return changed, vanished
 
 
 def check_unique_ids(shards: Sequence[Path]) -> None:

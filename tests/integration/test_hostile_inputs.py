@@ -268,3 +268,27 @@ def test_an_abbreviated_or_misspelled_option_is_refused_with_the_nearest_name(tm
     _predict(write_photos(tmp_path / "images", 2), run)
     with pytest.raises(ConfigurationError, match=r"--cluster\.num_cluster 3; did you mean --cluster\.num_clusters\?"):
         main(["cluster", "--run", str(run), "--cluster.num_cluster", "3"])
+
+
+def test_a_replaced_image_is_predicted_again_and_a_deleted_one_leaves_the_run(tmp_path: Path) -> None:
+    """Resume was keyed by path only: a re-exported image kept its old mask (even of another size)
+    and a deleted one stayed in k-means and the manifest. The rerun now equals a fresh run."""
+    from datus.io import read_label_png
+
+    images = write_photos(tmp_path / "images", 4)
+    run = tmp_path / "run"
+    _predict(images, run)
+    replacement = np.random.default_rng(9).integers(0, 255, (72, 96, 3), dtype=np.uint8)
+    Image.fromarray(replacement).save(images / "photo1.png")  # re-exported under the same name, other size
+    (images / "photo2.png").unlink()
+    _predict(images, run)
+    _predict(images, tmp_path / "fresh")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["images_predicted_now"] == 1 and summary["images_in_run"] == 3
+    assert any(entry["path"].endswith("photo2.png") and "vanished" in entry["reason"] for entry in summary["skipped"])
+    for name in ("photo0", "photo1", "photo3"):
+        assert np.array_equal(read_label_png(run / "masks" / f"{name}.png"), read_label_png(tmp_path / "fresh" / "masks" / f"{name}.png")), name
+    assert read_label_png(run / "masks" / "photo1.png").shape == (72, 96)
+    ids = sorted(json.loads(line)["image_id"] for line in (run / "manifest.jsonl").read_text().splitlines())
+    assert ids == ["photo0", "photo1", "photo3"]
+    assert not any((run / folder / f"photo2{suffix}").exists() for folder, suffix in (("masks", ".png"), ("overlay", ".jpg")))
