@@ -28,8 +28,10 @@ class ClusterSettings:
 
     Args:
         num_clusters: K, the number of pseudo classes.
-        engine: ``sklearn`` (one process fits on everything) or ``torch`` (on the device; under
-            DDP each rank keeps its own embeddings and only sums and counts cross ranks).
+        engine: ``sklearn`` (one process streams every segment: scikit-learn's initialisation and
+            MiniBatchKMeans) or ``torch`` (on the device; under DDP each rank streams its own
+            segments and only sums, counts and the initialisation sample cross ranks). Both read
+            the run's segment table a chunk at a time (:mod:`datus.clustering.streamed`).
         init: ``k-means++`` (better and more stable per the paper's own ablation) or ``random``
             (the paper's setting).
         pca_components: reduce embeddings to this many dimensions first (None: no PCA).
