@@ -37,6 +37,7 @@ from torch import Tensor
 
 from datus.clustering.checks import check_data
 from datus.clustering.kernels import (
+    as_tensor,
     chunk_rows,
     count_nonfinite,
     exact_float32,
@@ -78,9 +79,7 @@ class Rows:
     """
 
     def __init__(self, table: np.ndarray | Tensor, keys: np.ndarray, device: torch.device) -> None:
-        self.table = table if isinstance(table, Tensor) else _as_tensor(table)
-        if not self.table.is_floating_point():
-            raise ValueError(f"embeddings must be floating point, got dtype {self.table.dtype}; pass the float embeddings")
+        self.table, _ = as_tensor(table)  # a memory map is wrapped, not copied
         self.keys = keys
         self.device = device
         self.mean: Tensor | None = None
@@ -123,15 +122,6 @@ class Rows:
         if self.mean is not None and self.components is not None:
             block = (block - self.mean) @ self.components.T
         return block
-
-
-def _as_tensor(array: np.ndarray) -> Tensor:
-    """A tensor over ``array``'s memory (read-only memory maps included: they are only read)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.as_tensor(array)
 
 
 def fit_streamed(rows: Rows, settings: ClusterSettings, iterations: Iterations, group: Collective) -> ClusterModel:
