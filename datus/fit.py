@@ -1,7 +1,10 @@
 """Stage 6 for a run: fit the clusters on the run's valid segments, reuse a fit, or apply another run's.
 
-A fit is saved under ``clusters/k<K>/`` with ``settings.json`` saying what it was fitted on (the
-cluster settings and a digest of the shards); a rerun with the same settings and shards reuses it.
+A fit is saved in the ``fit/`` folder of the results it paints (the run folder for ``datus
+predict``, ``clusters/k<K>/`` for ``datus cluster``), so a folder's centroids always match its
+masks, with ``settings.json`` saying what it was fitted on (the cluster settings and a digest of
+the shards); a rerun with the same settings and shards reuses it, and so does another results
+folder of the same run asking for the same fit.
 The fit streams the run's segment table (:func:`datus.shards.segment_table`), memory-mapped
 from ``cache/``, so its memory does not grow with the run.
 ``--cluster.centroids`` applies a fitted model of another run instead, after checking that the
@@ -24,7 +27,7 @@ from datus.collective import Collective
 from datus.diagnostics import Stability, sampled_stability
 from datus.errors import ConfigurationError
 from datus.io import UnreadableFile, read_json, write_json
-from datus.run import RUN_FILE, Run
+from datus.run import RUN_FILE, Results, Run, fit_folder
 from datus.settings import ClusterSettings
 from datus.shards import embedding_width_of, segment_table, shards_digest
 
@@ -47,13 +50,13 @@ def fit_identity(run: Run, settings: ClusterSettings) -> dict[str, Any]:
     shards = run.shards()
     identity = {"settings": settings.fit_identity(), "shards": {"count": len(shards), "digest": shards_digest(shards)}}
     if settings.centroids is not None:
-        identity["applied_model"] = model_digest(Path(settings.centroids))
+        identity["applied_model"] = model_digest(fit_folder(Path(settings.centroids)))
     return identity
 
 
-def has_fit(run: Run, settings: ClusterSettings, identity: dict[str, Any]) -> bool:
-    """Whether a fit of ``identity`` is saved (:func:`fit_or_load` will then load it, if sound)."""
-    return _saved_identity(run.cluster_dir(settings.num_clusters)) == identity
+def has_fit(run: Run, identity: dict[str, Any]) -> bool:
+    """Whether a fit of ``identity`` is saved in any results folder of ``run`` (:func:`fit_or_load` will then load it, if sound)."""
+    return any(_saved_identity(results.fit_dir) == identity for results in run.all_results())
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Fit:
     stability: Stability | None
 
 
-def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective, identity: dict[str, Any]) -> Fit:
+def fit_or_load(run: Run, results: Results, settings: ClusterSettings, collective: Collective, identity: dict[str, Any]) -> Fit:
     """The cluster model for ``settings`` on every rank (fitted once, saved by rank 0), and its stability.
 
     The stability (:func:`datus.diagnostics.sampled_stability`) is measured once per fit and kept
@@ -72,13 +75,16 @@ def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective, ide
 
     Args:
         run: the run whose shards are clustered.
+        results: the results folder the fit paints; the fit is saved in its ``fit/``.
         settings: the cluster settings.
         collective: the ranks taking part.
-        identity: :func:`fit_identity` of the run and settings; a saved fit is reused when it matches.
+        identity: :func:`fit_identity` of the run and settings; a fit of the run saved with this
+            identity (here or in another results folder) is reused.
     """
-    directory = run.cluster_dir(settings.num_clusters)
+    directory = results.fit_dir
     width = embedding_width(run)
-    model = cached = _cached_model(directory, identity, settings, width)
+    found = next((other.fit_dir for other in [results, *run.all_results()] if _saved_identity(other.fit_dir) == identity), None)
+    model = cached = _cached_model(found, settings, width) if found is not None else None
     if model is None and settings.centroids is not None:
         model = applied_model(Path(settings.centroids), _model_identity(run), settings.num_clusters, width)
     elif model is None and settings.engine == "torch":
@@ -98,14 +104,15 @@ def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective, ide
                 error = refused
         if collective.agree(error is not None):
             raise error or ConfigurationError("clustering failed on rank 0; see its message")
-    stability = _saved_stability(directory) if cached is not None and collective.is_main else None
+    stability = _saved_stability(found) if found is not None and cached is not None and collective.is_main else None
     if collective.agree(collective.is_main and stability is None):
         rows, group = _rows(run, settings, collective)
         if rows is not None and group is not None and model is not None:
             stability = sampled_stability(rows, model, settings, group)
     if collective.is_main:
         assert model is not None and stability is not None
-        if cached is None:
+        if found != directory or cached is None:
+            (directory / FIT_FILE).unlink(missing_ok=True)  # a save cut short must not pass for the old fit
             model.save(directory)
         write_json(directory / STABILITY_FILE, stability.to_json())
         write_json(directory / FIT_FILE, identity)  # last: an identity always belongs to complete files
@@ -113,10 +120,8 @@ def fit_or_load(run: Run, settings: ClusterSettings, collective: Collective, ide
     return Fit(model if model is not None else ClusterModel.load(directory), stability)
 
 
-def _cached_model(directory: Path, identity: dict[str, Any], settings: ClusterSettings, width: int) -> ClusterModel | None:
-    """The saved fit when it was fitted on ``identity`` and is sound; None to fit again."""
-    if _saved_identity(directory) != identity:
-        return None
+def _cached_model(directory: Path, settings: ClusterSettings, width: int) -> ClusterModel | None:
+    """The saved fit in ``directory`` when it is sound; None to fit again."""
     try:  # a damaged or mismatched cache is refitted, not trusted
         cached = ClusterModel.load(directory)
     except ValueError as error:
@@ -200,20 +205,22 @@ def applied_model(source: Path, model_identity: dict[str, Any], num_clusters: in
     """Another run's fitted model, refused unless that run embedded segments like this one.
 
     Args:
-        source: a ``clusters/k<K>`` folder of another run.
+        source: a results folder of another run (the run folder, or its ``clusters/k<K>``), or its ``fit/``.
         model_identity: this run's model settings (``DatusModule.describe()``, as in run.json).
         num_clusters: the K asked for.
         width: this run's embedding dimension, when known.
     """
+    folder = fit_folder(source)
+    results = folder.parent
+    owner = Run(results) if Run(results).is_datus_run() else Run(results.parent.parent)
     try:
-        model = ClusterModel.load(source)
-        theirs = Run(source.parent.parent).recorded_identity()
+        model = ClusterModel.load(folder)
+        theirs = owner.recorded_identity()
     except (FileNotFoundError, ValueError) as error:
-        raise ConfigurationError(f"--cluster.centroids {source}: {error}") from error
+        raise ConfigurationError(f"--cluster.centroids {source}: {error}; give a run folder or its clusters/k<K> folder") from error
     if theirs is None:
         raise ConfigurationError(
-            f"--cluster.centroids {source}: {source.parent.parent / RUN_FILE} is missing; give a clusters/k<K> "
-            "folder inside a datus run folder"
+            f"--cluster.centroids {source}: {owner.root / RUN_FILE} is missing; give a run folder or its clusters/k<K> folder"
         )
     differences = [
         f"{key}: {theirs['model'].get(key)!r} there, {model_identity.get(key)!r} here"

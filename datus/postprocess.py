@@ -5,7 +5,7 @@ callback, on every DDP rank) and ``datus cluster`` (one process re-clustering sa
 other settings, without the ViT). The order, and what each stage reads and writes:
 
 1. fit (:mod:`datus.fit`): reads the memory-mapped segment table (``cache/``), writes
-   ``clusters/k<K>/`` (centroids, PCA, stability, the identity it was fitted on);
+   the results folder's ``fit/`` (centroids, PCA, stability, the identity it was fitted on);
 2. the shard pass (:mod:`datus.shard_pass`): reads each shard once, on every core; writes masks,
    segment maps (and colour masks and overlays when the colours are already known); returns the
    scoring counts, the diagnostics' sums and the gallery candidates;
@@ -122,10 +122,10 @@ def postprocess(
     fitted_on = fit_identity(run, cluster)
     with ShardPool(cluster.workers or auto_workers(len(own), collective.world_size)) as pool:
         seconds: dict[str, float] = {}
-        if not has_fit(run, cluster, fitted_on):
+        if not has_fit(run, fitted_on):
             pool.start()  # the workers import while the fit runs
         started = time.perf_counter()
-        fit = fit_or_load(run, cluster, collective, fitted_on)
+        fit = fit_or_load(run, results, cluster, collective, fitted_on)
         model = fit.model
         seconds["clustering"] = time.perf_counter() - started
         mask_folders = _mask_folders(run)

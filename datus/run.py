@@ -40,6 +40,8 @@ CONFIG_FILE = "config.yaml"
 SHARDS_DIR = "shards"
 LOGS_DIR = "logs"
 CLUSTERS_DIR = "clusters"
+FIT_DIR = "fit"
+"""In every results folder: the cluster model its masks were painted with, and what it was fitted on."""
 CACHE_DIR = "cache"
 """Segment tables that stage 6 memory-maps (:func:`datus.shards.segment_table`); derived from shards/, safe to delete."""
 SKIPPED_FILE = "skipped.json"
@@ -143,6 +145,11 @@ def check_image_id(image_id: str, source: Path | str) -> str:
     return image_id
 
 
+def fit_folder(source: Path) -> Path:
+    """The ``fit/`` folder named by ``--cluster.centroids``: given itself, or the results folder holding it."""
+    return source if source.name == FIT_DIR else source / FIT_DIR
+
+
 @dataclass(frozen=True)
 class Results:
     """A folder of painted outputs: the run folder itself, or ``clusters/k<K>/`` for ``datus cluster``.
@@ -177,6 +184,11 @@ class Results:
 
     def gallery_index(self) -> Path:
         return self.root / GALLERY_DIR / GALLERY_INDEX
+
+    @property
+    def fit_dir(self) -> Path:
+        """The fit painted into these results: kept beside them, so a folder's centroids always match its masks."""
+        return self.root / FIT_DIR
 
     def gallery_sheets(self) -> dict[int, Path]:
         """The cluster sheets present now, by cluster id (to remove those of a larger earlier K)."""
@@ -213,25 +225,26 @@ class Run:
     def log_files(self) -> list[Path]:
         return sorted((self.root / LOGS_DIR).glob("predict-rank[0-9][0-9][0-9].json"))
 
-    def cluster_dir(self, num_clusters: int) -> Path:
-        """Where the fit for K lives (centroids, assignments; results too for ``datus cluster``)."""
-        return self.root / CLUSTERS_DIR / f"k{num_clusters}"
-
     def remove_image_outputs(self, image_id: str) -> None:
         """Delete the per-image files datus painted for ``image_id``, in the run folder and every
         ``clusters/k<K>/`` (an image that vanished from the input must not keep a mask)."""
-        folders = [self.results]
-        clusters = self.root / CLUSTERS_DIR
-        if clusters.is_dir() and not clusters.is_symlink():
-            folders += [Results(entry, self.root) for entry in sorted(clusters.iterdir()) if re.fullmatch(r"k\d+", entry.name)]
-        for results in folders:
+        for results in self.all_results():
             for folder in IMAGE_FOLDERS:
                 path = results.image_file(folder, image_id)
                 if path.is_file() and not path.is_symlink():
                     path.unlink()
 
     def cluster_results(self, num_clusters: int) -> Results:
-        return Results(self.cluster_dir(num_clusters), self.root)
+        """``clusters/k<K>/``: the results of ``datus cluster`` for K, with their own fit."""
+        return Results(self.root / CLUSTERS_DIR / f"k{num_clusters}", self.root)
+
+    def all_results(self) -> list[Results]:
+        """The run folder's results and every ``clusters/k<K>/`` present."""
+        clusters = self.root / CLUSTERS_DIR
+        folders = [self.results]
+        if clusters.is_dir() and not clusters.is_symlink():
+            folders += [Results(entry, self.root) for entry in sorted(clusters.iterdir()) if re.fullmatch(r"k\d+", entry.name)]
+        return folders
 
     def shard_path(self, rank: int, sequence: int) -> Path:
         return self.shards_dir / f"rank{rank:03d}-{sequence:07d}.npz"
@@ -290,12 +303,8 @@ class Run:
         """
         candidates = [self.root, self.root / LOCK_FILE, self.root / SHARDS_DIR, self.root / LOGS_DIR, self.root / CLUSTERS_DIR]
         candidates.append(self.root / CACHE_DIR)
-        candidates += [self.root / name for name in (*IMAGE_FOLDERS, GALLERY_DIR)]
-        clusters = self.root / CLUSTERS_DIR
-        if clusters.is_dir() and not clusters.is_symlink():
-            for entry in clusters.iterdir():
-                if re.fullmatch(r"k\d+", entry.name):
-                    candidates += [entry, *(entry / name for name in (*IMAGE_FOLDERS, GALLERY_DIR))]
+        for results in self.all_results():
+            candidates += [results.root, *(results.root / name for name in (*IMAGE_FOLDERS, GALLERY_DIR, FIT_DIR))]
         linked = [path for path in candidates if path.is_symlink()]
         if linked:
             raise ConfigurationError(

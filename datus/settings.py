@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from datus.errors import ConfigurationError
+from datus.run import fit_folder
 
 IGNORE_INDEX = 255
 """Ground-truth value that scoring ignores: the default of ``--eval.ignore_index`` and what ``datus prepare`` writes."""
@@ -37,8 +38,9 @@ class ClusterSettings:
         pca_components: reduce embeddings to this many dimensions first (None: no PCA).
         minibatch: MiniBatchKMeans, as the paper (sklearn engine only).
         seed: clustering seed.
-        centroids: a fitted ``clusters/k<K>`` folder of another run: label this run's segments
-            with those centroids (and their PCA) instead of fitting, e.g. fit on train, label val.
+        centroids: another run's folder, or its ``clusters/k<K>`` folder: label this run's
+            segments with the centroids (and PCA) fitted there instead of fitting, e.g. fit on
+            train, label val.
         colour: also write colour masks, overlays and a legend for people to look at.
         crf: refine the masks with a dense CRF on the image (``--crf.*`` sets it up); ``both``
             writes refined masks and scores them with and without refinement.
@@ -78,10 +80,10 @@ class ClusterSettings:
             raise ConfigurationError(f"--cluster.crf must be true, false or both, got {self.crf!r}")
         if not 0 <= self.seed < 2**32:
             raise ConfigurationError(f"--cluster.seed must be in [0, 2**32), got {self.seed}")
-        if self.centroids is not None and not (Path(self.centroids) / "model.json").is_file():
+        if self.centroids is not None and not (fit_folder(Path(self.centroids)) / "model.json").is_file():
             raise ConfigurationError(
-                f"--cluster.centroids {self.centroids} holds no fitted clusters (model.json); give a "
-                "RUN/clusters/k<K> folder of a finished run"
+                f"--cluster.centroids {self.centroids} holds no fitted clusters (fit/model.json); give the "
+                "folder of a finished run, or its clusters/k<K> folder"
             )
 
     def fit_identity(self) -> dict[str, Any]:

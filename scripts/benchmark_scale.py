@@ -187,7 +187,7 @@ def main() -> None:
             shutil.rmtree(run_dir / "clusters", ignore_errors=True)  # a full run, not a rerun of an earlier one
             flags = ["--cluster.num_clusters", str(options.num_clusters), *options.flags]
             full = timed_cluster(run_dir, flags, options.sample_every)
-            stages = json.loads((Run(run_dir).cluster_dir(options.num_clusters) / "summary.json").read_text())["stage_seconds"]
+            stages = json.loads((Run(run_dir).cluster_results(options.num_clusters).file("summary.json")).read_text())["stage_seconds"]
             rerun = timed_cluster(run_dir, flags, options.sample_every)
             row = {"images": images, "segments": images * options.valid, "full": full, "stages": stages, "rerun": rerun}
             rows.append(row)

@@ -86,7 +86,7 @@ def test_cluster_sweep_and_evaluate_agree_with_the_run(dataset: Path, finished_r
     for k in (2, 3):
         metrics = json.loads((finished_run / "clusters" / f"k{k}" / "metrics.json").read_text())
         assert metrics["num_clusters"] == k
-        assert (finished_run / "clusters" / f"k{k}" / "centroids.npy").is_file()
+        assert (finished_run / "clusters" / f"k{k}" / "fit" / "centroids.npy").is_file()
     rows = json.loads((finished_run / "clusters" / "summary.json").read_text())
     assert [row["k"] for row in rows] == [2, 3]
     run_metrics = json.loads((finished_run / "metrics.json").read_text())
@@ -177,7 +177,7 @@ def test_recluster_with_the_torch_engine(finished_run: Path) -> None:
     main(["cluster", "--run", str(finished_run), "--cluster.num_clusters", "4", "--cluster.engine", "torch"])
     metrics = json.loads((finished_run / "clusters" / "k4" / "metrics.json").read_text())
     assert metrics["num_clusters"] == 4 and metrics["num_images"] == NUM_IMAGES
-    assert json.loads((finished_run / "clusters" / "k4" / "settings.json").read_text())["settings"]["engine"] == "torch"
+    assert json.loads((finished_run / "clusters" / "k4" / "fit" / "settings.json").read_text())["settings"]["engine"] == "torch"
 
 
 def run_console(*arguments: str) -> subprocess.CompletedProcess[str]:
@@ -255,14 +255,14 @@ def test_cluster_reports_only_what_it_did(finished_run: Path, capsys: pytest.Cap
 
 def test_fitted_centroids_label_new_images_and_reproduce_the_fitting_run(dataset: Path, finished_run: Path, tmp_path: Path) -> None:
     """--cluster.centroids: the fitting run's own images get exactly its labels; other settings are refused."""
-    centroids = finished_run / "clusters" / "k3"
+    centroids = finished_run
     applied = tmp_path / "applied"
     predict(dataset, applied, "--cluster.centroids", str(centroids))
     for image_id in image_ids(dataset):
         assert np.array_equal(
             read_label_png(applied / "masks" / f"{image_id}.png"), read_label_png(finished_run / "masks" / f"{image_id}.png")
         ), image_id
-    assert np.array_equal(np.load(applied / "clusters" / "k3" / "centroids.npy"), np.load(centroids / "centroids.npy"))
+    assert np.array_equal(np.load(applied / "fit" / "centroids.npy"), np.load(centroids / "fit" / "centroids.npy"))
     with pytest.raises(ConfigurationError, match=r"embedded differently \(image_size: 64 there, 80 here"):
         predict(dataset, tmp_path / "other", "--cluster.centroids", str(centroids), "--model.image_size", "80")
     with pytest.raises(ConfigurationError, match="has K = 3; set --cluster.num_clusters 3"):

@@ -193,7 +193,7 @@ def test_prepare_never_replaces_a_symlinked_output_folder(tmp_path: Path) -> Non
 
 
 def test_a_run_labelled_with_another_runs_centroids_follows_when_those_change(tmp_path: Path) -> None:
-    """Run B labelled with RUN_A/clusters/k2 kept A's old centroids after A was re-clustered: the
+    """Run B labelled with RUN_A's clusters kept A's old centroids after A was re-clustered: the
     fit is now keyed on the content of the applied model, so B's rerun equals a fresh run."""
     from datus.clustering import ClusterModel
     from datus.io import read_label_png
@@ -201,7 +201,7 @@ def test_a_run_labelled_with_another_runs_centroids_follows_when_those_change(tm
     source = tmp_path / "a"
     _predict(write_photos(tmp_path / "images_a", 3), source)
     images_b = write_photos(tmp_path / "images_b", 2)
-    centroids = source / "clusters" / "k2"
+    centroids = source / "fit"
 
     def label(output_dir: Path) -> None:
         main(["predict", "--config", TINY, "--data.root", str(images_b), "--output_dir", str(output_dir),
@@ -217,6 +217,27 @@ def test_a_run_labelled_with_another_runs_centroids_follows_when_those_change(tm
     after = read_label_png(tmp_path / "b" / "masks" / "photo0.png")
     assert np.array_equal(after, read_label_png(tmp_path / "fresh" / "masks" / "photo0.png"))
     assert np.array_equal(after, 1 - before)
+
+
+def test_each_results_folder_keeps_the_fit_it_was_painted_with(tmp_path: Path) -> None:
+    """`predict` and `datus cluster` shared clusters/k<K>/: after both ran for one K with different
+    settings, its centroids no longer matched its masks. Each folder now keeps its own fit/; labelling
+    the same images with a folder's fit reproduces that folder's masks, in either order."""
+    from datus.io import read_label_png
+
+    images = write_photos(tmp_path / "images", 4)
+    run = tmp_path / "run"
+    _predict(images, run)
+    main(["cluster", "--run", str(run), "--cluster.num_clusters", "2", "--cluster.seed", "7", "--cluster.init", "random"])
+    _predict(images, run)  # a rerun after the sweep: its own fit, not the sweep's
+    for results in (run, run / "clusters" / "k2"):
+        relabelled = tmp_path / f"relabelled-{results.name}"
+        main(["predict", "--config", TINY, "--data.root", str(images), "--output_dir", str(relabelled),
+              "--trainer.enable_progress_bar", "false", "--cluster.num_clusters", "2", "--cluster.centroids", str(results)])  # fmt: skip
+        for mask in sorted((results / "masks").glob("*.png")):
+            assert np.array_equal(read_label_png(mask), read_label_png(relabelled / "masks" / mask.name)), (results, mask.name)
+    assert json.loads((run / "fit" / "settings.json").read_text())["settings"]["seed"] != 7
+    assert json.loads((run / "clusters" / "k2" / "fit" / "settings.json").read_text())["settings"]["seed"] == 7
 
 
 def test_edited_ground_truth_is_scored_again(tmp_path: Path) -> None:

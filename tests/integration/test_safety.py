@@ -335,12 +335,12 @@ def test_crafted_shard_values_are_one_error_naming_the_shard(run_copy: Path, cha
 
 def test_crafted_cache_is_refitted(run_copy: Path) -> None:
     """A cached fit of another shape is refitted, not trusted."""
-    fit = run_copy / "clusters" / "k3"
+    fit = run_copy / "fit"  # predict's fit, which `datus cluster` reuses for the same settings
     model = json.loads((fit / "model.json").read_text())
     np.save(fit / "centroids.npy", np.zeros((3, 5), np.float32))
     (fit / "model.json").write_text(json.dumps({**model, "input_dim": 5}))
     main(["cluster", "--run", str(run_copy), "--cluster.num_clusters", "3"])
-    assert np.load(fit / "centroids.npy").shape[1] != 5
+    assert np.load(run_copy / "clusters" / "k3" / "fit" / "centroids.npy").shape[1] != 5
 
 
 def _bad_mapping(metrics: dict) -> None:
@@ -401,8 +401,8 @@ def test_crafted_run_and_config_files_are_one_error(run_copy: Path, edit: object
 
 def test_unusable_centroids_are_refused_before_any_image_is_predicted(dataset: Path, tmp_path: Path) -> None:
     junk = tmp_path / "junk"
-    junk.mkdir()
-    (junk / "model.json").write_text("{")
+    (junk / "fit").mkdir(parents=True)
+    (junk / "fit" / "model.json").write_text("{")
     run = tmp_path / "run"
     with pytest.raises(ConfigurationError, match="--cluster.centroids .*junk"):
         predict(dataset, run, "--cluster.centroids", str(junk))
