@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from datus.errors import ConfigurationError
-from datus.io import IMAGE_EXTENSIONS, UnreadableFile, load_rgb, paired_mask
+from datus.io import IMAGE_EXTENSIONS, UnreadableFile, load_rgb, locate_images, paired_mask
 from datus.run import RUN_FILE, Run, image_id_for
 from datus.workers import available_cores
 
@@ -162,29 +162,6 @@ def collate_with_skips(items: Iterable[dict[str, Any]]) -> dict[str, Any]:
     if good:
         batch.update(torch.utils.data.default_collate(good))
     return batch
-
-
-def locate_images(root: Path, split: str | None, mask_dir: Path | None) -> tuple[Path, Path | None]:
-    """The image and mask folders of ``--data.*``, checked to exist and to hold an image.
-
-    Cheap (stops at the first image), so the CLI runs it before building the model.
-    """
-    root = Path(root).expanduser()
-    if split is not None:
-        image_dir, layout_masks = root / split / "images", root / split / "true_masks"
-        mask_dir = layout_masks if layout_masks.is_dir() else None
-    else:
-        image_dir = root
-    if not image_dir.is_dir():
-        hint = f" (with --data.split {split} the images must be in ROOT/{split}/images)" if split else ""
-        raise ConfigurationError(f"--data.root: no folder {image_dir}{hint}. Point --data.root at your images.")
-    if mask_dir is not None and not Path(mask_dir).is_dir():
-        raise ConfigurationError(f"--data.mask_dir: no folder {mask_dir}.")
-    if not any(path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() for path in image_dir.rglob("*")):
-        raise ConfigurationError(
-            f"--data.root: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {image_dir}."
-        )
-    return image_dir, Path(mask_dir).expanduser() if mask_dir is not None else None
 
 
 class ImageFolderDataModule(L.LightningDataModule):

@@ -11,6 +11,7 @@ and is worthless.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
@@ -324,12 +325,18 @@ def build_backbone(backbone: str, weights: str, **overrides: object) -> nn.Modul
 
 
 def _require_timm_model(name: str, role: Role, examples: str, pattern: str) -> None:
-    """Refuse a misspelt model name in one line that says how to list the valid ones."""
-    if not timm.is_model(name):
-        raise ConfigurationError(
-            f"{role.model_option}: unknown timm model {name!r}. Use {examples} "
-            f"(python -c \"import timm; print(timm.list_models('{pattern}', pretrained=True))\")."
-        )
+    """Refuse a misspelt model name or pretrained tag in one line naming the nearest valid one."""
+    architecture, _, tag = name.partition(".")
+    if timm.is_model(architecture) and (not tag or name in timm.list_pretrained(f"{architecture}.*")):
+        return
+    candidates = timm.list_pretrained(f"{architecture}.*") if timm.is_model(architecture) else timm.list_models() + timm.list_pretrained()
+    nearest = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    what = f"no pretrained tag {tag!r} for {architecture}" if timm.is_model(architecture) else f"unknown timm model {name!r}"
+    hint = f"did you mean {nearest[0]!r}? " if nearest else ""
+    raise ConfigurationError(
+        f"{role.model_option}: {what}; {hint}Use {examples} "
+        f"(python -c \"import timm; print(timm.list_models('{pattern}', pretrained=True))\")."
+    )
 
 
 def build_embedder(embedder: str, weights: str) -> nn.Module:

@@ -376,6 +376,12 @@ def main(args: Sequence[str] | None = None, process_starting: bool = False) -> N
     command, rest = arguments[0], arguments[1:]
     if command == "predict":
         from datus.communities import worker_started_early
+        from datus.predict_options import check_arguments, help_text
+
+        if any(argument in ("-h", "--help") for argument in rest):
+            print(help_text(), end="")
+            return None
+        check_arguments(rest)
 
         with worker_started_early() if process_starting and not _only_prints(rest) else nullcontext():
             from datus.predict import run_predict  # Lightning and timm: seconds of imports

@@ -15,6 +15,7 @@ a small version is needed, so that memory stays bounded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -27,6 +28,8 @@ from typing import IO, Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from datus.errors import ConfigurationError
 
 
 def _current_umask() -> int:
@@ -325,3 +328,44 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def locate_images(root: Path, split: str | None, mask_dir: Path | None, announce: bool = True) -> tuple[Path, Path | None]:
+    """The image and mask folders of ``--data.*``, checked to exist and to hold an image.
+
+    Cheap (stops at the first image), so the CLI runs it before building the model. A config
+    made for the DatUS layout (``--data.split train``) pointed at a plain folder of photos reads
+    that folder, with a warning (``announce``), instead of refusing the obvious command.
+    """
+    root = Path(root).expanduser()
+    if split is not None:
+        image_dir, layout_masks = root / split / "images", root / split / "true_masks"
+        mask_dir = layout_masks if layout_masks.is_dir() else None
+        splits = sorted(folder.parent.name for folder in root.glob("*/images") if folder.is_dir()) if root.is_dir() else []
+        if not image_dir.is_dir() and splits:
+            raise ConfigurationError(
+                f"--data.split {split}: no {image_dir}; the splits of {root} are {', '.join(splits)}"
+            )
+        if not image_dir.is_dir() and root.is_dir() and _holds_an_image(root):
+            if announce:
+                logging.getLogger(__name__).warning(
+                    "--data.root %s has no %s/images folder: reading it as a plain folder of images "
+                    "(pass --data.split null to say so)", root, split
+                )
+            image_dir, mask_dir = root, None
+    else:
+        image_dir = root
+    if not image_dir.is_dir():
+        hint = f" (with --data.split {split} the images must be in ROOT/{split}/images)" if split else ""
+        raise ConfigurationError(f"--data.root: no folder {image_dir}{hint}. Point --data.root at your images.")
+    if mask_dir is not None and not Path(mask_dir).is_dir():
+        raise ConfigurationError(f"--data.mask_dir: no folder {mask_dir}.")
+    if not _holds_an_image(image_dir):
+        raise ConfigurationError(
+            f"--data.root: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {image_dir}."
+        )
+    return image_dir, Path(mask_dir).expanduser() if mask_dir is not None else None
+
+
+def _holds_an_image(folder: Path) -> bool:
+    return any(path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() for path in folder.rglob("*"))

@@ -22,11 +22,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from callbacks.pipeline import ClusterPaintEvaluate
 from callbacks.progress import ImagesProgressBar
 from callbacks.writer import SegmentShardWriter
-from datamodules.images import ImageFolderDataModule, check_loader_options, locate_images
+from datamodules.images import ImageFolderDataModule, check_loader_options
 from datus.crf import CRFParams, require_densecrf
 from datus.errors import ConfigurationError
 from datus.fit import applied_model
-from datus.io import write_text
+from datus.io import locate_images, write_text
 from datus.module import DatusModule
 from datus.run import CONFIG_FILE, Run
 from datus.settings import ClusterSettings, EvaluationSettings
@@ -116,6 +116,86 @@ class DatusCLI(LightningCLI):
             ours.append(ImagesProgressBar())
         config = {**config, **TRAINER_SETTINGS}
         return super()._instantiate_trainer(config, [*callbacks, *ours])
+
+
+TRAINER_HELP = {
+    "accelerator": "cpu, gpu, mps or auto (a GPU when there is one).",
+    "strategy": "auto, or ddp for several devices (one process per device).",
+    "devices": "how many devices (or which: 0,1), or auto.",
+    "num_nodes": "machines taking part, for a multi-node DDP job.",
+    "precision": "32-true (default), bf16-mixed or 16-mixed: half-precision backbone passes.",
+    "callbacks": "extra Lightning callbacks (class_path and init_args).",
+    "limit_predict_batches": "predict only this many batches per device (an int), or this fraction.",
+    "enable_progress_bar": "false hides the progress bars (logs and batch jobs).",
+}
+"""datus's words for the Trainer options it offers (Lightning's own describe training)."""
+
+_OPEN_TYPES = ("model.backbone_kwargs", "trainer.callbacks", "trainer.strategy", "trainer.accelerator", "trainer.devices")
+"""Options whose values are structures: their sub-keys (``--trainer.callbacks+=...``) are Lightning's to check."""
+
+
+def option_table() -> dict[str, Any]:
+    """Every ``datus predict`` option as data, read from the parser that LightningCLI builds.
+
+    Written to ``predict_options.json`` (:func:`datus.predict_options.write_table`) so that help
+    and most mistakes are answered without importing Lightning or timm; a test keeps the file
+    equal to this.
+    """
+    import types
+    import typing
+
+    class _Built(Exception):
+        pass
+
+    class _ParserOnly(DatusCLI):
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            raise _Built(parser)
+
+    try:
+        _ParserOnly(DatusModule, ImageFolderDataModule, run=False, args=[], parser_kwargs={"exit_on_error": False},
+                    seed_everything_default=0, auto_configure_optimizers=False)  # fmt: skip
+    except _Built as built:
+        parser = built.args[0]
+    options = []
+    for action in parser._actions:
+        flags = [flag for flag in action.option_strings if flag.startswith("--") and not flag.endswith("+")]
+        hint = getattr(action, "_typehint", None)
+        if not flags or hint is None or action.dest == "seed_everything" or action.dest.endswith(".help"):
+            continue
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        arguments = [arg for arg in typing.get_args(hint) if arg is not type(None)] if union else [hint]
+        nullable = union and len(arguments) < len(typing.get_args(hint))
+        choices = None
+        kind = "any"
+        if len(arguments) == 1 and typing.get_origin(arguments[0]) is typing.Literal:
+            choices = [str(value) for value in typing.get_args(arguments[0])]
+        elif arguments == [bool]:
+            choices = ["true", "false"]
+        elif len(arguments) == 1 and arguments[0] in (int, float, str):
+            kind = arguments[0].__name__
+        group = action.dest.split(".")[0]
+        name = action.dest.split(".", 1)[-1]
+        text = TRAINER_HELP[name] if group == "trainer" else action.help or ""
+        options.append({
+            "flag": flags[0], "group": group if "." in action.dest else "", "kind": kind, "choices": choices,
+            "nullable": nullable, "required": bool(action.required), "open": action.dest in _OPEN_TYPES,
+            "default": _json_default(action.default), "help": _plain(text),
+        })  # fmt: skip
+    groups = {name: group.title for name, group in parser.groups.items() if name in {o["group"] for o in options}}
+    return {"groups": groups, "options": options}
+
+
+def _json_default(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _plain(text: str) -> str:
+    """Docstring markup as a user reads it: ``x`` and :func:`x` become x, one line."""
+    text = re.sub(r":\w+:`([^`]*)`", r"\1", text)
+    text = text.replace("``", "")
+    return " ".join(text.split())
 
 
 def quiet_lightning() -> None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from datus.drawing import colour_table, colourise
 from datus.errors import ConfigurationError
 from datus.io import read_label_png
 from tests.conftest import NUM_IMAGES, image_ids, predict
-from tests.generated import REPO, TINY
+from tests.generated import REPO, TINY, write_photos
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +129,7 @@ def refuse(stage: str) -> object:
     ("flags", "message", "first_model_work"),
     [
         (["--cluster.num_clusters", "0"], "--cluster.num_clusters must be >= 1", "build_backbone"),
-        (["--data.split", "nope"], "--data.root: no folder", "build_backbone"),
+        (["--data.split", "nope"], "--data.split nope: no .*; the splits of .* are train", "build_backbone"),
         (["--data.root", "{empty}", "--data.split", "null"], "--data.root: no images", "build_backbone"),
         (["--model.backbone", "no_such_vit"], "--model.backbone: unknown timm model", "load_frozen_weights"),
         (["--model.image_size", "60"], "not a multiple of the patch size", "load_frozen_weights"),
@@ -191,20 +192,62 @@ def run_console(*arguments: str) -> subprocess.CompletedProcess[str]:
 def test_predict_help_shows_datus_options_first_and_only_inference_trainer_flags() -> None:
     completed = run_console("predict", "--help")
     text = completed.stdout
-    assert completed.returncode == 0 and len(text.splitlines()) < 400
-    assert "--model.backbone" in "\n".join(text.splitlines()[:60])  # datus's own options come first
-    assert text.index("--model.backbone") < text.index("--data.root") < text.index("--cluster.num_clusters")
-    assert text.index("--cluster.num_clusters") < text.index("--trainer.devices")
+    assert completed.returncode == 0 and len(text.splitlines()) <= 125  # two screens
+    assert "--model.backbone" in "\n".join(text.splitlines()[:30])  # datus's own options come first
+    options = text[text.index("\noutput:") :]
+    assert options.index("--model.backbone") < options.index("--data.root") < options.index("--cluster.num_clusters")
+    assert options.index("--cluster.num_clusters") < options.index("--trainer.devices")
     for flag in ("--trainer.accelerator", "--trainer.precision", "--trainer.strategy", "--crf.iterations", "--eval.num_classes"):
-        assert flag in text
-    for absent in ("max_epochs", "gradient_clip_val", "--optimizer", "--lr_scheduler", "Customize every aspect"):
+        assert text.count(flag + " ") == 1  # every option described once
+    for absent in ("max_epochs", "gradient_clip_val", "--optimizer", "--lr_scheduler", "Customize every aspect",
+                   "``", ":func:", "Optional[", "Union[", "typing", "None"):  # fmt: skip
         assert absent not in text
+
+
+PROMPT_ANSWER_SECONDS = 3.0
+"""Help and configuration mistakes of every command: about 0.4 s here; 5.5-15 s when predict imported Lightning first."""
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["predict", "--help"], ["predict", "--data.root", ".", "--output_dir", "{out}", "--cluster.num_cluster", "3"],
+     ["predict", "--data.root", ".", "--output_dir", "{out}", "--model.embedding", "crops"],
+     ["predict", "--config", "{missing}", "--data.root", "."], ["predict", "--data.root", "{missing}", "--output_dir", "{out}"]],
+)  # fmt: skip
+def test_predict_answers_help_and_mistakes_at_once(tmp_path: Path, arguments: list[str]) -> None:
+    started = time.perf_counter()
+    completed = run_console(*(part.format(out=tmp_path / "out", missing=tmp_path / "missing") for part in arguments))
+    assert time.perf_counter() - started < PROMPT_ANSWER_SECONDS, completed.stderr
+    assert completed.returncode == (0 if "--help" in arguments else 2)
+    assert completed.returncode == 0 or completed.stderr.startswith("datus: error: ") and completed.stderr.count("\n") == 1
+
+
+def test_predict_option_table_is_the_parsers() -> None:
+    """predict_options.json (help and early checks without Lightning) says what LightningCLI's parser says."""
+    from datus.predict import option_table
+    from datus.predict_options import table
+
+    assert option_table() == table(), "regenerate: python -c 'from datus.predict_options import write_table; write_table()'"
+
+
+def test_a_misspelt_option_value_or_pretrained_tag_names_the_nearest(tmp_path: Path) -> None:
+    flags = ["predict", "--config", TINY, "--data.root", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    write_photos(tmp_path, 1)
+    with pytest.raises(ConfigurationError, match=r"did you mean --cluster\.num_clusters\?"):
+        main([*flags, "--cluster.num_cluster", "3"])
+    with pytest.raises(ConfigurationError, match="did you mean crop"):
+        main([*flags, "--model.embedding", "crops"])
+    with pytest.raises(ConfigurationError, match=r"unknown key cluster\.num_cluster; did you mean cluster\.num_clusters"):
+        (tmp_path / "typo.yaml").write_text("cluster:\n  num_cluster: 3\n")
+        main([*flags, "--config", str(tmp_path / "typo.yaml")])
+    with pytest.raises(ConfigurationError, match=r"no pretrained tag 'dion' for vit_small_patch16_224; did you mean 'vit_small_patch16_224\.dino'"):
+        main([*flags, "--model.backbone", "vit_small_patch16_224.dion", "--model.weights", "pretrained"])
 
 
 def test_a_typo_is_one_line_and_the_version_is_there(tmp_path: Path) -> None:
     typo = run_console("predict", "--config", TINY, "--modle.backbone", "x", "--output_dir", str(tmp_path / "out"))
     assert typo.returncode == 2 and typo.stderr.strip().count("\n") == 0
-    assert typo.stderr.startswith("datus: error: unrecognized arguments: --modle.backbone")
+    assert typo.stderr.startswith("datus: error: unknown option --modle.backbone; did you mean --model.backbone?")
     missing = run_console("predict", "--config", TINY, "--data.root", str(tmp_path))
     assert missing.returncode == 2 and "datus: error: --output_dir is required" in missing.stderr
     wrong_type = run_console("cluster", "--run", str(tmp_path), "--cluster.crf", "maybe")
@@ -273,11 +316,13 @@ def test_fitted_centroids_label_new_images_and_reproduce_the_fitting_run(dataset
 
 @pytest.mark.parametrize(
     "arguments",
-    [["cluster", "--help"], ["evaluate", "--help"], ["prepare", "--help"], ["cluster", "--run", "{run}", "--cluster.num_clusters", "2"]],
-)
+    [["cluster", "--help"], ["evaluate", "--help"], ["prepare", "--help"], ["cluster", "--run", "{run}", "--cluster.num_clusters", "2"],
+     ["predict", "--help"], ["predict", "--data.root", "{run}", "--output_dir", "{run}/x", "--cluster.num_cluster", "2"]],
+)  # fmt: skip
 def test_offline_commands_load_neither_lightning_nor_timm(finished_run: Path, arguments: list[str]) -> None:
     probe = (
-        "import sys\nfrom datus.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "import sys\nfrom datus.cli import main\nfrom datus.errors import ConfigurationError\n"
+        "try:\n    main(sys.argv[1:])\nexcept (SystemExit, ConfigurationError):\n    pass\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'timm'}))"
     )
     completed = subprocess.run(

@@ -1,0 +1,61 @@
+"""predict's early checks (datus.predict_options): they refuse mistakes, never a valid invocation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from datus.errors import ConfigurationError
+from datus.io import locate_images
+from datus.predict_options import check_arguments, help_text
+from tests.generated import REPO, write_photos
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_every_shipped_config_passes_the_early_checks(config: Path, tmp_path: Path) -> None:
+    write_photos(tmp_path / "photos", 1)
+    check_arguments(["--config", str(config), "--data.root", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.precision", "bf16-mixed"],
+     ["--trainer.callbacks+=lightning.pytorch.callbacks.Timer", "--model.backbone_kwargs", "{depth: 2}"],
+     ["--cluster.pca_components=null", "--data.pin_memory", "False", "--cluster.crf", "both", "--print_config"],
+     ["--model.louvain_workers", "auto", "--data.num_workers", "0", "--trainer.limit_predict_batches", "0.5"]],
+)  # fmt: skip
+def test_valid_flags_pass(arguments: list[str], tmp_path: Path) -> None:
+    write_photos(tmp_path, 1)
+    check_arguments(["--data.root", str(tmp_path), "--output_dir", str(tmp_path / "out"), *arguments])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [(["--cluster.num_cluster", "3"], r"unknown option --cluster\.num_cluster; did you mean --cluster\.num_clusters\?"),
+     (["--cluster.init", "kmeans"], "expected one of k-means.., random"),
+     (["--crf.gaussian_sxy", "wide"], "expected a number"),
+     (["--data.batch_size"], "needs a value"),
+     (["--output_dir", "null"], "--output_dir is required")],
+)  # fmt: skip
+def test_mistakes_are_refused_in_one_line(arguments: list[str], message: str, tmp_path: Path) -> None:
+    write_photos(tmp_path, 1)
+    with pytest.raises(ConfigurationError, match=message):
+        check_arguments(["--data.root", str(tmp_path), "--output_dir", str(tmp_path / "out"), *arguments])
+
+
+def test_a_layout_config_on_a_plain_folder_reads_the_folder(tmp_path: Path) -> None:
+    """configs/demo.yaml says --data.split train; pointed at a folder of photos it reads them, with a warning."""
+    photos = write_photos(tmp_path / "photos", 2)
+    assert locate_images(photos, "train", None) == (photos, None)
+
+
+def test_help_wraps_to_the_terminal_and_describes_every_option() -> None:
+    from datus.predict_options import table
+
+    text = help_text(width=100)
+    assert max(len(line) for line in text.splitlines()) <= 100 + 20  # the example line may overrun
+    for option in table()["options"]:
+        assert f"  {option['flag']} " in text
