@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datus.errors import ConfigurationError
+from datus.settings import RANDOM_WEIGHTS
 
 log = logging.getLogger(__name__)
 
-RANDOM_WEIGHTS = "random"
-"""Value of ``weights`` that asks for an untrained network (tests, smoke runs)."""
 
 DEFAULT_WEIGHTS = "pretrained"
 """Value of ``weights`` that resolves the published weights for the backbone name."""

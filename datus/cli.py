@@ -122,14 +122,14 @@ def _cluster_parser(defaults: dict[str, dict[str, Any]]) -> CommandParser:
 def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
     """``datus cluster``: one results folder per K under ``RUN/clusters/k<K>/`` and a sweep table."""
     from datus.crf import CRFParams, require_densecrf
-    from datus.run import CLUSTERS_DIR, Run
+    from datus.run import SUMMARY_FILE, SWEEP_TABLE, Run
     from datus.settings import ClusterSettings, EvaluationSettings, from_options
 
     run_flag = _value_of("--run", args)
     defaults = _saved_settings(Path(run_flag)) if run_flag else {}
     options = _cluster_parser(defaults).parse_args(list(args))
     from datus.collective import Collective
-    from datus.describe import format_sweep, sweep_row
+    from datus.describe import SUGGESTION_RULE, format_sweep, suggested_k, sweep_row
     from datus.io import write_json, write_text
     from datus.postprocess import postprocess
 
@@ -155,9 +155,9 @@ def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
             )
             print(outcome.console_text(), flush=True)
             rows.append(sweep_row(settings.num_clusters, outcome.summary, outcome.metrics))
-        write_json(run.file(CLUSTERS_DIR) / "summary.json", rows)
+        write_json(run.sweep_file(SUMMARY_FILE), {"rows": rows, "suggested_k": suggested_k(rows), "rule": SUGGESTION_RULE})
         table = format_sweep(rows)
-        write_text(run.file(CLUSTERS_DIR) / "summary.txt", table + "\n")
+        write_text(run.sweep_file(SWEEP_TABLE), table + "\n")
     print(table)
     return rows
 

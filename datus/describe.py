@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datus.diagnostics import console_line
+from datus.diagnostics import STABILITY_FLOOR, console_line, verdict, verdict_line
 from datus.errors import one_line
 from datus.io import UnreadableFile, json_text, read_json, write_json, write_lines
 from datus.metrics import format_table
 from datus.run import CLASSES_FILE, IMAGE_FOLDERS, MANIFEST_FILE, MASKS, SKIPPED_FILE, SUMMARY_FILE, Results, Run
+from datus.settings import RANDOM_WEIGHTS
 from datus.shards import read_image_paths
 
 
@@ -83,12 +84,21 @@ def _manifest_lines(shards: Sequence[Path], results: Results) -> Iterator[str]:
             yield json_text({"image_id": image_id, "image": str(Path(path).absolute()), "mask": mask}, indent=None)
 
 
+def run_verdict(run: Run, diagnostics: dict[str, Any], images: int) -> dict[str, Any]:
+    """:func:`datus.diagnostics.verdict` for ``run``, whose ``run.json`` says whether its weights were random."""
+    model = (run.recorded_identity() or {}).get("model", {})
+    random_weights = RANDOM_WEIGHTS in (model.get("weights"), model.get("embedder_weights") if model.get("embedder") else None)
+    return verdict(diagnostics, images, random_weights)
+
+
 def write_summary(
     run: Run, results: Results, facts: dict[str, Any], skipped: list[dict[str, str]]
 ) -> dict[str, Any]:
     """``summary.json`` of the results folder and the run's ``skipped.json`` (always written)."""
     write_json(run.file(SKIPPED_FILE), skipped)
     summary = {**facts, "skipped": skipped, "results_dir": str(results.root)}
+    if "diagnostics" in facts:
+        summary["verdict"] = run_verdict(run, facts["diagnostics"], facts["images_in_run"])
     write_json(results.file(SUMMARY_FILE), summary)
     return summary
 
@@ -102,17 +112,21 @@ def format_summary(summary: dict[str, Any], metrics: dict[str, Any] | None, clas
     lines = [
         f"datus: {done}, {len(summary['skipped'])} skipped",
         f"segments: {summary['segments']} valid + {summary['noise_segments']} noise, K = {summary['num_clusters']}",
-        "seconds: " + ", ".join(f"{stage} {value:.2f}" for stage, value in summary["stage_seconds"].items()),
     ]
     if "diagnostics" in summary:
         lines.append(console_line(summary["diagnostics"]))
+    if "verdict" in summary:
+        lines.append(verdict_line(summary["verdict"]))
     for skip in summary["skipped"][:10]:
         lines.append(f"  skipped {one_line(skip['path'])}: {one_line(skip['reason'])}")
     if len(summary["skipped"]) > 10:
         lines.append(f"  ... {len(summary['skipped']) - 10} more in skipped.json")
     if metrics:
         lines.append(format_table(metrics, class_names).rstrip())
-    lines.append(f"outputs: {summary['results_dir']}")
+    else:
+        lines.append("not scored: no ground-truth masks (--data.mask_dir, or a dataset's true_masks)")
+    results = Path(summary["results_dir"])
+    lines.append(f"outputs: {results}; look at {results / 'report.png'} first (seconds per stage: {results / 'summary.json'})")
     return "\n".join(lines)
 
 
@@ -120,10 +134,19 @@ SWEEP_COLUMNS = (
     "dense_miou", "dense_pixel_accuracy", "dense_nmi", "dense_ari", "paper_miou", "paper_pixel_accuracy", "stego_miou",
     "stego_pixel_accuracy",
 )  # fmt: skip
+LABEL_FREE_COLUMNS = ("stability_ari", "largest_pixel_share")
+"""What a sweep without ground truth shows for each K (from the diagnostics)."""
 
 
 def sweep_row(num_clusters: int, summary: dict[str, Any], metrics: dict[str, Any] | None) -> dict[str, Any]:
     row: dict[str, Any] = {"k": num_clusters, "segments": summary["segments"], "results_dir": summary["results_dir"]}
+    diagnostics = summary.get("diagnostics")
+    if diagnostics:
+        row |= {
+            "stability_ari": diagnostics["stability"]["ari"],
+            "largest_pixel_share": diagnostics["clusters"]["largest_pixel_share"],
+            "empty_clusters": len(diagnostics["clusters"]["empty"]),
+        }
     for name, protocol in (metrics or {}).get("protocols", {}).items():
         for key in ("miou", "pixel_accuracy", "nmi", "ari"):
             row[f"{name}_{key}"] = protocol.get(key)
@@ -132,11 +155,32 @@ def sweep_row(num_clusters: int, summary: dict[str, Any], metrics: dict[str, Any
     return row
 
 
+SUGGESTION_RULE = (
+    f"the largest K with stability ARI >= {STABILITY_FLOOR} and no empty cluster (stability alone favours the "
+    "smallest K, which merges real groups); when none qualifies, the most stable K"
+)
+
+
+def suggested_k(rows: Sequence[dict[str, Any]]) -> int | None:
+    """The K of a sweep that :data:`SUGGESTION_RULE` picks, without labels; None without measured stability."""
+    measured = [row for row in rows if row.get("stability_ari") is not None]
+    if not measured:
+        return None
+    agreed = [row for row in measured if row["stability_ari"] >= STABILITY_FLOOR and not row.get("empty_clusters")]
+    if agreed:
+        return int(max(row["k"] for row in agreed))
+    return int(max(measured, key=lambda row: (row["stability_ari"], -row["k"]))["k"])
+
+
 def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per K: the main scores of both protocols, as percentages."""
-    columns = [*SWEEP_COLUMNS, *(c for c in ("dense_miou_without_crf",) if any(c in row for row in rows))]
+    """One line per K: the label-free numbers, then the main scores of each protocol, as percentages; and the suggested K."""
+    scored = [c for c in (*SWEEP_COLUMNS, "dense_miou_without_crf") if any(row.get(c) is not None for row in rows)]
+    columns = [*LABEL_FREE_COLUMNS, *scored]
     lines = ["    K " + "".join(f"{c:>24}" for c in columns)]
     for row in rows:
         cells = "".join(f"{100 * row[c]:>23.2f}%" if row.get(c) is not None else f"{'-':>24}" for c in columns)
         lines.append(f"{row['k']:>5} {cells}")
+    suggestion = suggested_k(rows)
+    if suggestion is not None:
+        lines.append(f"suggested K (label-free): {suggestion}: {SUGGESTION_RULE}; look at its galleries before you keep it")
     return "\n".join(lines)

@@ -153,6 +153,50 @@ class Diagnostics:
         }
 
 
+NOISE_LIMIT = 0.25
+"""Most pixels of a healthy run lie in valid segments; above this share the patch graph fell apart."""
+NO_SEGMENT_LIMIT = 0.2
+"""Share of images without a valid segment (they get one label from their CLS token) above which the run is suspicious."""
+MODULARITY_FLOOR = 0.1
+"""Mean Louvain modularity below which the patch graphs have no community structure."""
+LARGEST_CLUSTER_LIMIT = 0.8
+"""Pixel share of one cluster above which the features do not separate the scene."""
+STABILITY_FLOOR = 0.7
+"""Stability ARI below which a second k-means disagrees: K is too high for the data, or the groups unclear."""
+
+
+def verdict(summary: dict[str, Any], images: int, random_weights: bool) -> dict[str, Any]:
+    """``healthy`` or ``suspicious``, with the reasons, from the label-free diagnostics alone.
+
+    Each rule is one threshold above (the README lists them); ``random_weights`` is always a
+    reason, since such masks look plausible and mean nothing.
+    """
+    reasons = []
+    if random_weights:
+        reasons.append("random weights (--model.weights random): the masks mean nothing")
+    if summary["noise_pixel_fraction"] > NOISE_LIMIT:
+        reasons.append(f"{100 * summary['noise_pixel_fraction']:.0f}% of pixels in noise segments (healthy: a few percent)")
+    if summary["images_without_valid_segments"] > NO_SEGMENT_LIMIT * images:
+        reasons.append(f"{summary['images_without_valid_segments']} of {images} images without a valid segment")
+    modularity = summary["modularity"]["mean"]
+    if modularity is not None and modularity < MODULARITY_FLOOR:
+        reasons.append(f"mean modularity {modularity:.2f}: the patch graphs have no community structure")
+    if summary["clusters"]["largest_pixel_share"] > LARGEST_CLUSTER_LIMIT and len(summary["clusters"]["pixels"]) > 1:
+        reasons.append(f"one cluster holds {100 * summary['clusters']['largest_pixel_share']:.0f}% of pixels")
+    if summary["clusters"]["empty"]:
+        reasons.append(f"{len(summary['clusters']['empty'])} clusters without a valid segment")
+    ari = summary["stability"]["ari"]
+    if ari is not None and ari < STABILITY_FLOOR:
+        reasons.append(f"stability ARI {ari:.2f}: a second k-means disagrees (try a lower K: datus cluster)")
+    return {"status": "suspicious" if reasons else "healthy", "reasons": reasons}
+
+
+def verdict_line(verdict: dict[str, Any]) -> str:
+    if verdict["status"] == "healthy":
+        return "verdict: healthy (the label-free diagnostics are in their usual ranges)"
+    return "verdict: suspicious: " + "; ".join(verdict["reasons"])
+
+
 def console_line(summary: dict[str, Any]) -> str:
     """One line of the end-of-run console text from the ``diagnostics`` object of ``summary.json``."""
     modularity, ari = summary["modularity"]["mean"], summary["stability"]["ari"]
@@ -323,17 +367,20 @@ def stability(embeddings: np.ndarray, labels: np.ndarray, second: ClusterSetting
     return agreement_scores(contingency)["ari"]
 
 
-def diagnostics_panel(diagnostics: Diagnostics, colours: np.ndarray, gallery: bool) -> Image.Image:
-    """The report's panel: key numbers, segments-per-image histograms and cluster sizes.
+def diagnostics_panel(diagnostics: Diagnostics, colours: np.ndarray, gallery: bool, judged: dict[str, Any]) -> Image.Image:
+    """The report's panel: the verdict, key numbers, segments-per-image histograms and cluster sizes.
 
     Args:
         diagnostics: what :func:`measure` found.
         colours: K x 3 cluster colours, as in the colour masks (so bars match the masks).
         gallery: whether cluster galleries were written (a line then says where).
+        judged: :func:`verdict` of these diagnostics.
     """
     title_font, font, small = font_of(15), font_of(12), font_of(10)
     modularity = diagnostics.modularity_summary()
     lines = [
+        f"verdict: {judged['status']}" + (" (numbers in their usual ranges)" if not judged["reasons"] else ":"),
+        *(f"  - {reason}" for reason in judged["reasons"]),
         f"noise: {100 * diagnostics.noise_pixel_fraction:.1f}% of pixels in noise segments; "
         f"{diagnostics.images_without_valid_segments} of {diagnostics.num_images} images without a valid segment",
         "Louvain modularity: "

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from datus.collective import Collective
 from datus.crf import CRFParams
-from datus.describe import PredictionLog, format_summary, write_dataset_files, write_summary
+from datus.describe import PredictionLog, format_summary, run_verdict, write_dataset_files, write_summary
 from datus.diagnostics import Counts, diagnostics_panel
 from datus.drawing import colour_table, legend_picture
 from datus.errors import ConfigurationError
@@ -232,7 +232,9 @@ def postprocess(
                 if write_files:
                     write_dataset_files(run, results, cluster.num_clusters, mapping, class_names)
                 diagnostics = counts.diagnostics(fit.stability)
-                panel = diagnostics_panel(diagnostics, table, cluster.gallery and write_files)
+                measured = diagnostics.summary()
+                judged = run_verdict(run, measured, num_images)
+                panel = diagnostics_panel(diagnostics, table, cluster.gallery and write_files, judged)
                 if write_files:
                     drawings["report"] = beside_colour.submit(_timed, make_report, run, results, diagnostics=panel)
                 if cluster.gallery and write_files:
@@ -255,7 +257,7 @@ def postprocess(
             if collective.is_main:
                 seconds |= {stage: drawing.result() for stage, drawing in drawings.items()}
                 facts = _facts(prediction, num_images, num_valid, num_noise, cluster.num_clusters, metrics)
-                facts["diagnostics"] = diagnostics.summary()
+                facts["diagnostics"] = measured
                 facts["stage_seconds"] = {**(prediction.stage_seconds if prediction else {}), **seconds}
                 summary = write_summary(run, results, facts, skipped)
                 painted = {

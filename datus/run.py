@@ -57,6 +57,8 @@ METRICS_FILE = "metrics.json"
 METRICS_TABLE = "metrics.txt"
 CONFUSION_FILE = "confusion.png"
 SUMMARY_FILE = "summary.json"
+SWEEP_TABLE = "summary.txt"
+"""``clusters/summary.txt``: the sweep table as printed (``clusters/summary.json`` holds its rows and the suggested K)."""
 REPORT_FILE = "report.png"
 LEGEND_FILE = "legend.png"
 MANIFEST_FILE = "manifest.jsonl"
@@ -233,6 +235,10 @@ class Run:
                 path = results.image_file(folder, image_id)
                 if path.is_file() and not path.is_symlink():
                     path.unlink()
+
+    def sweep_file(self, name: str) -> Path:
+        """``clusters/<name>``: the table of a ``datus cluster`` sweep over K."""
+        return self.root / CLUSTERS_DIR / name
 
     def cluster_results(self, num_clusters: int) -> Results:
         """``clusters/k<K>/``: the results of ``datus cluster`` for K, with their own fit."""

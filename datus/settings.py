@@ -19,6 +19,9 @@ from typing import Any, Literal, Union
 from datus.errors import ConfigurationError
 from datus.run import fit_folder
 
+RANDOM_WEIGHTS = "random"
+"""Value of ``--model.weights`` that asks for an untrained network (tests, smoke runs)."""
+
 IGNORE_INDEX = 255
 """Ground-truth value that scoring ignores: the default of ``--eval.ignore_index`` and what ``datus prepare`` writes."""
 

@@ -88,8 +88,9 @@ def test_cluster_sweep_and_evaluate_agree_with_the_run(dataset: Path, finished_r
         metrics = json.loads((finished_run / "clusters" / f"k{k}" / "metrics.json").read_text())
         assert metrics["num_clusters"] == k
         assert (finished_run / "clusters" / f"k{k}" / "fit" / "centroids.npy").is_file()
-    rows = json.loads((finished_run / "clusters" / "summary.json").read_text())
-    assert [row["k"] for row in rows] == [2, 3]
+    sweep = json.loads((finished_run / "clusters" / "summary.json").read_text())
+    assert [row["k"] for row in sweep["rows"]] == [2, 3] and sweep["suggested_k"] in (2, 3)
+    assert all(0 <= row["stability_ari"] <= 1 and row["largest_pixel_share"] > 0 for row in sweep["rows"])
     run_metrics = json.loads((finished_run / "metrics.json").read_text())
     k3 = json.loads((finished_run / "clusters" / "k3" / "metrics.json").read_text())
     assert k3["protocols"]["dense"]["miou"] == pytest.approx(run_metrics["protocols"]["dense"]["miou"])
@@ -293,7 +294,7 @@ def test_cluster_reports_only_what_it_did(finished_run: Path, capsys: pytest.Cap
     main(["cluster", "--run", str(finished_run), "--cluster.num_clusters", "2"])
     out = capsys.readouterr().out
     assert "predicted now" not in out and "backbone_forward" not in out
-    assert "clustering" in out and "K = 2" in out
+    assert "verdict: suspicious: random weights" in out and "K = 2" in out and "seconds" not in out.split("outputs:")[0]
 
 
 def test_fitted_centroids_label_new_images_and_reproduce_the_fitting_run(dataset: Path, finished_run: Path, tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def test_a_sweep_writes_only_what_depends_on_k(finished_run: Path, tmp_path: Pat
     """Segment maps stay in the run folder; --score_only writes no per-image file at all."""
     run = _copy(finished_run, tmp_path / "run")
     main(["cluster", "--run", str(run), "--cluster.num_clusters", "2", "3", "--score_only"])
-    rows = json.loads((run / "clusters" / "summary.json").read_text())
+    rows = json.loads((run / "clusters" / "summary.json").read_text())["rows"]
     assert [row["k"] for row in rows] == [2, 3] and all(row["dense_miou"] is not None for row in rows)
     for k in (2, 3):
         folder = run / "clusters" / f"k{k}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -208,11 +209,58 @@ def test_shards_carry_modularity_and_old_shards_read_as_not_recorded(tmp_path: P
 def test_panel_and_console_line_show_the_numbers() -> None:
     diagnostics = measure(hand_made_run(), MODEL, None)
     colours = np.array([[255, 0, 0], [0, 0, 255]], dtype=np.uint8)
-    with_gallery = diagnostics_panel(diagnostics, colours, gallery=True)
-    without = diagnostics_panel(diagnostics, colours, gallery=False)
+    healthy = {"status": "healthy", "reasons": []}
+    with_gallery = diagnostics_panel(diagnostics, colours, gallery=True, judged=healthy)
+    without = diagnostics_panel(diagnostics, colours, gallery=False, judged=healthy)
     assert with_gallery.width == without.width == PANEL_WIDTH
     assert with_gallery.height > without.height  # the line saying where the galleries are
     pixels = np.asarray(with_gallery)
     assert (pixels == [255, 0, 0]).all(axis=-1).any() and (pixels == [0, 0, 255]).all(axis=-1).any()
     line = console_line(diagnostics.summary())
     assert "38.6% of pixels in noise" in line and "modularity 0.300" in line
+
+
+def _diagnostics_summary(**changes: Any) -> dict[str, Any]:
+    """A healthy run's diagnostics object, with ``changes`` applied."""
+    summary = {
+        "noise_pixel_fraction": 0.04, "images_without_valid_segments": 0, "modularity": {"mean": 0.45},
+        "clusters": {"largest_pixel_share": 0.3, "pixels": [30, 25, 25, 20], "empty": []}, "stability": {"ari": 0.93},
+    }  # fmt: skip
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            summary[key] = {**summary[key], **value}
+        else:
+            summary[key] = value
+    return summary
+
+
+@pytest.mark.parametrize(
+    ("changes", "random_weights", "reason"),
+    [({}, True, "random weights"), ({"noise_pixel_fraction": 0.47}, False, "47% of pixels in noise"),
+     ({"images_without_valid_segments": 3}, False, "3 of 10 images without a valid segment"),
+     ({"modularity": {"mean": 0.03}}, False, "mean modularity 0.03"),
+     ({"clusters": {"largest_pixel_share": 0.9}}, False, "one cluster holds 90%"),
+     ({"clusters": {"empty": [2]}}, False, "1 clusters without a valid segment"),
+     ({"stability": {"ari": 0.51}}, False, "stability ARI 0.51")],
+)  # fmt: skip
+def test_the_verdict_names_each_broken_number(changes: dict[str, Any], random_weights: bool, reason: str) -> None:
+    from datus.diagnostics import verdict
+
+    assert verdict(_diagnostics_summary(), 10, False) == {"status": "healthy", "reasons": []}
+    judged = verdict(_diagnostics_summary(**changes), 10, random_weights)
+    assert judged["status"] == "suspicious" and len(judged["reasons"]) == 1 and reason in judged["reasons"][0]
+
+
+@pytest.mark.parametrize(
+    ("stabilities", "empty", "expected"),
+    [({2: 0.99, 3: 0.95, 4: 0.9, 6: 0.62, 8: 0.51}, {}, 4),  # the largest K still agreed on
+     ({3: 1.0, 4: 0.8, 5: 0.75}, {5: 1}, 4),  # an empty cluster disqualifies
+     ({5: 0.4, 6: 0.55, 7: 0.5}, {}, 6),  # none agreed on: the most stable
+     ({3: None}, {}, None)],
+)  # fmt: skip
+def test_the_suggested_k_follows_its_rule(stabilities: dict[int, float | None], empty: dict[int, int], expected: int | None) -> None:
+    from datus.describe import format_sweep, suggested_k
+
+    rows = [{"k": k, "stability_ari": ari, "largest_pixel_share": 0.3, "empty_clusters": empty.get(k, 0)} for k, ari in stabilities.items()]
+    assert suggested_k(rows) == expected
+    assert (f"suggested K (label-free): {expected}:" in format_sweep(rows)) == (expected is not None)
