@@ -77,9 +77,7 @@ figcaption{font-size:.8em;overflow-wrap:anywhere}
 """
 
 
-def write_html_view(
-    results: Results, summary: dict[str, Any], page_size: int = PAGE_SIZE, images_changed: bool = True
-) -> int:
+def write_html_view(results: Results, summary: dict[str, Any], page_size: int = PAGE_SIZE, images_changed: bool = True) -> int:
     """Write ``index.html`` and the image pages of ``results`` (rank 0 only); returns the number of pages.
 
     Args:
@@ -184,13 +182,15 @@ def _card(index: int, line: bytes, folders: Sequence[str], manifest: Path) -> st
             raise TypeError("image_id is not a string")
         check_image_id(image_id, manifest)
     except (ValueError, KeyError, TypeError, RecursionError, ConfigurationError):
-        return f'<figure><figcaption>#{index + 1} <span class="bad">unreadable or unsafe manifest line</span></figcaption></figure>'
+        return (
+            f'<figure><figcaption>#{index + 1} <span class="bad">unreadable or unsafe manifest line</span></figcaption></figure>'
+        )
     urls = {folder: _url("..", folder, image_id + IMAGE_FOLDERS[folder]) for folder in folders}
     links = [_image_link(entry.get("image"))] + [_link(urls[folder], _LABELS[folder]) for folder in folders]
     thumbnail = f'<img src="{html.escape(urls[folders[0]])}" loading="lazy" alt="{_LABELS[folders[0]]} of {_text(image_id)}">'
     return (
-        f'<figure>{_link(urls[folders[0]], thumbnail)}<figcaption>#{index + 1} <b>{_text(image_id)}</b><br>'
-        f'{" · ".join(links)}</figcaption></figure>'
+        f"<figure>{_link(urls[folders[0]], thumbnail)}<figcaption>#{index + 1} <b>{_text(image_id)}</b><br>"
+        f"{' · '.join(links)}</figcaption></figure>"
     )
 
 
@@ -215,9 +215,9 @@ def _navigation(number: int, pages: int) -> str:
     nearby = range(max(1, number - _NEARBY), min(pages, number + _NEARBY) + 1)
     numbers = " ".join(f"<b>{n}</b>" if n == number else to(n, str(n)) for n in nearby)
     return (
-        f'<nav>{_link("../" + HTML_INDEX, "index", rel="index")} | {to(1, "first", "first")} '
-        f'{to(number - 1, "previous", "prev")} | {numbers} | {to(number + 1, "next", "next")} '
-        f'{to(pages, "last", "last")} | page {number} of {pages}</nav>'
+        f"<nav>{_link('../' + HTML_INDEX, 'index', rel='index')} | {to(1, 'first', 'first')} "
+        f"{to(number - 1, 'previous', 'prev')} | {numbers} | {to(number + 1, 'next', 'next')} "
+        f"{to(pages, 'last', 'last')} | page {number} of {pages}</nav>"
     )
 
 
@@ -309,7 +309,11 @@ def _metrics_html(results: Results, num_clusters: int | None) -> str:
     if metrics is None:
         return '<p class="off">Not scored (no ground truth for these images).</p>'
     columns = (("mIoU", "miou"), ("pixel acc", "pixel_accuracy"), ("mean F1", "mean_f1"), ("mean acc", "mean_accuracy"))
-    rows = ["<table><tr><th class=l>protocol</th>" + "".join(f"<th>{label}</th>" for label, _ in columns) + "<th>NMI</th><th>ARI</th></tr>"]
+    rows = [
+        "<table><tr><th class=l>protocol</th>"
+        + "".join(f"<th>{label}</th>" for label, _ in columns)
+        + "<th>NMI</th><th>ARI</th></tr>"
+    ]
     for name in PROTOCOLS:
         protocol = metrics["protocols"][name]
         cells = "".join(f"<td>{_percent(protocol.get(key))}</td>" for _, key in columns)
@@ -317,8 +321,11 @@ def _metrics_html(results: Results, num_clusters: int | None) -> str:
         rows.append(f"<tr><td class=l>{name}</td>{cells}</tr>")
     rows.append("</table>")
     crf = metrics.get("crf") or {}
-    rows.append(f"<p>{metrics['num_images']} images scored; dense CRF {'applied' if crf.get('applied') else 'not applied'}.</p>"
-                if isinstance(metrics.get("num_images"), int) else "")
+    rows.append(
+        f"<p>{metrics['num_images']} images scored; dense CRF {'applied' if crf.get('applied') else 'not applied'}.</p>"
+        if isinstance(metrics.get("num_images"), int)
+        else ""
+    )
     try:
         names = metrics.get("class_names")
         rows.append(f"<pre>{_text(format_table(metrics, names if isinstance(names, list) else None))}</pre>")
@@ -347,8 +354,10 @@ def _diagnostics_html(results: Results, diagnostics: Any) -> str:
         rows.append(
             (
                 f"{kind} segments per image (mean, median, range)",
-                f"{_number(_get(counts, 'mean'), 2)}, {_number(_get(counts, 'median'), 1)}, "
-                f"{_number(_get(counts, 'min'))}-{_number(_get(counts, 'max'))}",
+                (
+                    f"{_number(_get(counts, 'mean'), 2)}, {_number(_get(counts, 'median'), 1)}, "
+                    f"{_number(_get(counts, 'min'))}-{_number(_get(counts, 'max'))}"
+                ),
             )
         )
     modularity = diagnostics.get("modularity")
@@ -367,8 +376,10 @@ def _diagnostics_html(results: Results, diagnostics: Any) -> str:
     if all(isinstance(column, list) for column in (segments, segment_share, pixel_share)):
         names = _get(_optional_json(results.file(CLASSES_FILE)), "classes")
         sheets = results.gallery_sheets()
-        table.append("<p></p><table><tr><th>cluster</th><th class=l>name</th><th>valid segments</th><th>share of segments</th>"
-                     "<th>share of pixels</th><th class=l>gallery</th></tr>")
+        table.append(
+            "<p></p><table><tr><th>cluster</th><th class=l>name</th><th>valid segments</th><th>share of segments</th>"
+            "<th>share of pixels</th><th class=l>gallery</th></tr>"
+        )
         for k, (count, by_segment, by_pixel) in enumerate(zip(segments, segment_share, pixel_share)):
             name = names[k] if isinstance(names, list) and k < len(names) else ""
             sheet = _link(_url(GALLERY_DIR, sheets[k].name), f"cluster_{k}.png") if k in sheets else ""
@@ -377,8 +388,10 @@ def _diagnostics_html(results: Results, diagnostics: Any) -> str:
                 f"<td>{_percent(by_pixel)}</td><td class=l>{sheet}</td></tr>"
             )
         table.append("</table>")
-    table.append(f"<p>How to read them: the README's section \"Diagnostics and cluster galleries\"; all of them in "
-                 f"{_link(SUMMARY_FILE, SUMMARY_FILE)}.</p>")
+    table.append(
+        f'<p>How to read them: the README\'s section "Diagnostics and cluster galleries"; all of them in '
+        f"{_link(SUMMARY_FILE, SUMMARY_FILE)}.</p>"
+    )
     return "\n".join(table)
 
 

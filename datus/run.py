@@ -409,7 +409,7 @@ class Run:
         yield self.root
         for name in (SHARDS_DIR, LOGS_DIR, CACHE_DIR):
             yield self.root / name
-        trees = [self.root / name for name in IMAGE_FOLDERS] + [self.root / CLUSTERS_DIR, self.root / GALLERY_DIR, self.root / VIEW_DIR]
+        trees = [self.root / name for name in (*IMAGE_FOLDERS, CLUSTERS_DIR, GALLERY_DIR, VIEW_DIR)]
         for tree in trees:
             if tree.is_dir() and not tree.is_symlink():
                 for folder, subfolders, _ in os.walk(tree):

@@ -60,7 +60,7 @@ def _summary(images: int) -> dict[str, object]:
 
 def test_hostile_ids_and_paths_are_escaped_and_quoted(tmp_path: Path) -> None:
     ids = ["x #1", "50% off", "été/ü ñ", "a&b'c", "<script>alert(1)</script>", "../../etc/passwd"]
-    images = ["/data/we<ird \"#?%.jpg", "/data/50% off.jpg", "/données/été/ü ñ.jpg", "relative.jpg", "/x.jpg", "/y.jpg"]
+    images = ['/data/we<ird "#?%.jpg', "/data/50% off.jpg", "/données/été/ü ñ.jpg", "relative.jpg", "/x.jpg", "/y.jpg"]
     results = _results(tmp_path / "run", ids, images)
     write_html_view(results, _summary(len(ids)), page_size=10)
     page = tmp_path / "run" / "view" / "page-000001.html"
@@ -76,7 +76,7 @@ def test_hostile_ids_and_paths_are_escaped_and_quoted(tmp_path: Path) -> None:
     for href in links.hrefs:
         assert " " not in href and "#" not in href and "?" not in href and not any(ord(c) > 127 for c in href)
     files = {unquote(urlsplit(href).path) for href in links.hrefs if href.startswith("file://")}
-    assert files == {"/data/we<ird \"#?%.jpg", "/data/50% off.jpg", "/données/été/ü ñ.jpg"}  # not a relative path
+    assert files == {'/data/we<ird "#?%.jpg', "/data/50% off.jpg", "/données/été/ü ñ.jpg"}  # not a relative path
     assert all(source.startswith("../overlay/") for source in links.sources)
     assert 'loading="lazy"' in text
 
