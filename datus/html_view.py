@@ -126,11 +126,11 @@ def write_pages(results: Results, page_size: int = PAGE_SIZE) -> tuple[int, int]
         rows.append(_card(index, line, folders, manifest))
         if len(rows) == page_size:
             written += 1
-            write_text(results.view_page(written), _page_html(results, written, pages, images, rows))
+            write_text(results.view_page(written), _page_html(results, written, pages, images, rows), durable=False)
             rows = []
     if rows:
         written += 1
-        write_text(results.view_page(written), _page_html(results, written, pages, images, rows))
+        write_text(results.view_page(written), _page_html(results, written, pages, images, rows), durable=False)
     for number, path in results.view_pages().items():
         if number > written and path.is_file() and not path.is_symlink():
             path.unlink(missing_ok=True)
@@ -185,12 +185,13 @@ def _card(index: int, line: bytes, folders: Sequence[str], manifest: Path) -> st
         return (
             f'<figure><figcaption>#{index + 1} <span class="bad">unreadable or unsafe manifest line</span></figcaption></figure>'
         )
-    urls = {folder: _url("..", folder, image_id + IMAGE_FOLDERS[folder]) for folder in folders}
-    links = [_image_link(entry.get("image"))] + [_link(urls[folder], _LABELS[folder]) for folder in folders]
-    thumbnail = f'<img src="{html.escape(urls[folders[0]])}" loading="lazy" alt="{_LABELS[folders[0]]} of {_text(image_id)}">'
+    quoted = quote(image_id, safe="/", errors="surrogateescape")  # letters, digits, "_.-~/%" only: safe in an attribute
+    urls = [f"../{folder}/{quoted}{IMAGE_FOLDERS[folder]}" for folder in folders]
+    shown = _text(image_id)
+    links = " · ".join([_image_link(entry.get("image"))] + [f'<a href="{url}">{_LABELS[f]}</a>' for f, url in zip(folders, urls)])
     return (
-        f"<figure>{_link(urls[folders[0]], thumbnail)}<figcaption>#{index + 1} <b>{_text(image_id)}</b><br>"
-        f"{' · '.join(links)}</figcaption></figure>"
+        f'<figure><a href="{urls[0]}"><img src="{urls[0]}" loading="lazy" alt="{_LABELS[folders[0]]} of {shown}"></a>'
+        f"<figcaption>#{index + 1} <b>{shown}</b><br>{links}</figcaption></figure>"
     )
 
 
@@ -198,8 +199,8 @@ def _image_link(path: Any) -> str:
     """The input image as a ``file://`` URL of its absolute path (it stays where it was read)."""
     if isinstance(path, str) and path.startswith("/"):
         try:
-            return _link(Path(path).as_uri(), "image")
-        except (ValueError, UnicodeError):
+            return f'<a href="file://{quote(path, safe="/", errors="surrogateescape")}">image</a>'
+        except UnicodeError:
             pass
     return '<span class="off">image</span>'
 
