@@ -12,7 +12,8 @@ other settings, without the ViT). The order, and what each stage reads and write
 3. scoring (:mod:`datus.score`): Hungarian matching on the pooled counts; ``metrics.*``;
 4. colour (when it depends on this run's matching): colour masks and overlays from the masks;
 5. report, galleries (threads beside the colour pass), ``classes.json``, ``manifest.jsonl``,
-   ``summary.json``, then ``painted.json``, which says what the folder was painted from.
+   ``summary.json``, the HTML view (``index.html``, ``view/``, :mod:`datus.html_view`), then
+   ``painted.json``, which says what the folder was painted from.
 
 Under DDP each rank works on its own shards; only counts, k-means statistics and the gallery
 candidates cross ranks, through :class:`datus.collective.Collective`.
@@ -45,6 +46,7 @@ from datus.drawing import colour_table, legend_picture
 from datus.errors import ConfigurationError
 from datus.fit import fit_identity, fit_or_load, has_fit
 from datus.gallery import Candidates, matched_names, write_galleries
+from datus.html_view import write_html_view
 from datus.io import UnreadableFile, json_text, read_json, write_image, write_json
 from datus.report import make_report
 from datus.run import (
@@ -260,6 +262,8 @@ def postprocess(
                 facts["diagnostics"] = measured
                 facts["stage_seconds"] = {**(prediction.stage_seconds if prediction else {}), **seconds}
                 summary = write_summary(run, results, facts, skipped)
+                if write_files:
+                    write_html_view(results, summary)
                 painted = {
                     "masks": identity,
                     "colour": {**identity, "mapping": mapping} if cluster.colour and write_files else None,
@@ -421,6 +425,7 @@ def _describe_again(
         if isinstance(entry, dict) and isinstance(entry.get("path"), str) and str(entry.get("reason")).startswith("not scored")
     ]
     summary = write_summary(run, results, facts, input_skipped + scoring_skips)
+    write_html_view(results, summary, images_changed=False)  # pages only when missing: no manifest read
     return Outcome(summary, metrics, class_names, seconds)
 
 

@@ -69,6 +69,10 @@ GALLERY_DIR = "gallery"
 GALLERY_INDEX = "index.png"
 """The overview of every cluster's galleries, in ``GALLERY_DIR``."""
 _GALLERY_SHEET = re.compile(r"cluster_(\d+)\.png")
+HTML_INDEX = "index.html"
+"""The page to browse a results folder in a browser (:mod:`datus.html_view`); its image pages are in ``VIEW_DIR``."""
+VIEW_DIR = "view"
+_VIEW_PAGE = re.compile(r"page-(\d{6,})\.html")
 
 _SHARD_NAME = re.compile(r"rank(\d{3})-(\d{7})\.npz")
 _UNSAFE_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\:*?\"<>|\ud800-\udfff]")
@@ -192,6 +196,22 @@ class Results:
         """The fit painted into these results: kept beside them, so a folder's centroids always match its masks."""
         return self.root / FIT_DIR
 
+    def view_page(self, number: int) -> Path:
+        """``view/page-<n>.html`` (n from 1): one page of the images in manifest order."""
+        return self.root / VIEW_DIR / f"page-{number:06d}.html"
+
+    def view_pages(self) -> dict[int, Path]:
+        """The image pages present now, by number (to remove those of a longer earlier run)."""
+        folder = self.root / VIEW_DIR
+        if not folder.is_dir() or folder.is_symlink():
+            return {}
+        return {int(match[1]): path for path in folder.iterdir() if (match := _VIEW_PAGE.fullmatch(path.name))}
+
+    @property
+    def is_run_folder(self) -> bool:
+        """Whether these are the run folder's own results (not ``clusters/k<K>/``)."""
+        return self.boundary is None or self.boundary == self.root
+
     def gallery_sheets(self) -> dict[int, Path]:
         """The cluster sheets present now, by cluster id (to remove those of a larger earlier K)."""
         folder = self.root / GALLERY_DIR
@@ -310,7 +330,7 @@ class Run:
         candidates = [self.root, self.root / LOCK_FILE, self.root / SHARDS_DIR, self.root / LOGS_DIR, self.root / CLUSTERS_DIR]
         candidates.append(self.root / CACHE_DIR)
         for results in self.all_results():
-            candidates += [results.root, *(results.root / name for name in (*IMAGE_FOLDERS, GALLERY_DIR, FIT_DIR))]
+            candidates += [results.root, *(results.root / name for name in (*IMAGE_FOLDERS, GALLERY_DIR, FIT_DIR, VIEW_DIR))]
         linked = [path for path in candidates if path.is_symlink()]
         if linked:
             raise ConfigurationError(
@@ -395,7 +415,7 @@ class Run:
         yield self.root
         for name in (SHARDS_DIR, LOGS_DIR, CACHE_DIR):
             yield self.root / name
-        trees = [self.root / name for name in IMAGE_FOLDERS] + [self.root / CLUSTERS_DIR, self.root / GALLERY_DIR]
+        trees = [self.root / name for name in (*IMAGE_FOLDERS, CLUSTERS_DIR, GALLERY_DIR, VIEW_DIR)]
         for tree in trees:
             if tree.is_dir() and not tree.is_symlink():
                 for folder, subfolders, _ in os.walk(tree):

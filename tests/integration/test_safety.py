@@ -94,7 +94,7 @@ def test_crafted_shard_ids_are_refused_and_nothing_is_written_outside(run_copy: 
     assert not Path("/tmp/datus-escaped-absolute.png").exists()
 
 
-@pytest.mark.parametrize("linked", ["clusters", "clusters/k2/masks", "gallery", "logs", "masks/nested", "run.lock"])
+@pytest.mark.parametrize("linked", ["clusters", "clusters/k2/masks", "gallery", "logs", "masks/nested", "run.lock", "view"])
 @pytest.mark.parametrize("command", ["cluster", "predict"])
 def test_a_symbolic_link_in_the_run_cannot_redirect_writes_or_deletions(
     dataset: Path, run_copy: Path, tmp_path: Path, linked: str, command: str

@@ -65,7 +65,8 @@ def test_a_rerun_with_nothing_changed_reads_no_shard_body_and_opens_no_image(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a rerun with nothing changed read a shard body or opened an image")
 
-    for target in ("datus.shard_pass.read_records", "datus.fit.segment_table", "datus.paint.Image.open", "datus.io.Image.open"):
+    targets = ("datus.shard_pass.read_records", "datus.fit.segment_table", "datus.paint.Image.open", "datus.io.Image.open")
+    for target in (*targets, "datus.html_view.write_pages"):  # the HTML pages too: no manifest read
         monkeypatch.setattr(target, refuse)
     main(["cluster", "--run", str(run), "--cluster.num_clusters", "3"])
     after = _files(run / "clusters" / "k3")
