@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -28,7 +31,7 @@ from datus.cli import main
 from datus.io import read_label_png
 from datus.module import DatusModule
 from datus.settings import ClusterSettings
-from tests.generated import REPO, TINY, write_classes, write_two_region_dataset
+from tests.generated import REPO, TINY, write_classes, write_photos, write_two_region_dataset
 
 NUM_IMAGES = 6
 
@@ -254,3 +257,17 @@ def test_python_api_recipe_from_the_readme(images: Path, tmp_path: Path) -> None
     trainer.predict(model, datamodule=data, return_predictions=False)
     assert again.outcome is not None and again.outcome.summary["images_predicted_now"] == 0
     assert PseudoMaskDataModule(output_dir).num_classes == 4
+
+
+def test_the_readme_python_snippet_runs_offline_as_written(tmp_path: Path) -> None:
+    """Copied from the README, run in a folder where `make demo` left its images: it must not ask for weights."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Python API") :]
+    snippet = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)]
+    write_photos(tmp_path / "runs" / "data" / "demo" / "train" / "images", 2, size=(96, 128))
+    completed = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert len(list((tmp_path / "runs" / "x" / "masks").glob("*.png"))) == 2
