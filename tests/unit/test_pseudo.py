@@ -264,10 +264,10 @@ def test_the_readme_python_snippet_runs_offline_as_written(tmp_path: Path) -> No
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("### Python API") :]
     snippet = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)]
-    write_photos(tmp_path / "runs" / "data" / "demo" / "train" / "images", 2, size=(96, 128))
+    write_photos(tmp_path / "runs" / "data" / "demo" / "train" / "images", 12, size=(96, 128))
     completed = subprocess.run(
         [sys.executable, "-c", snippet], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert len(list((tmp_path / "runs" / "x" / "masks").glob("*.png"))) == 2
+    assert len(list((tmp_path / "runs" / "x" / "masks").glob("*.png"))) == 12
