@@ -304,7 +304,7 @@ def _evaluate_parser() -> CommandParser:
     )
     parser.add_argument("--num_clusters", type=int, default=None, help="default: largest predicted id + 1")
     parser.add_argument("--ignore_index", type=int, default=None, help="default: from classes.json, else 255")
-    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--output_dir", type=Path, required=True, help="folder for metrics.json, metrics.txt and confusion.png (created if missing)")
     parser.add_argument(
         "--crf",
         choices=["false", "true", "both"],

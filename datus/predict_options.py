@@ -92,9 +92,15 @@ def _first_sentence(text: str) -> str:
     return re.split(r"\.\s+(?=[A-Z])", text)[0].rstrip(".")
 
 
+def option_help(flag: str) -> str:
+    """The first sentence of an option's description (``datus cluster`` shares predict's cluster options)."""
+    option = next(option for option in table()["options"] if option["flag"] == flag)
+    return re.sub(r"\bNone\b", "null", _first_sentence(option["help"]))
+
+
 def _describe(option: dict[str, Any]) -> str:
     """The option's default, then the first sentence of its docstring (``None`` as the user types it)."""
-    first = re.sub(r"\bNone\b", "null", _first_sentence(option["help"]))
+    first = option_help(option["flag"])
     if option["required"] or option["flag"] in REQUIRED:
         return f"[required] {first}."
     default = option["default"]

@@ -151,11 +151,15 @@ def add_options(
         defaults: values that replace the dataclass defaults (e.g. from a run's config.yaml).
         many: fields that take one or more values (a sweep).
     """
+    from datus.predict_options import option_help, table
+
     hints = typing.get_type_hints(settings)
-    section = parser.add_argument_group(f"--{group}.* ({settings.__name__})")
+    section = parser.add_argument_group(table()["groups"].get(group, group).split(". ")[0])
     for item in dataclasses.fields(settings):
         convert, choices = _converter(hints[item.name], f"--{group}.{item.name}")
         default = defaults.get(item.name, item.default)
+        source = "the run's" if item.name in defaults else "the run's, else"
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
         section.add_argument(
             f"--{group}.{item.name}",
             dest=f"{group}.{item.name}",
@@ -164,7 +168,7 @@ def add_options(
             nargs="+" if item.name in many else None,
             default=[default] if item.name in many else default,
             metavar=item.name.upper() if choices is None else None,
-            help=f"default: {default}",
+            help=f"{option_help(f'--{group}.{item.name}')} (default: {source} {shown})",
         )
 
 

@@ -363,3 +363,15 @@ def test_started_process_reuses_freed_buffers_instead_of_faulting_pages_in_again
         assert completed.returncode == 0, completed.stderr[-2000:]
         faults[mode] = int(completed.stdout.split()[-1])
     assert faults["default"] > 10_000 and faults["tuned"] < 1_000, faults
+
+
+def test_every_option_of_cluster_and_evaluate_has_a_description() -> None:
+    for command in ("cluster", "evaluate", "prepare"):
+        text = run_console(command, "--help").stdout
+        options = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+        lines = text.splitlines()
+        for index, line in enumerate(lines):
+            if line.startswith("  --") and line.split()[0] != "--help":
+                described = len(line.split("  ")) > 2 or (index + 1 < len(lines) and lines[index + 1].startswith(" " * 20))
+                assert described, (command, line)
+        assert options and "default: None" not in text and "``" not in text
