@@ -163,6 +163,8 @@ def postprocess(
         if collective.agree(duplicated is not None):
             raise duplicated or ConfigurationError("an image id is recorded twice in the shards; see rank 0's message")
         reuse = previous.get("masks") == identity
+        if collective.is_main:
+            _warn_when_replacing(run, results, previous, identity)
         if collective.is_main:  # a pass killed midway must not pass for a finished one
             write_json(results.file(PAINTED_FILE), {"masks": None, "colour": None})
         collective.barrier()
@@ -427,6 +429,22 @@ def _describe_again(
     summary = write_summary(run, results, facts, input_skipped + scoring_skips)
     write_html_view(results, summary, images_changed=False)  # pages only when missing: no manifest read
     return Outcome(summary, metrics, class_names, seconds)
+
+
+def _warn_when_replacing(run: Run, results: Results, previous: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Say so when the masks of another clustering (K, seed, engine...) are about to be repainted, and how to get them back."""
+    earlier = previous.get("masks")
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("fit"), dict):
+        return
+    before, now = earlier["fit"].get("settings"), identity["fit"]["settings"]
+    if not isinstance(before, dict) or before == now:
+        return
+    changed = ", ".join(f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in now if before.get(key) != now.get(key))
+    log.warning(
+        "repainting the masks, report and metrics in %s with other cluster settings (%s); to keep both, "
+        "`datus cluster --run %s` with the earlier settings paints them into clusters/k<K>/",
+        results.root, changed, run.root,
+    )
 
 
 def _timed(function: Callable[..., Any], *args: Any, **kwargs: Any) -> float:

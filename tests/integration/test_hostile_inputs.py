@@ -313,3 +313,18 @@ def test_a_replaced_image_is_predicted_again_and_a_deleted_one_leaves_the_run(tm
     ids = sorted(json.loads(line)["image_id"] for line in (run / "manifest.jsonl").read_text().splitlines())
     assert ids == ["photo0", "photo1", "photo3"]
     assert not any((run / folder / f"photo2{suffix}").exists() for folder, suffix in (("masks", ".png"), ("overlay", ".jpg")))
+
+
+def test_a_rerun_with_another_k_says_it_replaces_the_masks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    images = write_photos(tmp_path / "images", 3)
+    run = tmp_path / "run"
+    _predict(images, run)
+    caplog.clear()
+    main(["predict", "--config", TINY, "--data.root", str(images), "--output_dir", str(run),
+          "--trainer.enable_progress_bar", "false", "--cluster.num_clusters", "3"])  # fmt: skip
+    warned = [record.getMessage() for record in caplog.records if "repainting the masks" in record.getMessage()]
+    assert len(warned) == 1 and "num_clusters 2 -> 3" in warned[0] and "datus cluster --run" in warned[0]
+    caplog.clear()
+    main(["predict", "--config", TINY, "--data.root", str(images), "--output_dir", str(run),
+          "--trainer.enable_progress_bar", "false", "--cluster.num_clusters", "3"])  # fmt: skip
+    assert not any("repainting the masks" in record.getMessage() for record in caplog.records)
