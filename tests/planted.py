@@ -121,6 +121,25 @@ def planted_state_dict(patch_size: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def planted_embedding(class_id: int) -> np.ndarray:
+    """The unit embedding a segment of pure colour ``class_id`` gets: its colour in the ``raw``
+    channels, mirrored in ``-raw``, zero elsewhere (see :func:`planted_state_dict`)."""
+    colour = COLOURS[class_id] / 255.0
+    vector = np.zeros(WIDTH)
+    vector[0:3], vector[6:9] = colour, -colour
+    return vector / np.linalg.norm(vector)
+
+
+def classes_of_centroids(centroids: np.ndarray) -> dict[int, int]:
+    """Cluster -> the class whose :func:`planted_embedding` is nearest to the cluster's centroid.
+
+    What the fit itself says each cluster is, read without any mask: a painting whose matched
+    classes disagree has mixed up cluster ids between the fit and the painting.
+    """
+    embeddings = np.stack([planted_embedding(c) for c in range(NUM_CLASSES)])
+    return {k: int(np.argmax(embeddings @ centroid)) for k, centroid in enumerate(centroids)}
+
+
 def write_planted_weights(path: Path, patch_size: int) -> Path:
     """Save :func:`planted_state_dict` where ``--model.weights`` can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)

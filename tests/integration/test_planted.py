@@ -33,6 +33,7 @@ from tests.planted import (
     SCENES_B,
     Scene,
     best_matching,
+    classes_of_centroids,
     confusion,
     interior,
     patch_radius,
@@ -126,7 +127,9 @@ def measure(results: Path, scenes_root: Path, scenes: tuple[Scene, ...]) -> Qual
     """Score a results folder's masks against the planted ground truth, without datus's metric code.
 
     Checks first that datus scored every image (an image left out of scoring, e.g. for a mask of
-    the wrong size, would raise its mIoU unseen) and that its matching is the one found here.
+    the wrong size, would raise its mIoU unseen), that its matching is the one found here, and
+    that each cluster paints the colour its centroid in ``fit/`` stands for (a matching absorbs
+    any renaming of clusters, so only the fit can tell that painting swapped two of them).
     """
     metrics = json.loads((results / "metrics.json").read_text())
     assert metrics["num_images"] == len(scenes)
@@ -144,6 +147,7 @@ def measure(results: Path, scenes_root: Path, scenes: tuple[Scene, ...]) -> Qual
     hits = np.diag(matched)
     miou = float(np.mean(hits / (matched.sum(0) + matched.sum(1) - hits)))
     assert miou == pytest.approx(metrics["protocols"]["dense"]["miou"], abs=1e-9)
+    assert classes_of_centroids(np.load(results / "fit" / "centroids.npy")) == matching  # masks paint what the fit found
     lookup = np.array([matching[k] for k in range(NUM_CLASSES)], dtype=np.uint8)
     errors = pixels = 0
     for predicted, truth in pairs:
