@@ -16,7 +16,9 @@ from datus.diagnostics import STABILITY_FLOOR, console_line, verdict, verdict_li
 from datus.errors import one_line
 from datus.io import UnreadableFile, json_text, read_json, write_json, write_lines
 from datus.metrics import format_table
-from datus.run import CLASSES_FILE, IMAGE_FOLDERS, MANIFEST_FILE, MASKS, SKIPPED_FILE, SUMMARY_FILE, Results, Run
+from datus.run import (
+    CLASSES_FILE, HTML_INDEX, IMAGE_FOLDERS, MANIFEST_FILE, MASKS, REPORT_FILE, SKIPPED_FILE, SUMMARY_FILE, Results, Run,
+)  # fmt: skip
 from datus.settings import RANDOM_WEIGHTS
 from datus.shards import read_image_paths
 
@@ -126,7 +128,10 @@ def format_summary(summary: dict[str, Any], metrics: dict[str, Any] | None, clas
     else:
         lines.append("not scored: no ground-truth masks (--data.mask_dir, or a dataset's true_masks)")
     results = Path(summary["results_dir"])
-    lines.append(f"outputs: {results}; look at {results / 'report.png'} first (seconds per stage: {results / 'summary.json'})")
+    lines.append(
+        f"outputs: {results}; open {results / HTML_INDEX} in a browser (or {results / REPORT_FILE}); "
+        f"seconds per stage in {results / SUMMARY_FILE}"
+    )
     return "\n".join(lines)
 
 
