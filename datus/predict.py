@@ -19,6 +19,7 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from callbacks.estimate import CostEstimate
 from callbacks.pipeline import ClusterPaintEvaluate
 from callbacks.progress import ImagesProgressBar
 from callbacks.writer import SegmentShardWriter
@@ -110,6 +111,7 @@ class DatusCLI(LightningCLI):
         ours: list[Callback] = [
             SegmentShardWriter(output_dir),
             ClusterPaintEvaluate(output_dir, self.cluster_settings, self.evaluation_settings, self.crf_params),
+            CostEstimate(),
         ]
         given = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
