@@ -90,11 +90,20 @@ def _show_own_logs() -> None:
     """
     for name in _OWN_PACKAGES:
         logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.ERROR if _other_rank() else logging.INFO)
         if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
             handler = _StderrHandler()
             handler.setFormatter(_ConsoleFormatter())
             logger.addHandler(handler)
+
+
+def _other_rank() -> bool:
+    """Whether this process is a DDP rank other than the first (Lightning's launcher, torchrun or SLURM set these).
+
+    Its information and warnings would repeat rank 0's on the same console; what it skips is
+    gathered into rank 0's summary and ``skipped.json``, and its errors still print.
+    """
+    return any(os.environ.get(name, "0") != "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _cluster_parser(defaults: dict[str, dict[str, Any]]) -> CommandParser:

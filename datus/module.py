@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -95,6 +96,18 @@ class PendingBatch:
     futures: list[Future[SegmentPartition]] = field(default_factory=list)
 
 
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (accelerator inventory, seeding, "Tip" adverts) and one
+    deprecation warning of its own internals off the console, for the CLI and the Python API alike.
+
+    datus states the facts that matter itself, once (device and precision, weights, resume). To
+    have Lightning's lines back: ``logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.INFO)``.
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 class DatusModule(L.LightningModule):
     """Frozen ViT segment discovery and segment embedding (DatUS stages 1-5).
 
@@ -147,6 +160,7 @@ class DatusModule(L.LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        quiet_lightning()
         if image_size < 1:
             raise ConfigurationError(f"--model.image_size must be >= 1, got {image_size}")
         if min_patches < 0:

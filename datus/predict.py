@@ -7,7 +7,6 @@ matter for inference; every option is declared once (the module's and data modul
 
 from __future__ import annotations
 
-import logging
 import re
 import warnings
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from datus.crf import CRFParams, require_densecrf
 from datus.errors import ConfigurationError
 from datus.fit import applied_model
 from datus.io import locate_images, write_text
-from datus.module import DatusModule
+from datus.module import DatusModule, quiet_lightning
 from datus.run import CONFIG_FILE, Run
 from datus.settings import ClusterSettings, EvaluationSettings
 
@@ -198,16 +197,6 @@ def _plain(text: str) -> str:
     text = re.sub(r":\w+:`([^`]*)`", r"\1", text)
     text = text.replace("``", "")
     return " ".join(text.split())
-
-
-def quiet_lightning() -> None:
-    """Keep Lightning's start-up chatter (accelerator inventory, seeding, tips) off the console.
-
-    datus states the facts that matter itself, once (device and precision, weights, resume).
-    """
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _trainer_parameters() -> list[str]:

@@ -29,6 +29,7 @@ def test_two_process_ddp_equals_single_process(dataset: Path, finished_run: Path
     environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     finished = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stderr.count("RANDOM WEIGHTS") == 1, finished.stderr  # once on the console, not once per rank
 
     ranks = {path.name[:7] for path in Run(tmp_path).shards()}
     assert ranks == {"rank000", "rank001"}  # both processes wrote their own shards

@@ -271,3 +271,4 @@ def test_the_readme_python_snippet_runs_offline_as_written(tmp_path: Path) -> No
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert len(list((tmp_path / "runs" / "x" / "masks").glob("*.png"))) == 12
+    assert "Tip:" not in completed.stderr and "is deprecated" not in completed.stderr  # Lightning's chatter
