@@ -64,13 +64,14 @@ def estimate_line(seconds: float, images: int, remaining: int, pl_module: Any) -
     left = per_image * remaining
     if left < WORTH_SAYING_SECONDS:
         return ""
-    text = f"about {per_image:.2f} s an image here: the {remaining} images left take about {_duration(left)}"
+    text = f"about {per_image:.2f} s an image here: the {remaining} images left take about {duration_text(left)}"
     if getattr(pl_module, "embedding", None) == "crop":
         text += " (--model.embedding packed is about twice as fast on a CPU; more --trainer.devices share it)"
     return text
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """A wait in the unit a person reads it in: seconds, minutes or hours."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

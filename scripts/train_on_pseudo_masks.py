@@ -11,6 +11,7 @@ real backbone and decoder to train a model worth deploying.
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,27 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from callbacks.estimate import duration_text
 from datamodules.pseudo import PseudoMaskDataModule
+
+TIMED_STEPS = 5
+"""Steps measured (after the first, which pays for warm-up) before the training time is announced."""
+
+
+class StepEstimate(L.Callback):
+    """Print once how long the remaining steps will take, measured on this machine."""
+
+    def __init__(self) -> None:
+        self._started: tuple[float, int] | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._started is None:
+            self._started = (time.perf_counter(), step)
+        elif step - self._started[1] == TIMED_STEPS:
+            per_step = (time.perf_counter() - self._started[0]) / TIMED_STEPS
+            left = int(trainer.max_steps) - step
+            print(f"about {per_step:.2f} s a step here: the {left} steps left take about {duration_text(per_step * left)}", flush=True)
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -101,12 +122,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         logger=CSVLogger(output_dir),
         log_every_n_steps=1,
         enable_model_summary=False,
+        callbacks=[StepEstimate()],
     )
+    print(f"training {args.steps} steps; logs and checkpoints go to {output_dir}", flush=True)
     trainer.fit(model, datamodule=data)
     train_loss = float(trainer.callback_metrics["train/loss"])
     (validated,) = trainer.validate(model, datamodule=data, verbose=False)
     results = {"train_loss": train_loss, "val_miou": validated.get("val/miou", float("nan"))}
     print(f"train loss {results['train_loss']:.4f}, val mIoU {results['val_miou']:.4f} ({data.num_classes} classes)")
+    checkpoint = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    print(f"checkpoint: {checkpoint or 'none written'}; training log: {trainer.logger.log_dir if trainer.logger else output_dir}")
     return results
 
 

@@ -208,14 +208,17 @@ def load_example_script() -> ModuleType:
     return module
 
 
-def test_example_script_trains_on_the_run(run_dir: Path, tmp_path: Path) -> None:
+def test_example_script_trains_on_the_run(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     script = load_example_script()
-    argv = ["--run", str(run_dir), "--steps", "3", "--image_size", "32", "--batch_size", "2"]
+    argv = ["--run", str(run_dir), "--steps", "8", "--image_size", "32", "--batch_size", "2"]
     argv += ["--num_workers", "0", "--accelerator", "cpu", "--output_dir", str(tmp_path)]
     results = script.main(argv)
     assert math.isfinite(results["train_loss"])
     assert 0.0 <= results["val_miou"] <= 1.0
     assert list(tmp_path.rglob("*.ckpt")) and list(tmp_path.rglob("metrics.csv"))
+    printed = capsys.readouterr().out
+    assert "s a step here: the 2 steps left take about" in printed  # said before the wait, measured after warm-up
+    assert f"checkpoint: {next(tmp_path.rglob('*.ckpt'))}" in printed
 
 
 def test_python_api_recipe_from_the_readme(images: Path, tmp_path: Path) -> None:
