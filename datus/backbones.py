@@ -46,6 +46,11 @@ class Role:
     model_option: str
     weights_option: str
 
+    @property
+    def weights_argument(self) -> str:
+        """The same setting for a Python caller: ``DatusModule(weights=...)``."""
+        return self.weights_option.removeprefix("--model.")
+
 
 BACKBONE = Role("backbone", "--model.backbone", "--model.weights")
 EMBEDDER = Role("segment embedder", "--model.embedder", "--model.embedder_weights")
@@ -210,8 +215,9 @@ def _fetch_official(name: str, checkpoint: OfficialCheckpoint, role: Role) -> Pa
             raise WeightsError(
                 f"could not download the official weights of {name} from {checkpoint.url} ({error}). "
                 f"On a machine without internet, download that file elsewhere and either put it at "
-                f"{destination} or pass {role.weights_option} /path/to/{checkpoint.file_name}. "
-                f"For a smoke test without real weights pass {role.weights_option} {RANDOM_WEIGHTS}."
+                f"{destination} or pass {role.weights_option} /path/to/{checkpoint.file_name} (in Python: "
+                f"{role.weights_argument}=\"/path/to/{checkpoint.file_name}\"). For a smoke test without real weights "
+                f"pass {role.weights_option} {RANDOM_WEIGHTS} ({role.weights_argument}=\"{RANDOM_WEIGHTS}\")."
             ) from error
     if checkpoint.num_bytes is not None and destination.stat().st_size != checkpoint.num_bytes:
         raise WeightsError(
@@ -272,8 +278,8 @@ def load_weights(model: nn.Module, backbone: str, weights: str, role: Role = BAC
     except Exception as error:
         raise WeightsError(
             f"could not fetch timm's pretrained weights for {backbone} ({error}). Without internet, "
-            f"pass a local file with {role.weights_option} PATH (a state dict or .safetensors with timm's "
-            f"key names), or {role.weights_option} {RANDOM_WEIGHTS} for a smoke test."
+            f"pass a local file with {role.weights_option} PATH (in Python: {role.weights_argument}=PATH; a state dict "
+            f"or .safetensors with timm's key names), or {role.weights_option} {RANDOM_WEIGHTS} for a smoke test."
         ) from error
     load_state_dict_strict(model, pretrained.state_dict(), f"timm:{backbone}", role)
 

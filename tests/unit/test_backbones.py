@@ -281,7 +281,7 @@ def test_official_dino_without_network_names_file_and_flag(offline_hub: Any) -> 
         create_backbone(DINO_S8, "pretrained", **SMALL_DINO_KW)
     message = str(caught.value)
     assert "dino_deitsmall8_pretrain.pth" in message
-    assert "--model.weights" in message
+    assert "--model.weights" in message and 'weights="random"' in message  # the CLI flag and the Python argument
     assert "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth" in message
     assert [url for url, _ in offline_hub.calls] == [OFFICIAL_DINO_CHECKPOINTS[DINO_S8].url]
     assert Path(offline_hub.calls[0][1]) == offline_hub.cache_dir / "dino_deitsmall8_pretrain.pth"
