@@ -140,6 +140,7 @@ def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
     from datus.collective import Collective
     from datus.describe import SUGGESTION_RULE, format_sweep, suggested_k, sweep_row
     from datus.io import write_json, write_text
+    from datus.html_view import refresh_run_index
     from datus.postprocess import postprocess
 
     run = Run(options.run)
@@ -167,6 +168,7 @@ def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
         write_json(run.sweep_file(SUMMARY_FILE), {"rows": rows, "suggested_k": suggested_k(rows), "rule": SUGGESTION_RULE})
         table = format_sweep(rows)
         write_text(run.sweep_file(SWEEP_TABLE), table + "\n")
+        refresh_run_index(run)  # the run's page links every clusters/k<K>/ now present
     print(table)
     return rows
 

@@ -51,6 +51,7 @@ from datus.run import (
     SUMMARY_FILE,
     VIEW_DIR,
     Results,
+    Run,
     check_image_id,
 )
 from datus.score import read_metrics
@@ -99,6 +100,16 @@ def write_html_view(results: Results, summary: dict[str, Any], page_size: int = 
         images, pages = write_pages(results, page_size)
     write_text(results.file(HTML_INDEX), index_html(results, summary, images, pages, page_size))
     return pages
+
+
+def refresh_run_index(run: Run) -> None:
+    """Rewrite the run folder's ``index.html`` (after ``datus cluster`` added a ``clusters/k<K>/``); pages stay."""
+    try:
+        summary = read_json(run.results.file(SUMMARY_FILE))
+    except (FileNotFoundError, UnreadableFile):
+        return  # the run folder was never painted: it has no page to refresh
+    if isinstance(summary, dict) and run.results.file(HTML_INDEX).is_file():
+        write_html_view(run.results, summary, images_changed=False)
 
 
 def page_count(images: int, page_size: int) -> int:

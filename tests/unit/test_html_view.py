@@ -169,3 +169,15 @@ def test_a_symbolic_link_for_the_view_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="symbolic link"):
         Run(tmp_path / "run").check_links()
     assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_datus_cluster_adds_its_folder_to_the_run_page(finished_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from datus.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, symlinks=True)
+    assert "clusters/k2/index.html" not in (run / "index.html").read_text()
+    main(["cluster", "--run", str(run), "--cluster.num_clusters", "2", "--cluster.colour", "false", "--cluster.gallery", "false"])
+    assert "clusters/k2/index.html" in (run / "index.html").read_text()
