@@ -21,7 +21,7 @@ from datus.errors import ConfigurationError
 from datus.io import write_json
 from datus.records import PredictionBatch
 from datus.run import Run
-from datus.shards import drop_stale_records, write_shard
+from datus.shards import drop_stale_records, finished_images, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class SegmentShardWriter(BasePredictionWriter):
                 self.run.remove_image_outputs(image_id)
                 self.skipped.append({"path": path, "reason": "vanished since it was predicted: left out of the run"})
         trainer.strategy.barrier("datus-writer-setup")
-        finished = self.run.finished_images()
+        finished = finished_images(self.run.shards())
         self.images_resumed = len(finished)
         if finished:
             if not resumable:

@@ -138,7 +138,7 @@ _OPEN_TYPES = ("model.backbone_kwargs", "trainer.callbacks", "trainer.strategy",
 def option_table() -> dict[str, Any]:
     """Every ``datus predict`` option as data, read from the parser that LightningCLI builds.
 
-    Written to ``predict_options.json`` (:func:`datus.predict_options.write_table`) so that help
+    Written to ``predict_options.json`` (:func:`write_option_table`) so that help
     and most mistakes are answered without importing Lightning or timm; a test keeps the file
     equal to this.
     """
@@ -184,6 +184,15 @@ def option_table() -> dict[str, Any]:
         })  # fmt: skip
     groups = {name: group.title for name, group in parser.groups.items() if name in {o["group"] for o in options}}
     return {"groups": groups, "options": options}
+
+
+def write_option_table() -> None:
+    """Regenerate ``predict_options.json`` after changing a signature or a docstring of an option."""
+    import json
+
+    from datus.predict_options import TABLE_FILE
+
+    TABLE_FILE.write_text(json.dumps(option_table(), indent=1) + "\n", encoding="utf-8")
 
 
 def _json_default(value: Any) -> Any:

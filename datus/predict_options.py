@@ -2,8 +2,8 @@
 
 LightningCLI builds predict's parser from the signatures of the model, the data module and the
 settings dataclasses, which takes seconds of imports. The options are also kept as data in
-``predict_options.json`` (written by :func:`write_table` from :func:`datus.predict.option_table`,
-and kept equal to it by a test), so that ``--help``, an unknown or abbreviated option, a value
+``predict_options.json`` (written by :func:`datus.predict.write_option_table`, and kept equal
+to the parser by a test), so that ``--help``, an unknown or abbreviated option, a value
 that is not one of the choices, a missing required option or folder, and a config file with an
 unknown key are answered before those imports. Everything else is still checked by LightningCLI.
 """
@@ -42,13 +42,6 @@ EXAMPLE = (
 @cache
 def table() -> dict[str, Any]:
     return json.loads(TABLE_FILE.read_text(encoding="utf-8"))
-
-
-def write_table() -> None:
-    """Regenerate ``predict_options.json`` after changing a signature (imports Lightning and timm)."""
-    from datus.predict import option_table
-
-    TABLE_FILE.write_text(json.dumps(option_table(), indent=1) + "\n", encoding="utf-8")
 
 
 def help_text(width: int | None = None) -> str:

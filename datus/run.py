@@ -384,16 +384,6 @@ class Run:
                 )
         write_json(self.root / RUN_FILE, {"datus_version": __version__, "identity": identity})
 
-    def finished_ids(self) -> set[str]:
-        """Ids of every image recorded in the shards: the resume state."""
-        return set(self.finished_images().values())
-
-    def finished_images(self) -> dict[str, str]:
-        """Recorded images as {absolute image path: image id}, so that a resumed run keeps each image's id."""
-        from datus.shards import read_image_paths
-
-        return {os.path.abspath(path): image_id for image_id, path in read_image_paths(self.shards())}
-
     def remove_temporaries(self) -> int:
         """Delete temporaries that a killed run left in this run's folders; returns how many.
 

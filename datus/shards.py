@@ -192,6 +192,11 @@ def read_image_paths(shards: Sequence[Path]) -> list[tuple[str, str]]:
     return pairs
 
 
+def finished_images(shards: Sequence[Path]) -> dict[str, str]:
+    """Recorded images as {absolute image path: image id}: the resume state, so that a resumed run keeps each image's id."""
+    return {os.path.abspath(path): image_id for image_id, path in read_image_paths(shards)}
+
+
 TABLE_KEYS_SEED = 0
 """Seed of the row keys stored with a segment table; samples mix their own seed in (:mod:`datus.clustering.streamed`)."""
 

@@ -228,7 +228,7 @@ def test_predict_option_table_is_the_parsers() -> None:
     from datus.predict import option_table
     from datus.predict_options import table
 
-    assert option_table() == table(), "regenerate: python -c 'from datus.predict_options import write_table; write_table()'"
+    assert option_table() == table(), "regenerate: python -c 'from datus.predict import write_option_table; write_option_table()'"
 
 
 def test_a_misspelt_option_value_or_pretrained_tag_names_the_nearest(tmp_path: Path) -> None:

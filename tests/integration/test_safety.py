@@ -23,6 +23,7 @@ from datus.cli import main
 from datus.errors import ConfigurationError
 from datus.io import read_label_png
 from datus.run import Run
+from datus.shards import finished_images
 from tests.conftest import NUM_IMAGES, image_ids, predict
 from tests.generated import REPO, write_two_region_dataset
 
@@ -207,7 +208,7 @@ def test_k_above_the_valid_segments_says_how_to_finish_without_predicting_again(
     run = tmp_path / "run"
     with pytest.raises(ConfigurationError, match=r"--cluster.num_clusters 5000 is more than the (\d+) valid segments.*datus cluster --run"):
         predict(dataset, run, "--cluster.num_clusters", "5000")
-    assert len(Run(run).finished_ids()) == NUM_IMAGES  # the predictions are kept
+    assert len(finished_images(Run(run).shards()).values()) == NUM_IMAGES  # the predictions are kept
     main(["cluster", "--run", str(run), "--cluster.num_clusters", "2"])
     assert (run / "clusters" / "k2" / "metrics.json").is_file()
 
@@ -231,7 +232,7 @@ def test_a_damaged_shard_names_itself_and_is_recovered_by_predicting_again(datas
     predict(dataset, run_copy)
     summary = json.loads((run_copy / "summary.json").read_text())
     assert summary["images_in_run"] == NUM_IMAGES and summary["images_predicted_now"] > 0
-    assert sorted(Run(run_copy).finished_ids()) == image_ids(dataset)
+    assert sorted(finished_images(Run(run_copy).shards()).values()) == image_ids(dataset)
 
 
 def test_a_damaged_run_file_is_one_error(dataset: Path, run_copy: Path) -> None:
