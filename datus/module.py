@@ -35,25 +35,21 @@ from datus.backbones import (
     build_backbone,
     build_embedder,
     describe_weights,
-    embed,
     embedder_input_of,
     embedding_dim_of,
-    has_plain_last_block,
-    last_block_head,
     load_frozen_weights,
     normalization_of,
     patch_size_of,
     pooled_output,
 )
 from datus.communities import CommunityPool, LouvainEngine, SegmentPartition, early_worker_waiting
+from datus.embedding import CropSettings, embed_crops, embed_packed
 from datus.errors import ConfigurationError
 from datus.ops import (
     CropRecipe,
     donor_segments,
     key_adjacency,
-    masked_crops,
     pack_adjacency,
-    packed_attention_mask,
     segment_masks,
     valid_segment_maps,
 )
@@ -285,71 +281,21 @@ class DatusModule(L.LightningModule):
         return (pixels - self.mean) / self.std
 
     def embed_segments(self, images: Tensor, partitions: list[SegmentPartition], timer: StageTimer | None = None) -> Tensor:
-        """Stage 5 for the valid segments of a batch; sum(V_b) x D, image order then segment id."""
+        """Stage 5 for the valid segments of a batch; sum(V_b) x D, image order then segment id.
+
+        ``packed``: :func:`datus.embedding.embed_packed`; ``crop`` (the paper): each valid segment's
+        masked crop through the segment embedder (:func:`datus.embedding.embed_crops`).
+        """
         valid_maps = torch.from_numpy(np.stack([valid_segment_maps(p.segment_map, p.is_noise) for p in partitions]))
         valid_maps = valid_maps.to(images.device)
         counts = torch.tensor([int((~p.is_noise).sum()) for p in partitions], device=images.device)
         if int(counts.sum()) == 0:
             return torch.zeros((0, self.embedding_dim), device=images.device)
         if self.embedding == "packed":
-            embeddings = self.embed_segments_packed(images, valid_maps.flatten(1), counts)
+            embeddings = embed_packed(self.backbone, images, valid_maps.flatten(1), counts)
             if timer is not None:
                 timer.lap("packed_embeddings")
             return embeddings
-        return self.embed_segments_cropped(images, valid_maps, counts, timer)
-
-    def embed_segments_packed(self, images: Tensor, segment_ids: Tensor, counts: Tensor) -> Tensor:
-        """One backbone pass per image; each segment's CLS token sees only its own patches.
-
-        Tokens are one copy of the (position-embedded) CLS token per valid segment, followed by
-        the patch tokens of valid segments only (with their positional embeddings already
-        added, so dropping noise patches changes nothing for the others), padded per batch.
-        Images without a valid segment are left out of the pass.
-
-        Args:
-            images: B x 3 x H x W normalised images.
-            segment_ids: B x N valid-segment id per patch, -1 for noise patches.
-            counts: B valid-segment counts.
-        """
-        model = self.backbone
-        has_segments = counts > 0  # images whose segments are all noise need no pass at all
-        images, segment_ids, counts = images[has_segments], segment_ids[has_segments], counts[has_segments]
-        tokens = model._pos_embed(model.patch_embed(images))
-        cls, patches = tokens[:, :1], tokens[:, 1:]
-        keep = segment_ids >= 0
-        length = int(keep.sum(1).max())
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :length]
-        kept = patches.gather(1, order[..., None].expand(-1, -1, patches.shape[-1]))
-        kept_ids = torch.where(keep.gather(1, order), segment_ids.gather(1, order), -1)
-        slots = int(counts.max())
-        packed = torch.cat([cls.expand(-1, slots, -1), kept], dim=1)
-        mask = packed_attention_mask(kept_ids, counts, slots)
-        packed = model.norm_pre(packed)
-        head_only = has_plain_last_block(model)
-        for block in model.blocks[:-1] if head_only else model.blocks:
-            packed = block(packed, attn_mask=mask)
-        if head_only:
-            packed = last_block_head(model.blocks[-1], packed, slots, attn_mask=mask)
-        cls_out = model.norm(packed)[:, :slots]
-        valid = torch.arange(slots, device=images.device)[None, :] < counts[:, None]
-        return F.normalize(cls_out[valid].float(), dim=-1)
-
-    def embed_segments_cropped(
-        self, images: Tensor, valid_maps: Tensor, counts: Tensor, timer: StageTimer | None = None
-    ) -> Tensor:
-        """Stage 5 as in the paper: the L2-normalised embedding of every valid segment's masked crop.
-
-        Crops have the segment embedder's input size and are normalised with its mean and std;
-        the embedding is its CLS token, or its pooled feature when it has none (a CNN).
-
-        Args:
-            images: B x 3 x H x W normalised images.
-            valid_maps: B x h x w valid-segment id per patch, -1 for noise.
-            counts: B valid-segment counts.
-
-        Returns:
-            sum(V_b) x D embeddings, in image order then segment id.
-        """
         masks, image_index = segment_masks(valid_maps, counts)
         return self._embed_crops(images, masks, image_index, self.crop_recipe, timer)
 
@@ -366,18 +312,10 @@ class DatusModule(L.LightningModule):
     def _embed_crops(
         self, images: Tensor, masks: Tensor, image_index: Tensor, recipe: CropRecipe, timer: StageTimer | None = None
     ) -> Tensor:
-        """Masked crops of ``masks`` (S x h x w) on their images, embedded in chunks of ``crop_batch_size``."""
-        pixels = images * self.std + self.mean
-        embeddings = []
-        for start in range(0, len(masks), self.crop_batch_size):
-            chunk = slice(start, start + self.crop_batch_size)
-            crops = masked_crops(pixels, masks[chunk], image_index[chunk], self.patch_size, recipe, self.crop_size)
-            if timer is not None:
-                timer.lap("crops")
-            embeddings.append(embed(self.segment_embedder, (crops - self.embed_mean) / self.embed_std))
-            if timer is not None:
-                timer.lap("crop_embeddings")
-        return torch.cat(embeddings)
+        """:func:`datus.embedding.embed_crops` with this module's embedder, crop settings and normalisation."""
+        crops = CropSettings(self.patch_size, recipe, self.crop_size, self.crop_batch_size)
+        return embed_crops(self.segment_embedder, images * self.std + self.mean, masks, image_index, crops,
+                           (self.embed_mean, self.embed_std), timer.lap if timer is not None else None)  # fmt: skip
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> PredictionBatch:
         """Start this batch (stages 1-2, Louvain submitted) and finish the previous one (3-5).
