@@ -131,15 +131,14 @@ def _cluster_parser(defaults: dict[str, dict[str, Any]]) -> CommandParser:
 def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
     """``datus cluster``: one results folder per K under ``RUN/clusters/k<K>/`` and a sweep table."""
     from datus.crf import CRFParams, require_densecrf
-    from datus.run import SUMMARY_FILE, SWEEP_TABLE, Run
+    from datus.run import Run
     from datus.settings import ClusterSettings, EvaluationSettings, from_options
 
     run_flag = _value_of("--run", args)
     defaults = _saved_settings(Path(run_flag)) if run_flag else {}
     options = _cluster_parser(defaults).parse_args(list(args))
     from datus.collective import Collective
-    from datus.describe import SUGGESTION_RULE, format_sweep, suggested_k, sweep_row
-    from datus.io import write_json, write_text
+    from datus.describe import sweep_row, write_sweep
     from datus.html_view import refresh_run_index
     from datus.postprocess import postprocess
 
@@ -165,9 +164,7 @@ def run_cluster(args: Sequence[str]) -> list[dict[str, Any]]:
             )
             print(outcome.console_text(), flush=True)
             rows.append(sweep_row(settings.num_clusters, outcome.summary, outcome.metrics))
-        write_json(run.sweep_file(SUMMARY_FILE), {"rows": rows, "suggested_k": suggested_k(rows), "rule": SUGGESTION_RULE})
-        table = format_sweep(rows)
-        write_text(run.sweep_file(SWEEP_TABLE), table + "\n")
+        table = write_sweep(run, rows)
         refresh_run_index(run)  # the run's page links every clusters/k<K>/ now present
     print(table)
     return rows

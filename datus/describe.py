@@ -14,10 +14,11 @@ from typing import Any
 
 from datus.diagnostics import STABILITY_FLOOR, console_line, verdict, verdict_line
 from datus.errors import one_line
-from datus.io import UnreadableFile, json_text, read_json, write_json, write_lines
+from datus.io import UnreadableFile, json_text, read_json, write_json, write_lines, write_text
 from datus.metrics import format_table
 from datus.run import (
-    CLASSES_FILE, HTML_INDEX, IMAGE_FOLDERS, MANIFEST_FILE, MASKS, REPORT_FILE, SKIPPED_FILE, SUMMARY_FILE, Results, Run,
+    CLASSES_FILE, HTML_INDEX, IMAGE_FOLDERS, MANIFEST_FILE, MASKS, REPORT_FILE, SKIPPED_FILE, SUMMARY_FILE, SWEEP_TABLE,
+    Results, Run,
 )  # fmt: skip
 from datus.settings import RANDOM_WEIGHTS
 from datus.shards import read_image_paths
@@ -189,3 +190,11 @@ def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
     if suggestion is not None:
         lines.append(f"suggested K (label-free): {suggestion}: {SUGGESTION_RULE}; look at its galleries before you keep it")
     return "\n".join(lines)
+
+
+def write_sweep(run: Run, rows: Sequence[dict[str, Any]]) -> str:
+    """``clusters/summary.json`` (the rows and the suggested K) and ``clusters/summary.txt``; returns the table."""
+    write_json(run.sweep_file(SUMMARY_FILE), {"rows": list(rows), "suggested_k": suggested_k(rows), "rule": SUGGESTION_RULE})
+    table = format_sweep(rows)
+    write_text(run.sweep_file(SWEEP_TABLE), table + "\n")
+    return table
