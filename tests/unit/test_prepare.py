@@ -527,11 +527,11 @@ def test_leftovers_of_a_killed_conversion_are_named(tmp_path: Path, caplog: pyte
 
 
 def test_a_crash_midway_leaves_out_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import datus.prepare
+    import datus.prepare.core
 
     raw = tmp_path / "raw"
     _suim_raw(raw)
-    real_write_png = datus.prepare.write_png
+    real_write_png = datus.prepare.core.write_png
     written: list[Path] = []
 
     def fail_on_second(destination: Path, array: np.ndarray) -> None:
@@ -540,7 +540,7 @@ def test_a_crash_midway_leaves_out_missing(tmp_path: Path, monkeypatch: pytest.M
             raise OSError(28, "No space left on device")
         real_write_png(destination, array)
 
-    monkeypatch.setattr(datus.prepare, "write_png", fail_on_second)
+    monkeypatch.setattr(datus.prepare.core, "write_png", fail_on_second)
     before = _tree(tmp_path)
     with pytest.raises(OSError, match="No space"):
         prepare_suim(raw, tmp_path / "out", workers=1)
