@@ -7,7 +7,6 @@ that closes a cycle counts too.
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from tests.generated import REPO
 
