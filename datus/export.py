@@ -169,7 +169,7 @@ def export_run(run_dir: Path, out: Path, settings: ExportSettings, results_dir: 
     write_json(out / EXPORT_FILE, {"datus_export": __version__, "format": settings.format, "complete": False, "entries": entries_written})
     with writer:
         for sample in _samples(run, results, image_root, split, settings, counts):
-            writer.write(sample)
+            writer.add(sample)
             counts.images[sample.split] += 1
     id2label = {str(index): name for index, name in enumerate(classes["classes"])}
     write_json(out / ID2LABEL_FILE, id2label)
@@ -191,6 +191,7 @@ def export_run(run_dir: Path, out: Path, settings: ExportSettings, results_dir: 
         "images": counts.images,
         "noise_pixels_ignored": counts.noise_pixels if settings.ignore_noise else None,
         "files": writer.files,
+        "image_suffixes": dict(sorted(writer.suffixes.items())),
         "linked": counts.linked if settings.format == "folders" else None,
         "copied": counts.copied if settings.format == "folders" else None,
         "seconds": round(time.perf_counter() - started, 3),
@@ -370,6 +371,7 @@ class _Writer:
         self.counts = counts
         self.shard_size = settings.shard_size or DEFAULT_SHARD_BYTES.get(settings.format)
         self.files: list[str] = []
+        self.suffixes: dict[str, int] = {}
         self._stack = ExitStack()
 
     def __enter__(self) -> _Writer:
@@ -378,6 +380,10 @@ class _Writer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
         self._stack.close()
+
+    def add(self, sample: Sample) -> None:
+        self.suffixes[sample.suffix] = self.suffixes.get(sample.suffix, 0) + 1
+        self.write(sample)
 
     def write(self, sample: Sample) -> None:
         raise NotImplementedError
@@ -455,7 +461,7 @@ class _ParquetWriter(_ShardedWriter):
     def open_shard(self, path: Path) -> Any:
         import pyarrow.parquet as pq
 
-        return pq.ParquetWriter(str(path), self.schema, compression="none")
+        return pq.ParquetWriter(str(path), self.schema, compression="none", use_dictionary=["image_id"])  # image bytes: no dictionary
 
     def close_shard(self, handle: Any) -> None:
         handle.close()
@@ -532,7 +538,6 @@ class _FolderWriter(_Writer):
         super().__init__(out, settings, counts)
         for folder in ("images", "masks", "splits"):
             (out / folder).mkdir(exist_ok=True)
-        self.suffixes: dict[str, int] = {}
         self._lists = {split: self._open_list(out / "splits" / f"{split}.txt") for split in ("train", "val")}
         self._index = self._open_list(out / "index.jsonl")
         self.files = ["images/", "masks/", "splits/train.txt", "splits/val.txt", "index.jsonl"]
@@ -543,7 +548,6 @@ class _FolderWriter(_Writer):
 
     def write(self, sample: Sample) -> None:
         stem = file_stem(sample.entry.image_id)
-        self.suffixes[sample.suffix] = self.suffixes.get(sample.suffix, 0) + 1
         self._place(sample.entry.image, sample.image_bytes, self.out / "images" / f"{stem}.{sample.suffix}")
         self._place(None if sample.mask_changed else sample.entry.mask, sample.mask_png, self.out / "masks" / f"{stem}.png")
         self._lists[sample.split].write(stem + "\n")
@@ -670,8 +674,10 @@ def _loading_lines(format: str, writer: _Writer, ignore: int | None) -> list[str
             "# image ids: urllib.parse.unquote(sample['__key__']) (keys are percent-encoded ids, no dots)",
         ]
     ignore_text = ignore if ignore is not None else 255
+    suffix = max(writer.suffixes, key=writer.suffixes.get) if writer.suffixes else "jpg"  # type: ignore[arg-type]
+    mixed = f" (the run mixes {', '.join(sorted(writer.suffixes))}: mmseg and detectron2 take one)" if len(writer.suffixes) > 1 else ""
     return [
-        "# mmsegmentation (1.x): flat folders, stems equal, one img_suffix for all images",
-        f"train_dataloader = dict(dataset=dict(type='BaseSegDataset', data_root='OUT', data_prefix=dict(img_path='images', seg_map_path='masks'), img_suffix='.jpg', seg_map_suffix='.png', ann_file='splits/train.txt', metainfo=dict(classes=CLASSES), ignore_index={ignore_text}))",
-        "# detectron2: load_sem_seg(gt_root='OUT/masks', image_root='OUT/images', gt_ext='png', image_ext='jpg') (every file: it lists no split)",
+        f"# mmsegmentation (1.x): flat folders, stems equal, one img_suffix for all images{mixed}",
+        f"train_dataloader = dict(dataset=dict(type='BaseSegDataset', data_root='OUT', data_prefix=dict(img_path='images', seg_map_path='masks'), img_suffix='.{suffix}', seg_map_suffix='.png', ann_file='splits/train.txt', metainfo=dict(classes=CLASSES), ignore_index={ignore_text}))",
+        f"# detectron2: load_sem_seg(gt_root='OUT/masks', image_root='OUT/images', gt_ext='png', image_ext='{suffix}') (every file: it lists no split)",
     ]
