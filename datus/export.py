@@ -65,8 +65,10 @@ EXPORT_FILE = "export.json"
 """In every export: what was exported and skipped; marks the folder as a datus export of one format."""
 CARD_FILE = "README.md"
 ID2LABEL_FILE = "id2label.json"
-ROW_GROUP_BYTES = 64 * 2**20
-"""Bytes of image and mask data per Parquet row group: what the hf writer holds in memory."""
+ROW_GROUP_BYTES = 32 * 2**20
+"""Bytes of image and mask data per Parquet row group (at most): what the hf writer holds in memory."""
+ROW_GROUP_ROWS = 100
+"""Rows per Parquet row group at most (what ``datasets`` writes for image datasets: random access stays cheap)."""
 DEFAULT_SHARD_BYTES = {"hf": 500 * 10**6, "webdataset": 10**9}
 MAX_NAME_BYTES = 200
 """Longest file name stem in ``folders`` (a longer encoded id is cut and given a hash of the id)."""
@@ -461,7 +463,9 @@ class _ParquetWriter(_ShardedWriter):
     def open_shard(self, path: Path) -> Any:
         import pyarrow.parquet as pq
 
-        return pq.ParquetWriter(str(path), self.schema, compression="none", use_dictionary=["image_id"])  # image bytes: no dictionary
+        return pq.ParquetWriter(
+            str(path), self.schema, compression="none", use_dictionary=["image_id"], write_statistics=["image_id"]
+        )  # image bytes: no dictionary, and no min/max statistics (the footer would hold two images per row group)
 
     def close_shard(self, handle: Any) -> None:
         handle.close()
@@ -475,7 +479,7 @@ class _ParquetWriter(_ShardedWriter):
         }
         size = len(sample.image_bytes) + len(sample.mask_png)
         rows = self._rows.setdefault(sample.split, [])
-        if rows and (self._row_bytes[sample.split] + size > min(ROW_GROUP_BYTES, self.shard_size)):
+        if rows and (len(rows) >= ROW_GROUP_ROWS or self._row_bytes[sample.split] + size > min(ROW_GROUP_BYTES, self.shard_size)):
             self._flush(sample.split)
         self._rows.setdefault(sample.split, []).append(row)
         self._row_bytes[sample.split] = self._row_bytes.get(sample.split, 0) + size
@@ -519,6 +523,7 @@ class _TarWriter(_ShardedWriter):
             info.mtime = 0
             info.mode = 0o644
             handle.addfile(info, io.BytesIO(data))
+        handle.members.clear()  # TarFile lists every member it wrote: memory would grow with the images
 
     @property
     def patterns(self) -> dict[str, str]:

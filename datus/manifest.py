@@ -91,7 +91,7 @@ def image_root_of(results_root: Path, override: Path | None = None) -> Path | No
         return None
     if not isinstance(root, str) or not root:
         raise ValueError(f"{path}: image_root must be a path, got {root!r}")
-    return (results_root / root).absolute() if not Path(root).is_absolute() else Path(root)
+    return Path(os.path.normpath((results_root / root).absolute())) if not Path(root).is_absolute() else Path(root)
 
 
 def read_entry(line: bytes | str, results_root: Path, image_root: Path | None, source: Path) -> ManifestEntry:

@@ -205,3 +205,16 @@ def test_clusters_results_are_exported_from_their_folder(run: Path, tmp_path: Pa
     for row in map(json.loads, (tmp_path / "out" / "index.jsonl").read_text().splitlines()):
         exported = np.asarray(Image.open(tmp_path / "out" / row["mask"]))
         assert np.array_equal(exported, read_label_png(copy / "clusters" / "k2" / "masks" / f"{row['image_id']}.png"))
+
+
+def test_a_run_moved_with_its_images_reads_them_from_the_edited_root(run: Path, tmp_path: Path) -> None:
+    """Manifest paths are relative: move the run and the images, edit dataset.json's image_root once."""
+    dataset = json.loads((run / "dataset.json").read_text())
+    moved_images = shutil.copytree(dataset["image_root"], tmp_path / "images")
+    moved_run = shutil.copytree(run, tmp_path / "run", symlinks=True)
+    (moved_run / "dataset.json").write_text(json.dumps({**dataset, "image_root": "../images"}))
+    entries = list(read_manifest_entries(moved_run))
+    assert all(entry.image.is_relative_to(moved_images) and entry.image.is_file() for entry in entries)
+    module = PseudoMaskDataModule(moved_run, val_fraction=0.4, seed=3, num_workers=0)
+    assert all(pair.image.is_relative_to(moved_images) for pair in module.pairs)
+    assert {pair.image_id for pair in module.val_pairs} == val_ids(run, 0.4, 3)
