@@ -129,6 +129,8 @@ class Sample:
     mask_png: bytes
     size: tuple[int, int]
     mask_changed: bool
+    mask_path: Path
+    """The run's mask file that ``mask_png`` was read from (what ``folders`` hard-links)."""
 
 
 @dataclass
@@ -353,7 +355,7 @@ def _sample(run: Run, results: Results, entry: ManifestEntry, split: Split, sett
     else:
         mask_png = _read_bytes(mask_path)
     suffix = entry.image.suffix.lower().lstrip(".") or "jpg"
-    return Sample(entry, split.name(entry.image_id), image_bytes, suffix, mask_png, (size[0], size[1]), changed)
+    return Sample(entry, split.name(entry.image_id), image_bytes, suffix, mask_png, (size[0], size[1]), changed, mask_path)
 
 
 def _png(labels: np.ndarray) -> bytes:
@@ -554,7 +556,7 @@ class _FolderWriter(_Writer):
     def write(self, sample: Sample) -> None:
         stem = file_stem(sample.entry.image_id)
         self._place(sample.entry.image, sample.image_bytes, self.out / "images" / f"{stem}.{sample.suffix}")
-        self._place(None if sample.mask_changed else sample.entry.mask, sample.mask_png, self.out / "masks" / f"{stem}.png")
+        self._place(None if sample.mask_changed else sample.mask_path, sample.mask_png, self.out / "masks" / f"{stem}.png")
         self._lists[sample.split].write(stem + "\n")
         self._index.write(
             json_text({"name": stem, "image_id": sample.entry.image_id, "image": f"images/{stem}.{sample.suffix}",
