@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from datus.io import load_rgb, open_regular, read_label_png
+from datus.manifest import Split, read_manifest_entries
 from datus.run import CLASSES_FILE, MANIFEST_FILE
 
 log = logging.getLogger(__name__)
@@ -41,55 +42,33 @@ class PseudoPair:
     mask: Path
 
 
-def read_manifest(run_dir: Path) -> list[PseudoPair]:
+def read_manifest(run_dir: Path, image_root: Path | None = None) -> list[PseudoPair]:
     """The (image, mask) pairs of a run folder, sorted by image id.
 
-    Sorting makes the split independent of the order in which ranks wrote their shards.
+    Image paths are relative to the run's input root (``dataset.json``; ``image_root`` overrides
+    it when the images moved). Sorting makes the pairs independent of the order in which ranks
+    wrote their shards.
     """
-    path = run_dir / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {run_dir} is not a finished datus run. Run `datus predict ... --output_dir "
-            f"{run_dir}` first (the manifest is written once the masks are painted)."
-        )
-    pairs = []
-    with open_regular(path) as stream:
-        text = stream.read().decode("utf-8")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            mask = run_dir / entry["mask"]
-            if not mask.resolve().is_relative_to(run_dir.resolve()):
-                raise ValueError(f"{path}, line {number}: the mask {entry['mask']!r} lies outside {run_dir}; the manifest "
-                                 "was edited or not written by datus: predict again into a new --output_dir")
-            pairs.append(PseudoPair(entry["image_id"], Path(entry["image"]), mask))
-        except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as error:
-            raise ValueError(
-                f"{path}, line {number}: expected {{'image_id', 'image', 'mask'}}, got {line[:200]!r} ({error})"
-            ) from error
+    pairs = [
+        PseudoPair(entry.image_id, entry.image, entry.mask) for entry in read_manifest_entries(Path(run_dir), image_root)
+    ]
     if not pairs:
-        raise ValueError(f"{path} lists no images: the run predicted nothing, so there is nothing to train on.")
+        raise ValueError(f"{run_dir / MANIFEST_FILE} lists no images: the run predicted nothing, so there is nothing to train on.")
     return sorted(pairs, key=lambda pair: pair.image_id)
 
 
 def split_pairs(
     pairs: Sequence[PseudoPair], val_fraction: float, seed: int
 ) -> tuple[list[PseudoPair], list[PseudoPair]]:
-    """Split pairs into (train, val) by a seeded permutation: same seed, same split.
+    """Split pairs into (train, val) by a seeded per-id hash (:class:`datus.manifest.Split`): same seed, same split.
 
-    Any positive fraction keeps at least one validation image (a tiny run still gets a
-    validation number), and the training set is never left empty.
+    ``datus export`` applies the same rule while streaming. Any positive fraction keeps at least
+    one validation image (a tiny run still gets a validation number), and the training set is
+    never left empty.
     """
-    count = len(pairs)
-    num_val = round(count * val_fraction)
-    if val_fraction > 0:
-        num_val = min(max(num_val, 1), count - 1)
-    order = np.random.default_rng(seed).permutation(count)
-    val_indices = set(order[:num_val].tolist())
-    train = [pair for index, pair in enumerate(pairs) if index not in val_indices]
-    val = [pair for index, pair in enumerate(pairs) if index in val_indices]
+    split = Split.of((pair.image_id for pair in pairs), val_fraction, seed)
+    train = [pair for pair in pairs if not split.is_val(pair.image_id)]
+    val = [pair for pair in pairs if split.is_val(pair.image_id)]
     return train, val
 
 
@@ -157,6 +136,8 @@ class PseudoMaskDataModule(L.LightningDataModule):
             training images are resized like validation images.
         mean: per-channel normalisation mean (ImageNet by default, what most backbones expect).
         std: per-channel normalisation std.
+        image_root: where the input images are now, when they moved since the run (default: the
+            ``image_root`` of the run's ``dataset.json``).
     """
 
     def __init__(
@@ -170,6 +151,7 @@ class PseudoMaskDataModule(L.LightningDataModule):
         augment: bool = True,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        image_root: Path | None = None,
     ) -> None:
         super().__init__()
         if image_size < 1:
@@ -207,7 +189,7 @@ class PseudoMaskDataModule(L.LightningDataModule):
                 classes_path, self._ignore_index, self.num_classes, self._ignore_index,
             )
             self._ignore_index = -100
-        self.pairs = read_manifest(self.run_dir)
+        self.pairs = read_manifest(self.run_dir, image_root)
         self.train_pairs, self.val_pairs = split_pairs(self.pairs, val_fraction, seed)
         self.image_size = image_size
         self.batch_size = batch_size

@@ -31,6 +31,8 @@ commands:
   cluster   re-cluster a finished run's segments with other settings, without the ViT
   evaluate  score any folder of predicted label maps against ground truth
   prepare   convert SUIM, CamVid, COCO-Stuff-27 or Cityscapes to the DatUS layout
+  export    write a finished run's pseudo masks for training: Hugging Face Parquet, WebDataset tars, or
+            mmsegmentation/detectron2 folders
 
 Run `datus <command> --help` for the options of one command; `datus --version` for the version.
 """
@@ -366,6 +368,61 @@ def run_evaluate(args: Sequence[str]) -> dict[str, Any]:
     return metrics
 
 
+def _export_parser() -> CommandParser:
+    parser = CommandParser(
+        prog="datus export",
+        description="Write a finished run's pseudo masks (and the original images) in a format training code reads. "
+        "Streams the manifest: memory is bounded by one shard's row group or one image, whatever the size of the run.",
+    )
+    parser.add_argument("run", type=Path, help="the --output_dir of a finished datus predict run")
+    parser.add_argument("out", type=Path, help="new or empty folder (or an earlier datus export of the same format)")
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=["hf", "webdataset", "folders"],
+        help="hf: Parquet shards for datasets.load_dataset; webdataset: tars of jpg + seg.png + json; folders: "
+        "images/ + masks/ + splits/ for mmsegmentation and detectron2",
+    )
+    parser.add_argument("--results", type=Path, default=None, help="masks of RUN/clusters/k<K> instead of the run folder's own")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="share of images held out for validation (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="decides the split; the same rule as PseudoMaskDataModule (default 0)")
+    parser.add_argument("--ignore_noise", action="store_true", help="noise pixels (segments/<id>.png = 0) get --ignore_value")
+    parser.add_argument("--ignore_value", type=int, default=255, help="mask value of noise pixels with --ignore_noise (default 255)")
+    parser.add_argument(
+        "--shard_size", type=float, default=None, help="bytes per Parquet file or tar (default 5e8 for hf, 1e9 for webdataset)"
+    )
+    parser.add_argument(
+        "--link",
+        choices=["hard", "copy"],
+        default="hard",
+        help="folders: hard-link the run's images and masks where the file system allows (else copy), or always copy",
+    )
+    return parser
+
+
+def run_export(args: Sequence[str]) -> dict[str, Any]:
+    options = _export_parser().parse_args(args)
+    from datus.export import ExportSettings, export_run
+
+    settings = ExportSettings(
+        format=options.format,
+        val_fraction=options.val_fraction,
+        seed=options.seed,
+        ignore_noise=options.ignore_noise,
+        ignore_value=options.ignore_value,
+        shard_size=int(options.shard_size) if options.shard_size is not None else None,
+        link=options.link,
+    )
+    with _missing_input_is_a_configuration_error():
+        report = export_run(options.run, options.out, settings, options.results)
+    images = report["images"]
+    print(
+        f"exported {images['train']} train + {images['val']} val images ({options.format}) to {options.out}; "
+        f"{len(report['skipped'])} skipped (see {options.out / 'export.json'}); {options.out / 'README.md'} says how to load it"
+    )
+    return report
+
+
 def main(args: Sequence[str] | None = None, process_starting: bool = False) -> None:
     """Entry point of the ``datus`` console script and ``python -m datus``.
 
@@ -401,8 +458,12 @@ def main(args: Sequence[str] | None = None, process_starting: bool = False) -> N
         run_evaluate(rest)
     elif command == "prepare":
         run_prepare(rest)
+    elif command == "export":
+        run_export(rest)
     else:
-        raise ConfigurationError(f"unknown command {command!r}; the commands are predict, cluster, evaluate, prepare (see datus --help)")
+        raise ConfigurationError(
+            f"unknown command {command!r}; the commands are predict, cluster, evaluate, prepare, export (see datus --help)"
+        )
 
 
 def _only_prints(arguments: Sequence[str]) -> bool:

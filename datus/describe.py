@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from datus.diagnostics import STABILITY_FLOOR, console_line, verdict, verdict_line
-from datus.errors import one_line
-from datus.io import UnreadableFile, json_text, read_json, write_json, write_lines, write_text
+from datus.errors import ConfigurationError, one_line
+from datus.io import UnreadableFile, read_json, write_json, write_lines, write_text
 from datus.metrics import format_table
 from datus.run import (
-    CLASSES_FILE, HTML_INDEX, IMAGE_FOLDERS, MANIFEST_FILE, MASKS, REPORT_FILE, SKIPPED_FILE, SUMMARY_FILE, SWEEP_TABLE,
-    Results, Run,
+    CLASSES_FILE, DATASET_FILE, HTML_INDEX, MANIFEST_FILE, REPORT_FILE, SKIPPED_FILE, SUMMARY_FILE, SWEEP_TABLE, Results,
+    Run,
 )  # fmt: skip
+from datus.manifest import dataset_description, manifest_line
 from datus.settings import RANDOM_WEIGHTS
 from datus.shards import read_image_paths
 
@@ -57,8 +58,9 @@ def write_dataset_files(
     """Make the results folder a dataset: ``classes.json`` and a manifest of (image, mask) pairs.
 
     The manifest has one JSON object per line, in the order of the shards (streamed: memory does
-    not grow with the run): ``image`` (absolute path of the input image, which stays where it
-    is), ``mask`` (path relative to the results folder) and ``image_id``. Masks are
+    not grow with the run): ``image`` (path relative to the input root, which ``dataset.json``
+    records once), ``mask`` (path relative to the results folder) and ``image_id``
+    (:mod:`datus.manifest`). Masks are
     dense, so the ignore value never occurs in them; it is declared outside the cluster ids
     (255 for uint8 masks, 65535 for uint16) for training code that pads or augments.
     """
@@ -76,15 +78,26 @@ def write_dataset_files(
             "ignore_index": 255 if num_clusters <= 255 else 65535,
         },
     )
-    write_lines(results.file(MANIFEST_FILE), _manifest_lines(run.shards(), results))
+    image_root = _image_root(run)
+    write_json(results.file(DATASET_FILE), dataset_description(image_root))
+    write_lines(results.file(MANIFEST_FILE), _manifest_lines(run.shards(), image_root))
 
 
-def _manifest_lines(shards: Sequence[Path], results: Results) -> Iterator[str]:
+def _image_root(run: Run) -> Path | None:
+    """The input folder the run read (``run.json``), which manifest image paths are relative to."""
+    try:
+        data = (run.recorded_identity() or {}).get("data") or {}
+    except ConfigurationError:  # a damaged run.json was refused earlier; here it only costs relative paths
+        return None
+    root = data.get("images") if isinstance(data, dict) else None
+    return Path(root) if isinstance(root, str) and Path(root).is_absolute() else None
+
+
+def _manifest_lines(shards: Sequence[Path], image_root: Path | None) -> Iterator[str]:
     """One JSON line per recorded image, shard by shard (the shards' small id and path arrays only)."""
     for shard in shards:
         for image_id, path in read_image_paths([shard]):
-            mask = f"{MASKS}/{image_id}{IMAGE_FOLDERS[MASKS]}"
-            yield json_text({"image_id": image_id, "image": str(Path(path).absolute()), "mask": mask}, indent=None)
+            yield manifest_line(image_id, path, image_root)
 
 
 def run_verdict(run: Run, diagnostics: dict[str, Any], images: int) -> dict[str, Any]:

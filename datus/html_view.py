@@ -14,7 +14,8 @@ the pages; memory holds one page), so the cost is linear in the images and bound
 Everything on a page comes from files that may have been edited (the manifest, summary and
 metrics are untrusted): text is HTML-escaped, links are URL-quoted, ids that are not safe
 relative names get no link, and links to outputs are relative, so the folder can be moved. The
-input image is linked by a ``file://`` URL of its absolute path, as the manifest records it:
+input image is linked by a ``file://`` URL of its absolute path (the manifest's path joined to the
+``image_root`` of ``dataset.json``):
 the results folder is meant to move while the input images stay where they are (a relative
 link would break as soon as the results folder moves alone).
 """
@@ -31,6 +32,7 @@ from urllib.parse import quote
 
 from datus.errors import ConfigurationError
 from datus.io import UnreadableFile, open_regular, read_json, write_text
+from datus.manifest import image_root_of
 from datus.metrics import PROTOCOLS, format_table
 from datus.run import (
     CLASSES_FILE,
@@ -131,10 +133,14 @@ def write_pages(results: Results, page_size: int = PAGE_SIZE) -> tuple[int, int]
     images = sum(1 for _ in _manifest_lines(manifest))
     pages = page_count(images, page_size)
     folders = _picture_folders(results)
+    try:
+        image_root = image_root_of(results.root)
+    except ValueError:
+        image_root = None  # a damaged dataset.json: relative image paths get no link
     rows: list[str] = []
     written = 0
     for index, line in enumerate(_manifest_lines(manifest)):
-        rows.append(_card(index, line, folders, manifest))
+        rows.append(_card(index, line, folders, manifest, image_root))
         if len(rows) == page_size:
             written += 1
             write_text(results.view_page(written), _page_html(results, written, pages, images, rows), durable=False)
@@ -184,7 +190,7 @@ def _link(url: str, label: str, **attributes: str) -> str:
 _LABELS = {OVERLAY: "overlay", COLOUR: "colour mask", MASKS: "mask"}
 
 
-def _card(index: int, line: bytes, folders: Sequence[str], manifest: Path) -> str:
+def _card(index: int, line: bytes, folders: Sequence[str], manifest: Path, image_root: Path | None = None) -> str:
     """One image of a page: thumbnail and links, or why it has none."""
     try:
         entry = json.loads(line.decode("utf-8"))
@@ -199,7 +205,10 @@ def _card(index: int, line: bytes, folders: Sequence[str], manifest: Path) -> st
     quoted = quote(image_id, safe="/", errors="surrogateescape")  # letters, digits, "_.-~/%" only: safe in an attribute
     urls = [f"../{folder}/{quoted}{IMAGE_FOLDERS[folder]}" for folder in folders]
     shown = _text(image_id)
-    links = " · ".join([_image_link(entry.get("image"))] + [f'<a href="{url}">{_LABELS[f]}</a>' for f, url in zip(folders, urls)])
+    image = entry.get("image")
+    if isinstance(image, str) and image_root is not None and not image.startswith("/"):
+        image = str(image_root / image)  # manifest paths are relative to the input root (dataset.json)
+    links = " · ".join([_image_link(image)] + [f'<a href="{url}">{_LABELS[f]}</a>' for f, url in zip(folders, urls)])
     return (
         f'<figure><a href="{urls[0]}"><img src="{urls[0]}" loading="lazy" alt="{_LABELS[folders[0]]} of {shown}"></a>'
         f"<figcaption>#{index + 1} <b>{shown}</b><br>{links}</figcaption></figure>"

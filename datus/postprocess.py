@@ -54,6 +54,7 @@ from datus.run import (
     COLOUR,
     GALLERY_DIR,
     LEGEND_FILE,
+    DATASET_FILE,
     MANIFEST_FILE,
     MASKS,
     METRICS_FILE,
@@ -388,7 +389,7 @@ def _unchanged(
     }
     if previous != expected or not isinstance(previous.get("files"), dict):
         return None
-    needed = [CLASSES_FILE, MANIFEST_FILE, REPORT_FILE] + ([LEGEND_FILE] if cluster.colour else [])
+    needed = [CLASSES_FILE, DATASET_FILE, MANIFEST_FILE, REPORT_FILE] + ([LEGEND_FILE] if cluster.colour else [])
     if not all(results.file(name).is_file() for name in needed):
         return None
     if cluster.gallery and not (results.root / GALLERY_DIR).is_dir():

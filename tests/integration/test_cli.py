@@ -318,7 +318,8 @@ def test_fitted_centroids_label_new_images_and_reproduce_the_fitting_run(dataset
 @pytest.mark.parametrize(
     "arguments",
     [["cluster", "--help"], ["evaluate", "--help"], ["prepare", "--help"], ["cluster", "--run", "{run}", "--cluster.num_clusters", "2"],
-     ["predict", "--help"], ["predict", "--data.root", "{run}", "--output_dir", "{run}/x", "--cluster.num_cluster", "2"]],
+     ["predict", "--help"], ["predict", "--data.root", "{run}", "--output_dir", "{run}/x", "--cluster.num_cluster", "2"],
+     ["export", "--help"], ["export", "{run}", "{run}-export", "--format", "webdataset"]],
 )  # fmt: skip
 def test_offline_commands_load_neither_lightning_nor_timm(finished_run: Path, arguments: list[str]) -> None:
     probe = (

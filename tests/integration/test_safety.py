@@ -180,9 +180,10 @@ def test_names_no_file_system_could_take_as_outputs_still_finish(tmp_path: Path)
     main(["predict", "--config", str(REPO / "configs" / "tiny.yaml"), "--data.root", str(images),
           "--output_dir", str(run), "--trainer.enable_progress_bar", "false"])  # fmt: skip
     manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert sorted(Path(entry["image"]) for entry in manifest) == sorted([images / "img 0.jpg", long_name, undecodable])
+    assert json.loads((run / "dataset.json").read_text())["image_root"] == str(images.resolve())
+    assert sorted(images / entry["image"] for entry in manifest) == sorted([images / "img 0.jpg", long_name, undecodable])
     for entry in manifest:
-        assert (run / entry["mask"]).is_file()
+        assert not Path(entry["image"]).is_absolute() and (run / entry["mask"]).is_file()
 
 
 def test_a_folder_of_only_unreadable_files_is_one_error_pointing_at_skipped_json(tmp_path: Path) -> None:
