@@ -190,7 +190,7 @@ def write_option_table() -> None:
     """Regenerate ``predict_options.json`` after changing a signature or a docstring of an option."""
     import json
 
-    from datus.predict_options import TABLE_FILE
+    from datus.options import TABLE_FILE
 
     TABLE_FILE.write_text(json.dumps(option_table(), indent=1) + "\n", encoding="utf-8")
 

@@ -11,18 +11,15 @@ unknown key are answered before those imports. Everything else is still checked 
 from __future__ import annotations
 
 import difflib
-import json
-import re
 import shutil
 import textwrap
 from collections.abc import Sequence
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from datus.errors import ConfigurationError
+from datus.options import first_sentence, option_help, table
 
-TABLE_FILE = Path(__file__).with_name("predict_options.json")
 TOP_LEVEL = ("--config", "-c", "--print_config", "--seed_everything", "--help", "-h")
 """Options of LightningCLI itself, not in the table."""
 REQUIRED = ("--data.root", "--output_dir")
@@ -37,11 +34,6 @@ DESCRIPTION = (
 EXAMPLE = (
     "example: datus predict --data.root PHOTOS --output_dir runs/mine --model.embedding packed --cluster.num_clusters 6"
 )
-
-
-@cache
-def table() -> dict[str, Any]:
-    return json.loads(TABLE_FILE.read_text(encoding="utf-8"))
 
 
 def help_text(width: int | None = None) -> str:
@@ -59,7 +51,7 @@ def help_text(width: int | None = None) -> str:
     )]  # fmt: skip
     for group, title in [("", "output"), *table()["groups"].items()]:
         rows = [(_flag_label(option), _describe(option)) for option in options if option["group"] == group]
-        sections.append((_first_sentence(title), rows))
+        sections.append((first_sentence(title), rows))
     for title, rows in sections:
         lines.append(f"{title}:")
         for flag, text in rows:
@@ -79,16 +71,6 @@ def _flag_label(option: dict[str, Any]) -> str:
     name = option["flag"].lstrip("-").rsplit(".", 1)[-1]
     metavar = {"int": "N", "float": "X"}.get(option["kind"], "FOLDER" if name in ("output_dir", "root") else name.upper())
     return f"{option['flag']} {metavar}"
-
-
-def _first_sentence(text: str) -> str:
-    return re.split(r"\.\s+(?=[A-Z])", text)[0].rstrip(".")
-
-
-def option_help(flag: str) -> str:
-    """The first sentence of an option's description (``datus cluster`` shares predict's cluster options)."""
-    option = next(option for option in table()["options"] if option["flag"] == flag)
-    return re.sub(r"\bNone\b", "null", _first_sentence(option["help"]))
 
 
 def _describe(option: dict[str, Any]) -> str:
@@ -136,7 +118,7 @@ def check_arguments(arguments: Sequence[str]) -> None:
         given[flag] = _checked(options[flag], value)
     for flag in ("--data.root", "--output_dir"):
         if given.get(flag) in (None, "null"):
-            raise ConfigurationError(f"{flag} is required: {_first_sentence(options[flag]['help']).lower()} (see datus predict --help)")
+            raise ConfigurationError(f"{flag} is required: {first_sentence(options[flag]['help']).lower()} (see datus predict --help)")
     from datus.io import locate_images
 
     split, mask_dir = given.get("--data.split"), given.get("--data.mask_dir")

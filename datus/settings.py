@@ -151,7 +151,7 @@ def add_options(
         defaults: values that replace the dataclass defaults (e.g. from a run's config.yaml).
         many: fields that take one or more values (a sweep).
     """
-    from datus.predict_options import option_help, table
+    from datus.options import option_help, table
 
     hints = typing.get_type_hints(settings)
     section = parser.add_argument_group(table()["groups"].get(group, group).split(". ")[0])

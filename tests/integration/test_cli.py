@@ -226,7 +226,7 @@ def test_predict_answers_help_and_mistakes_at_once(tmp_path: Path, arguments: li
 def test_predict_option_table_is_the_parsers() -> None:
     """predict_options.json (help and early checks without Lightning) says what LightningCLI's parser says."""
     from datus.predict import option_table
-    from datus.predict_options import table
+    from datus.options import table
 
     assert option_table() == table(), "regenerate: python -c 'from datus.predict import write_option_table; write_option_table()'"
 

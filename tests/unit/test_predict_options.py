@@ -53,7 +53,7 @@ def test_a_layout_config_on_a_plain_folder_reads_the_folder(tmp_path: Path) -> N
 
 
 def test_help_wraps_to_the_terminal_and_describes_every_option() -> None:
-    from datus.predict_options import table
+    from datus.options import table
 
     text = help_text(width=100)
     assert max(len(line) for line in text.splitlines()) <= 100 + 20  # the example line may overrun
