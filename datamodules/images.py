@@ -223,11 +223,12 @@ def collate_with_skips(items: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 class ImageFolderDataModule(L.LightningDataModule):
-    """Predict-only DataModule over a folder of images.
+    """Predict-only DataModule over a folder of images, or over WebDataset tar shards.
 
     Args:
         root: a folder of images (recursive), or the root of a DatUS-layout dataset when
-            ``split`` is given.
+            ``split`` is given, or tar shards: a ``.tar``, a folder of them or a pattern like
+            ``train-{0000..0099}.tar`` (see :func:`list_tar_images`).
         split: read ``root/<split>/images`` and masks from ``root/<split>/true_masks``.
         mask_dir: masks for a plain folder, paired by relative path and stem (ignored with
             ``split``, whose layout fixes it).
