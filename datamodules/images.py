@@ -228,7 +228,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     Args:
         root: a folder of images (recursive), or the root of a DatUS-layout dataset when
             ``split`` is given, or tar shards: a ``.tar``, a folder of them or a pattern like
-            ``train-{0000..0099}.tar`` (see :func:`list_tar_images`).
+            ``train-{0000..0099}.tar`` (README: Tar shards).
         split: read ``root/<split>/images`` and masks from ``root/<split>/true_masks``.
         mask_dir: masks for a plain folder, paired by relative path and stem (ignored with
             ``split``, whose layout fixes it).

@@ -232,9 +232,8 @@ def _handle(tar: str) -> tuple[int, int, int]:
         return _HANDLES[key]
     from datus.io import open_regular
 
-    stream = open_regular(Path(tar))
-    descriptor = os.dup(stream.fileno())
-    stream.close()
+    with open_regular(Path(tar)) as stream:
+        descriptor = os.dup(stream.fileno())
     status = os.fstat(descriptor)
     _HANDLES[key] = (descriptor, status.st_size, status.st_mtime_ns)
     while len(_HANDLES) > _KEEP:
