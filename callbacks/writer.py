@@ -71,7 +71,11 @@ class SegmentShardWriter(BasePredictionWriter):
             self.run.check_writable()
             if removed := self.run.remove_temporaries():
                 log.info("removed %d half-written files left by an interrupted run", removed)
-            self.run.claim({"model": pl_module.describe(), "data": data.describe() if resumable else None})
+            inputs = getattr(data, "inputs", None) if resumable else None
+            self.run.claim(
+                {"model": pl_module.describe(), "data": data.describe() if resumable else None},
+                inputs() if callable(inputs) else None,
+            )
             for stale in self.run.log_files():
                 stale.unlink()  # logs describe this invocation only; earlier work is counted as resumed
             changed, vanished = drop_stale_records(self.run.shards())

@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 from datus.errors import ConfigurationError
 from datus.io import IMAGE_EXTENSIONS, UnreadableFile, load_rgb, locate_images, paired_mask
 from datus.run import RUN_FILE, Run, image_id_for
+from datus.tars import Member, digest, index_shard, is_tar_source, iter_samples, list_shards, shard_stem
 from datus.workers import available_cores
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ class ImageEntry:
     path: Path
     image_id: str
     mask_path: Path | None
+    member: Member | None = None
+    """Where the image is inside a tar shard (``path`` is then the path through the tar)."""
+    mark: tuple[int, int] | None = None
+    """(member size, shard modification time) of a tar member, as listed."""
 
 
 def _image_files(image_dir: Path, exclude: Path | None) -> list[Path]:
@@ -84,7 +89,16 @@ def list_images(image_dir: Path, mask_dir: Path | None = None, exclude: Path | N
     """
     paths = _image_files(image_dir, exclude)
     relative = [path.relative_to(image_dir) for path in paths]
-    ids = [image_id_for(path) for path in relative]
+    ids = _unique_ids(paths, [image_id_for(path) for path in relative])
+    entries = []
+    for path, image_id in zip(paths, ids):
+        mask_path = paired_mask(path, image_dir, mask_dir) if mask_dir is not None else None
+        entries.append(ImageEntry(path=path, image_id=image_id, mask_path=mask_path))
+    return entries
+
+
+def _unique_ids(paths: Sequence[Path], ids: list[str]) -> list[str]:
+    """Make ``ids`` unique: shared ones keep their extension, then get a number (see :func:`list_images`)."""
     counts: dict[str, int] = {}
     for image_id in ids:
         counts[image_id] = counts.get(image_id, 0) + 1
@@ -99,11 +113,50 @@ def list_images(image_dir: Path, mask_dir: Path | None = None, exclude: Path | N
             unique, number = f"{image_id}_{number}", number + 1
         ids[position] = unique
         taken.add(unique)
-    entries = []
-    for path, image_id in zip(paths, ids):
-        mask_path = paired_mask(path, image_dir, mask_dir) if mask_dir is not None else None
-        entries.append(ImageEntry(path=path, image_id=image_id, mask_path=mask_path))
+    return ids
+
+
+def list_tar_images(root: Path | str, mask_dir: Path | None = None) -> list[ImageEntry]:
+    """Every image member of the tar shards ``root`` names, in (shard, member offset) order.
+
+    ``root`` is a ``.tar``, a folder of them (recursive) or a brace pattern. An image is a member
+    whose name ends in an image extension (``<key>.jpg``; ``<key>.seg.png`` is ground truth);
+    its id is ``<shard>/<key>``: the shard's path below the base folder
+    (:func:`datus.tars.list_shards`) without ``.tar``, then the member name without its
+    extension, through :func:`image_id_for`. The shard is always part of the id, so ids never
+    depend on which other shards are read, and keys repeated across shards stay apart. Masks
+    pair with ``<key>.seg.png`` in the same shard, or with ``--data.mask_dir``, whose
+    ``<shard>/<key>.png`` wins when given. Refused members (links, devices, names that leave
+    the shard, sizes beyond the shard) and damaged shards are listed too, and skipped with
+    their reason when read, as undecodable files are.
+    """
+    base, shards = list_shards(root)
+    entries: list[ImageEntry] = []
+    for shard in shards:
+        stem = shard_stem(shard, base)
+        try:
+            index = index_shard(shard)
+        except UnreadableFile as error:
+            entries.append(_refused(shard, f"{stem}/~shard", f"shard {shard.name}: {error}"))
+            continue
+        paths, ids, samples = [], [], []
+        for member, mask in iter_samples(index):
+            path = Path(member.path)
+            paths.append(path)
+            ids.append(image_id_for(Path(stem) / (member.name if not member.refused else "_refused" + str(len(ids)) + ".x")))
+            samples.append((member, mask))
+        for path, image_id, (member, mask) in zip(paths, _unique_ids(paths, ids), samples):
+            mask_path = Path(mask.path) if mask is not None else None
+            if mask_dir is not None:
+                mask_path = paired_mask(path, base, mask_dir)
+            entries.append(ImageEntry(path, image_id, mask_path, member, (member.size, index.mtime_ns)))
+        if index.damaged:
+            entries.append(_refused(shard, f"{stem}/~damaged", f"shard {shard.name}: {index.damaged}"))
     return entries
+
+
+def _refused(shard: Path, image_id: str, reason: str) -> ImageEntry:
+    return ImageEntry(shard, image_id, None, Member(str(shard), "", 0, 0, reason), (0, 0))
 
 
 class ImageDataset(Dataset):
@@ -127,8 +180,13 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
         try:
-            status = os.stat(entry.path)  # before decoding: a file replaced meanwhile is then predicted again
-            image, (height, width) = load_rgb(entry.path, min_side=self.image_size)
+            if entry.member is not None:  # a member of a tar shard, read through this worker's handle
+                mark = entry.mark or (entry.member.size, 0)
+                image, (height, width) = load_rgb(entry.member, min_side=self.image_size)
+            else:
+                status = os.stat(entry.path)  # before decoding: a file replaced meanwhile is then predicted again
+                mark = (status.st_size, status.st_mtime_ns)
+                image, (height, width) = load_rgb(entry.path, min_side=self.image_size)
             if min(height, width) < self.min_side:
                 raise UnreadableFile(f"image is {width}x{height}, smaller than one patch ({self.min_side} px)")
             resized = TF.resize(
@@ -144,7 +202,7 @@ class ImageDataset(Dataset):
             "image_id": entry.image_id,
             "index": index,
             "orig_size": torch.tensor([height, width]),
-            "image_mark": torch.tensor([status.st_size, status.st_mtime_ns], dtype=torch.int64),
+            "image_mark": torch.tensor(mark, dtype=torch.int64),
             "image_path": str(entry.path),
             "mask_path": str(entry.mask_path) if entry.mask_path else "",
         }
@@ -165,11 +223,12 @@ def collate_with_skips(items: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 class ImageFolderDataModule(L.LightningDataModule):
-    """Predict-only DataModule over a folder of images.
+    """Predict-only DataModule over a folder of images, or over WebDataset tar shards.
 
     Args:
         root: a folder of images (recursive), or the root of a DatUS-layout dataset when
-            ``split`` is given.
+            ``split`` is given, or tar shards: a ``.tar``, a folder of them or a pattern like
+            ``train-{0000..0099}.tar`` (README: Tar shards).
         split: read ``root/<split>/images`` and masks from ``root/<split>/true_masks``.
         mask_dir: masks for a plain folder, paired by relative path and stem (ignored with
             ``split``, whose layout fixes it).
@@ -200,7 +259,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.image_dir = image_dir
         self.mask_dir = mask_dir
         self.split = split
-        self.entries = list_images(image_dir, self.mask_dir, Path(exclude).expanduser() if exclude else None)
+        self.tars = is_tar_source(root)
+        if self.tars:
+            self.image_dir, self.shards = list_shards(root)
+            self.entries = list_tar_images(root, self.mask_dir)
+        else:
+            self.entries = list_images(image_dir, self.mask_dir, Path(exclude).expanduser() if exclude else None)
         self.image_size = image_size
         self.patch_size = patch_size
         self.batch_size = batch_size
@@ -210,10 +274,22 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def describe(self) -> dict[str, Any]:
         """What the run is made from (recorded in ``run.json``; a resumed run must match it)."""
-        return {
+        described = {
             "images": str(self.image_dir.resolve()),
             "masks": str(self.mask_dir.resolve()) if self.mask_dir is not None else None,
         }
+        if self.tars:  # the base folder of the shards; which shards is in inputs(), not compared
+            described["input"] = "tar shards"
+        return described
+
+    def inputs(self) -> dict[str, Any] | None:
+        """The tar shards a run is made from (names below the base, a digest of their sizes and times), for ``run.json``.
+
+        Not part of the compared identity: a rerun over other shards is handled like a folder
+        whose files changed (records of rewritten shards are predicted again, those of vanished
+        ones leave the dataset stages).
+        """
+        return {"tar_shards": digest(self.shards, self.image_dir)} if self.tars else None
 
     def exclude_recorded(self, recorded: Mapping[str, str]) -> None:
         """Leave out images an earlier, interrupted run recorded, and keep ids unique across both runs.
@@ -233,7 +309,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             while image_id in taken:
                 image_id, number = f"{entry.image_id}_{number}", number + 1
             taken.add(image_id)
-            pending.append(ImageEntry(entry.path, image_id, entry.mask_path))
+            pending.append(ImageEntry(entry.path, image_id, entry.mask_path, entry.member, entry.mark))
         self._pending = pending
 
     @property

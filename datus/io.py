@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import secrets
-import stat
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from datus.errors import ConfigurationError
+from datus.files import IMAGE_EXTENSIONS, UnreadableFile, open_regular_file
 
 
 def _current_umask() -> int:
@@ -48,9 +48,6 @@ TEMPORARY_PREFIX = ".datus-tmp-"
 TEMPORARY_NAME = re.compile(r"\.datus-tmp-[0-9a-f]{16}")
 """Full-match pattern of the temporaries :func:`atomic_path` creates, and of nothing else."""
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-"""File suffixes read as input images (compared in lower case)."""
-
 MAX_IMAGE_PIXELS = 250_000_000
 """Largest image datus decodes; large survey or aerial images are legitimate input (PIL stops at 89 MP)."""
 
@@ -63,29 +60,32 @@ REDUCED_MIN_SIDE = 1024
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
-class UnreadableFile(ValueError):
-    """An input file could not be decoded; the message names it and says why."""
-
-
-class NotRegularFile(OSError):
-    """A path that is not a regular file: a FIFO, device or socket would block or never end."""
-
-
 def open_regular(path: Path) -> BinaryIO:
-    """Open ``path`` for reading, refusing anything but a regular file without ever blocking.
+    """:func:`datus.files.open_regular_file`, or the member of a tar shard that a path through it names (:mod:`datus.tars`).
 
-    Every file datus reads (images, masks, shards, its own run files) goes through here: a path
-    that became a FIFO would otherwise hang ``open()`` for ever, and a device never ends.
+    Every file datus reads (images, masks, shards, its own run files) goes through here.
     """
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise NotRegularFile(f"{path} is not a regular file (a FIFO, device or socket); datus reads only regular files")
-        os.set_blocking(descriptor, True)
-        return os.fdopen(descriptor, "rb")
-    except BaseException:
-        os.close(descriptor)
-        raise
+        return open_regular_file(path)
+    except NotADirectoryError:
+        from datus.tars import open_member_path
+
+        return open_member_path(path)  # type: ignore[return-value]
+
+
+def input_mark(path: Path | str) -> tuple[int, int]:
+    """(size, modification time in ns) of an input image: a file, or a member of a tar shard.
+
+    Raises:
+        OSError: the file, or the member, is gone.
+    """
+    try:
+        status = os.stat(path)
+    except NotADirectoryError:
+        from datus.tars import member_mark
+
+        return member_mark(path)
+    return status.st_size, status.st_mtime_ns
 
 
 def check_pixels(width: int, height: int) -> None:
@@ -196,7 +196,10 @@ def paired_mask(image_path: Path, image_dir: Path, mask_dir: Path) -> Path | Non
     """
     for image, root in ((Path(os.path.abspath(image_path)), Path(image_dir)), (Path(image_path).resolve(), Path(image_dir).resolve())):
         if image.is_relative_to(root):
-            candidate = Path(mask_dir) / image.relative_to(root).with_suffix(MASK_EXTENSION)
+            relative = image.relative_to(root)
+            if any(part.lower().endswith(".tar") for part in relative.parts[:-1]):  # a tar member: <shard>/<key>.png
+                relative = Path(*(part[:-4] if part.lower().endswith(".tar") else part for part in relative.parts))
+            candidate = Path(mask_dir) / relative.with_suffix(MASK_EXTENSION)
             return candidate if candidate.is_file() else None
     return None
 
@@ -276,11 +279,11 @@ def read_label_png(path: Path) -> np.ndarray:
         raise UnreadableFile(f"{path} cannot be decoded ({decode_reason(error)})") from error
 
 
-def load_rgb(path: Path, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def load_rgb(path: Any, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode any supported image as 8-bit RGB with its EXIF orientation applied.
 
     Args:
-        path: the image file.
+        path: the image file, a path through a tar shard, or a :class:`datus.tars.Member`.
         min_side: when only a version with this shorter side is needed (model input,
             thumbnails), an image above :data:`REDUCE_ABOVE_PIXELS` is decoded at a reduced
             scale whose shorter side stays at least ``max(min_side, REDUCED_MIN_SIDE)`` (JPEG
@@ -297,7 +300,7 @@ def load_rgb(path: Path, min_side: int | None = None) -> tuple[Image.Image, tupl
     palette and alpha images are flattened on black; CMYK is converted.
     """
     try:
-        with open_regular(path) as stream, Image.open(stream) as image:
+        with _open_input(path) as stream, Image.open(stream) as image:
             width, height = image.size
             check_pixels(width, height)
             transposed = image.getexif().get(0x0112) in (5, 6, 7, 8)
@@ -313,6 +316,14 @@ def load_rgb(path: Path, min_side: int | None = None) -> tuple[Image.Image, tupl
         raise
     except (*DECODE_ERRORS, MemoryError) as error:
         raise UnreadableFile(decode_reason(error)) from error
+
+
+def _open_input(source: Any) -> BinaryIO:
+    if isinstance(source, (str, os.PathLike)):
+        return open_regular(Path(source))
+    from datus.tars import read_member
+
+    return read_member(source)  # type: ignore[return-value]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -343,6 +354,22 @@ def locate_images(root: Path, split: str | None, mask_dir: Path | None, announce
     made for the DatUS layout (``--data.split train``) pointed at a plain folder of photos reads
     that folder, with a warning (``announce``), instead of refusing the obvious command.
     """
+    from datus.tars import is_tar_source, list_shards
+
+    if is_tar_source(root):
+        if split is not None and announce:
+            logging.getLogger(__name__).warning("--data.root %s names tar shards: --data.split %s is not used", root, split)
+        if mask_dir is not None and not Path(mask_dir).expanduser().is_dir():
+            raise ConfigurationError(f"--data.mask_dir: no folder {mask_dir}.")
+        _, shards = list_shards(root)
+        missing = [shard for shard in shards if not shard.is_file()]
+        if not shards or missing:
+            raise ConfigurationError(
+                f"--data.root: no tar shard {missing[0] if missing else root}"
+                f"{f' (and {len(missing) - 1} more of the pattern)' if len(missing) > 1 else ''}. Point --data.root at "
+                "a .tar file, a folder of them, or a pattern like train-{0000..0099}.tar."
+            )
+        return Path(root), Path(mask_dir).expanduser() if mask_dir is not None else None
     root = Path(root).expanduser()
     if split is not None:
         image_dir, layout_masks = root / split / "images", root / split / "true_masks"

@@ -362,12 +362,14 @@ class Run:
             )
         return content["identity"]
 
-    def claim(self, identity: dict[str, Any]) -> None:
+    def claim(self, identity: dict[str, Any], inputs: dict[str, Any] | None = None) -> None:
         """Start or resume the run: refuse other settings or data, then record ``identity``.
 
         Args:
             identity: ``{"model": ..., "data": ...}``; the data part may be None when the data
                 module cannot describe itself (then only the model is compared).
+            inputs: what the input was this time (the tar shards read), recorded beside the
+                identity and not compared: changed input is handled record by record.
         """
         self.check_writable()
         recorded = self.recorded_identity()
@@ -384,7 +386,10 @@ class Run:
                     f"({'; '.join(differences)}). Resuming would mix them: use a new --output_dir, or delete the "
                     "old one to start over."
                 )
-        write_json(self.root / RUN_FILE, {"datus_version": __version__, "identity": identity})
+        content: dict[str, Any] = {"datus_version": __version__, "identity": identity}
+        if inputs:
+            content["inputs"] = inputs
+        write_json(self.root / RUN_FILE, content)
 
     def remove_temporaries(self) -> int:
         """Delete temporaries that a killed run left in this run's folders; returns how many.

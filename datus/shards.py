@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from datus.errors import ConfigurationError
-from datus.io import MAX_IMAGE_PIXELS, atomic_path, open_regular, write_npz
+from datus.io import MAX_IMAGE_PIXELS, atomic_path, input_mark, open_regular, write_npz
 from datus.records import UNKNOWN_MARK, ImageRecord, segment_keys
 from datus.run import check_image_id
 
@@ -223,13 +223,13 @@ def drop_stale_records(shards: Sequence[Path]) -> tuple[list[str], list[str]]:
         for index, raw_path in enumerate(arrays["image_paths"]):
             path = str(raw_path)
             try:
-                status = os.stat(path)
+                mark = input_mark(path)  # a file, or a member of a tar shard
             except OSError:
                 vanished.append((check_image_id(str(arrays["image_ids"][index]), shard), path))
                 stale.add(index)
                 continue
             recorded = (int(marks[index, 0]), int(marks[index, 1])) if marks is not None and marks.shape[1:] == (2,) else UNKNOWN_MARK
-            if recorded != UNKNOWN_MARK and recorded != (status.st_size, status.st_mtime_ns):
+            if recorded != UNKNOWN_MARK and recorded != mark:
                 changed.append(path)
                 stale.add(index)
         if stale:
