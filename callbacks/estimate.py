@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from datus.records import PredictionBatch
+from datus.runfolder.records import PredictionBatch
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from datus.collective import Collective
-from datus.crf import CRFParams
-from datus.describe import PredictionLog
-from datus.postprocess import Outcome, postprocess
-from datus.run import Run
-from datus.settings import ClusterSettings, EvaluationSettings
+from datus.core.collective import Collective
+from datus.stages.crf import CRFParams
+from datus.outputs.describe import PredictionLog
+from datus.stages.postprocess import Outcome, postprocess
+from datus.runfolder.run import Run
+from datus.core.settings import ClusterSettings, EvaluationSettings
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm.auto import tqdm
 
-from datus.records import PredictionBatch
+from datus.runfolder.records import PredictionBatch
 
 
 class ImagesProgressBar(ProgressBar):

@@ -1,6 +1,6 @@
 """Streams prediction records to per-rank shards as batches finish (memory stays flat).
 
-The writer also starts the run in its folder (through :class:`datus.run.Run`): it takes the
+The writer also starts the run in its folder (through :class:`datus.runfolder.run.Run`): it takes the
 folder's lock, refuses a folder of other settings or data, and tells the data module which
 images earlier runs already finished, so a rerun resumes where the last one stopped.
 """
@@ -17,11 +17,11 @@ from typing import Any, Protocol, runtime_checkable
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from datus.errors import ConfigurationError
-from datus.io import write_json
-from datus.records import PredictionBatch
-from datus.run import Run
-from datus.shards import drop_stale_records, finished_images, write_shard
+from datus.core.errors import ConfigurationError
+from datus.core.io import write_json
+from datus.runfolder.records import PredictionBatch
+from datus.runfolder.run import Run
+from datus.runfolder.shards import drop_stale_records, finished_images, write_shard
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from datus.errors import ConfigurationError
-from datus.io import IMAGE_EXTENSIONS, UnreadableFile, load_rgb, locate_images, paired_mask
-from datus.run import RUN_FILE, Run, image_id_for
-from datus.tars import Member, digest, index_shard, is_tar_source, iter_samples, list_shards, shard_stem
-from datus.workers import available_cores
+from datus.core.errors import ConfigurationError
+from datus.core.io import IMAGE_EXTENSIONS, UnreadableFile, load_rgb, locate_images, paired_mask
+from datus.runfolder.run import RUN_FILE, Run, image_id_for
+from datus.core.tars import Member, digest, index_shard, is_tar_source, iter_samples, list_shards, shard_stem
+from datus.core.workers import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def list_tar_images(root: Path | str, mask_dir: Path | None = None) -> list[Imag
     ``root`` is a ``.tar``, a folder of them (recursive) or a brace pattern. An image is a member
     whose name ends in an image extension (``<key>.jpg``; ``<key>.seg.png`` is ground truth);
     its id is ``<shard>/<key>``: the shard's path below the base folder
-    (:func:`datus.tars.list_shards`) without ``.tar``, then the member name without its
+    (:func:`datus.core.tars.list_shards`) without ``.tar``, then the member name without its
     extension, through :func:`image_id_for`. The shard is always part of the id, so ids never
     depend on which other shards are read, and keys repeated across shards stay apart. Masks
     pair with ``<key>.seg.png`` in the same shard, or with ``--data.mask_dir``, whose

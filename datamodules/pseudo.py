@@ -26,9 +26,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from datus.io import load_rgb, open_regular, read_label_png
-from datus.manifest import Split, read_manifest_entries
-from datus.run import CLASSES_FILE, MANIFEST_FILE
+from datus.core.io import load_rgb, open_regular, read_label_png
+from datus.outputs.manifest import Split, read_manifest_entries
+from datus.runfolder.run import CLASSES_FILE, MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def read_manifest(run_dir: Path, image_root: Path | None = None) -> list[PseudoP
 def split_pairs(
     pairs: Sequence[PseudoPair], val_fraction: float, seed: int
 ) -> tuple[list[PseudoPair], list[PseudoPair]]:
-    """Split pairs into (train, val) by a seeded per-id hash (:class:`datus.manifest.Split`): same seed, same split.
+    """Split pairs into (train, val) by a seeded per-id hash (:class:`datus.outputs.manifest.Split`): same seed, same split.
 
     ``datus export`` applies the same rule while streaming. Any positive fraction keeps at least
     one validation image (a tiny run still gets a validation number), and the training set is

@@ -1,6 +1,6 @@
 """``python -m datus`` entry point."""
 
-from datus.cli import start
+from datus.commands.cli import start
 
 if __name__ == "__main__":
     start()

@@ -38,15 +38,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from callbacks.pipeline import ClusterPaintEvaluate
-from callbacks.writer import SegmentShardWriter
-from datamodules.images import ImageFolderDataModule
-from datus.cli import keep_freed_memory
-from datus.module import DatusModule
-from datus.prepare import prepare_suim
-from datus.run import CLASSES_FILE
-from datus.settings import ClusterSettings
-from datus.workers import available_cores
+from datus.callbacks.pipeline import ClusterPaintEvaluate
+from datus.callbacks.writer import SegmentShardWriter
+from datus.datamodules.images import ImageFolderDataModule
+from datus.commands.cli import keep_freed_memory
+from datus.discovery.module import DatusModule
+from datus.commands.prepare import prepare_suim
+from datus.runfolder.run import CLASSES_FILE
+from datus.core.settings import ClusterSettings
+from datus.core.workers import available_cores
 
 SUIM_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "suim-sample"
 

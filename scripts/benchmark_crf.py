@@ -1,4 +1,4 @@
-"""Seconds per image and peak memory of the dense-CRF refinement (``datus.crf``).
+"""Seconds per image and peak memory of the dense-CRF refinement (``datus.stages.crf``).
 
 Two measurements, each run in fresh child processes so that peak RSS means one thing:
 
@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datus.crf import (  # noqa: E402
+from datus.stages.crf import (  # noqa: E402
     CRFJob,
     CRFParams,
     refine_many,
@@ -88,7 +88,7 @@ def run_images(data: Path, workers: int, num_clusters: int, limit: int | None) -
             sizes.append((image.height, image.width))  # SUIM JPEGs carry no EXIF rotation
     jobs = [CRFJob(path, *made_up_inputs(size, num_clusters, seed)) for seed, (path, size) in enumerate(zip(paths, sizes))]
     if workers <= 1:  # import the decoder before the clock starts, as a warm worker would have
-        import datamodules.images  # noqa: F401
+        import datus.datamodules.images  # noqa: F401
     base_rss = current_rss_mb()
     load_before, cpu_before = load_average(), cpu_seconds() + cpu_seconds(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()

@@ -64,7 +64,7 @@ def synthesise(root: Path, count: int, size: tuple[int, int] = (48, 64)) -> Path
 
 MEASURE = """
 import json, resource, sys, time
-from datus.cli import main
+from datus.commands.cli import main
 started = time.perf_counter()
 main(sys.argv[1:])
 print("BENCH " + json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

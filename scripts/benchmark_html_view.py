@@ -16,8 +16,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from datus.html_view import PAGE_SIZE, write_html_view
-from datus.run import Results
+from datus.outputs.html_view import PAGE_SIZE, write_html_view
+from datus.runfolder.run import Results
 
 
 def measure(images: int, folder: Path) -> tuple[float, float, int]:

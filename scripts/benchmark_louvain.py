@@ -1,4 +1,4 @@
-"""Louvain engines side by side: scikit-network as datus called it, and ``datus.louvain``.
+"""Louvain engines side by side: scikit-network as datus called it, and ``datus.discovery.louvain``.
 
 Both run in this one process on the same patch graphs, ``A = (k k^T) > 0`` from the last-block
 keys of a ViT over the SUIM sample, at 196 nodes (patch 16) and 784 nodes (patch 8). For each
@@ -63,8 +63,8 @@ def patch_graphs(
     import torchvision.transforms.v2.functional as TF
     from PIL import Image
 
-    from datus.backbones import RANDOM_WEIGHTS, LastBlockKeys, build_backbone, load_frozen_weights, normalization_of
-    from datus.ops import key_adjacency
+    from datus.discovery.backbones import RANDOM_WEIGHTS, LastBlockKeys, build_backbone, load_frozen_weights, normalization_of
+    from datus.discovery.ops import key_adjacency
 
     torch.manual_seed(seed)
     overrides: dict[str, Any] = {} if depth is None else {"depth": depth}
@@ -98,7 +98,7 @@ def same_partition(first: np.ndarray, second: np.ndarray) -> bool:
 
 
 def scikit_network_labels(adjacency: np.ndarray, resolution: float) -> np.ndarray:
-    """The reference, exactly as ``datus.communities`` called it (CSR built from the dense matrix)."""
+    """The reference, exactly as ``datus.discovery.communities`` called it (CSR built from the dense matrix)."""
     from scipy import sparse
     from sknetwork.clustering import Louvain
 
@@ -123,7 +123,7 @@ def compile_seconds() -> tuple[float, float]:
     The second number is what each spawned Louvain worker pays at its first graph.
     """
     probe = (
-        "import time, numpy as np; t = time.perf_counter(); from datus.louvain import louvain; "
+        "import time, numpy as np; t = time.perf_counter(); from datus.discovery.louvain import louvain; "
         "louvain(np.eye(4, dtype=bool) | np.eye(4, k=1, dtype=bool)); print(time.perf_counter() - t)"
     )
     with tempfile.TemporaryDirectory() as cache:
@@ -179,7 +179,7 @@ def main() -> None:
     fresh_compile, cached_load = compile_seconds()
     print(f"numba compile (fresh cache): {fresh_compile:.2f} s; a new process loading the cache: {cached_load:.2f} s")
 
-    from datus.louvain import louvain
+    from datus.discovery.louvain import louvain
 
     results: dict[str, Any] = {
         "images": str(args.images),
@@ -220,7 +220,7 @@ def main() -> None:
         results["sizes"].append(summary)
         print(
             f"{nodes} nodes: scikit-network {summary['sknetwork_ms_mean']:.2f} ms/graph "
-            f"(median {summary['sknetwork_ms_median']:.2f}), datus.louvain {summary['datus_ms_mean']:.3f} ms/graph "
+            f"(median {summary['sknetwork_ms_median']:.2f}), datus.discovery.louvain {summary['datus_ms_mean']:.3f} ms/graph "
             f"(median {summary['datus_ms_median']:.3f}); ratio of means {summary['ratio_of_means']:.4f} "
             f"(1/{1 / summary['ratio_of_means']:.0f}); same partition {same}/{len(graphs)}, "
             f"same labels {identical}/{len(graphs)}"

@@ -42,10 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from datus import __version__  # noqa: E402
-from datus.io import write_json  # noqa: E402
-from datus.records import ImageRecord  # noqa: E402
-from datus.run import RUN_FILE, Run  # noqa: E402
-from datus.shards import write_shard  # noqa: E402
+from datus.core.io import write_json  # noqa: E402
+from datus.runfolder.records import ImageRecord  # noqa: E402
+from datus.runfolder.run import RUN_FILE, Run  # noqa: E402
+from datus.runfolder.shards import write_shard  # noqa: E402
 
 GRID = 28
 HIDDEN_CENTRES = 27
@@ -74,7 +74,7 @@ def segment_map(rng: np.random.Generator, valid: int, noise: int) -> tuple[np.nd
 
 
 def synthesise(root: Path, images: int, valid: int, noise: int, dim: int, size: tuple[int, int], per_shard: int) -> None:
-    """A datus run folder of ``images`` records written with :func:`datus.shards.write_shard`."""
+    """A datus run folder of ``images`` records written with :func:`datus.runfolder.shards.write_shard`."""
     rng = np.random.default_rng(0)
     pictures = root.parent / f"pictures-{size[0]}x{size[1]}"
     pictures.mkdir(parents=True, exist_ok=True)

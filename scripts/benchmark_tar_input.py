@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.images import ImageFolderDataModule
+from datus.datamodules.images import ImageFolderDataModule
 
 SUIM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "suim-sample" / "train_val" / "images"
 

@@ -131,8 +131,8 @@ def partitions_from_reference_keys(images: Path, weights: Path, arch: str, workd
     sys.path.insert(0, str(REFERENCE.parent))
     import ref_datus as reference  # the yardstick, only ever imported by this script
 
-    from datus.communities import discover_segments
-    from datus.ops import key_adjacency, pack_adjacency
+    from datus.discovery.communities import discover_segments
+    from datus.discovery.ops import key_adjacency, pack_adjacency
 
     model = reference.build_backbone(arch, weights=weights)
     grid = (reference.INPUT_SIZE // reference.patch_size_of(model),) * 2

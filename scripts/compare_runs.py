@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics.cluster import contingency_matrix
 
-from datus.io import read_label_png
+from datus.core.io import read_label_png
 
 
 def pooled_ari(run_a: Path, run_b: Path) -> tuple[float, int]:

@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from datus.cli import main as datus
-from datus.errors import ConfigurationError
+from datus.commands.cli import main as datus
+from datus.core.errors import ConfigurationError
 
 REPO = Path(__file__).resolve().parents[1]
 SUIM_SAMPLE = REPO.parent / "shared" / "data" / "suim-sample"

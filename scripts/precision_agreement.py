@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from datamodules.images import ImageDataset, list_images
-from datus.backbones import LastBlockKeys, create_backbone, normalization_of, patch_size_of
-from datus.communities import discover_segments
-from datus.ops import key_adjacency, pack_adjacency
+from datus.datamodules.images import ImageDataset, list_images
+from datus.discovery.backbones import LastBlockKeys, create_backbone, normalization_of, patch_size_of
+from datus.discovery.communities import discover_segments
+from datus.discovery.ops import key_adjacency, pack_adjacency
 
 SUIM_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "suim-sample" / "train_val" / "images"
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -22,8 +22,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from callbacks.estimate import duration_text
-from datamodules.pseudo import PseudoMaskDataModule
+from datus.callbacks.estimate import duration_text
+from datus.datamodules.pseudo import PseudoMaskDataModule
 
 TIMED_STEPS = 5
 """Steps measured (after the first, which pays for warm-up) before the training time is announced."""

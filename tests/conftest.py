@@ -26,12 +26,12 @@ TINY_VIT_OVERRIDES: dict[str, Any] = {"depth": 2, "embed_dim": 48, "num_heads": 
 
 @pytest.fixture(autouse=True)
 def _process_exit_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``datus.cli.start`` ends its process with ``os._exit(0)``: in-process it would end pytest, green."""
+    """``datus.commands.cli.start`` ends its process with ``os._exit(0)``: in-process it would end pytest, green."""
 
     def refuse() -> None:
-        raise AssertionError("datus.cli.start() ran inside the test process; run the command in a subprocess")
+        raise AssertionError("datus.commands.cli.start() ran inside the test process; run the command in a subprocess")
 
-    monkeypatch.setattr("datus.cli._exit_without_teardown", refuse)
+    monkeypatch.setattr("datus.commands.cli._exit_without_teardown", refuse)
 
 
 def _gradient_rgb(width: int, height: int) -> np.ndarray:
@@ -89,7 +89,7 @@ def make_image() -> Callable[..., Path]:
 
 def build_tiny_vit(backbone: str = TINY_VIT, **overrides: Any) -> Any:
     """A randomly initialised tiny timm ViT built by ``create_backbone`` (its warning silenced)."""
-    from datus.backbones import create_backbone
+    from datus.discovery.backbones import create_backbone
 
     options = {**TINY_VIT_OVERRIDES, **overrides} if backbone == TINY_VIT else overrides
     with warnings.catch_warnings():
@@ -119,7 +119,7 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> OfflineHub:
     """No network: ``torch.hub.download_url_to_file`` serves only ``hub.serve`` and the cache is tmp."""
     import torch
 
-    import datus.backbones
+    import datus.discovery.backbones
 
     hub = OfflineHub(cache_dir=tmp_path / "hub" / "checkpoints")
 
@@ -130,7 +130,7 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> OfflineHub:
         Path(dst).write_bytes(hub.serve[url])
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    monkeypatch.setattr(datus.backbones, "hub_cache_dir", lambda: hub.cache_dir)
+    monkeypatch.setattr(datus.discovery.backbones, "hub_cache_dir", lambda: hub.cache_dir)
     return hub
 
 

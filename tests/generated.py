@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datus.cli import main
+from datus.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -82,7 +82,7 @@ def predict(output_dir: Path, *flags: str) -> None:
 
 def records_of(run_dir: Path) -> list:
     """Every record of a run folder, shard by shard."""
-    from datus.run import Run
-    from datus.shards import read_records
+    from datus.runfolder.run import Run
+    from datus.runfolder.shards import read_records
 
     return [record for shard in Run(run_dir).shards() for record in read_records(shard)]

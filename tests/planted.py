@@ -64,7 +64,7 @@ def planted_state_dict(patch_size: int) -> dict[str, torch.Tensor]:
     Why each weight is what it is:
 
     - ``patch_embed``: the input is normalised (``(x - mean) / std`` with the backbone's own mean
-      and std, :func:`datus.backbones.normalization_of`), so each output channel that should read
+      and std, :func:`datus.discovery.backbones.normalization_of`), so each output channel that should read
       ``a * raw_c + b`` (the patch's mean of colour channel c in [0, 1]) has kernel
       ``a * std_c / p^2`` on input channel c and bias ``a * mean_c + b``: the normalisation is
       undone exactly, black patches give ``raw = 0``. ``a, b`` are ``(1, 0)`` for ``raw``,
@@ -91,7 +91,7 @@ def planted_state_dict(patch_size: int) -> dict[str, torch.Tensor]:
       0.76 from each other, each class a tight cluster for k-means.
     - last block, MLP: zero ``fc2`` (the identity again); final ``norm``: weight 1, bias 0.
     """
-    from datus.backbones import build_backbone, normalization_of
+    from datus.discovery.backbones import build_backbone, normalization_of
 
     mean, std = normalization_of(BACKBONE)
     model = build_backbone(BACKBONE, "random", **backbone_kwargs(patch_size))

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datus.html_view import write_html_view
-from datus.run import Run
+from datus.outputs.html_view import write_html_view
+from datus.runfolder.run import Run
 from tests.conftest import NUM_IMAGES
 
 pytestmark = pytest.mark.integration

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datus.cli import main
-from datus.drawing import colour_table, colourise
-from datus.errors import ConfigurationError
-from datus.io import read_label_png
+from datus.commands.cli import main
+from datus.outputs.drawing import colour_table, colourise
+from datus.core.errors import ConfigurationError
+from datus.core.io import read_label_png
 from tests.conftest import NUM_IMAGES, image_ids, predict
 from tests.generated import REPO, TINY, write_photos
 
@@ -140,7 +140,7 @@ def test_configuration_mistakes_fail_before_model_work(
     dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str, first_model_work: str
 ) -> None:
     """Data and clustering options are checked before the backbone is built, model options before weights load."""
-    monkeypatch.setattr(f"datus.module.{first_model_work}", refuse(first_model_work))
+    monkeypatch.setattr(f"datus.discovery.module.{first_model_work}", refuse(first_model_work))
     empty = tmp_path / "empty"
     (empty / "nested").mkdir(parents=True)
     (empty / "nested" / "notes.txt").write_text("not an image")
@@ -225,10 +225,10 @@ def test_predict_answers_help_and_mistakes_at_once(tmp_path: Path, arguments: li
 
 def test_predict_option_table_is_the_parsers() -> None:
     """predict_options.json (help and early checks without Lightning) says what LightningCLI's parser says."""
-    from datus.predict import option_table
-    from datus.options import table
+    from datus.commands.predict import option_table
+    from datus.core.options import table
 
-    assert option_table() == table(), "regenerate: python -c 'from datus.predict import write_option_table; write_option_table()'"
+    assert option_table() == table(), "regenerate: python -c 'from datus.commands.predict import write_option_table; write_option_table()'"
 
 
 def test_a_misspelt_option_value_or_pretrained_tag_names_the_nearest(tmp_path: Path) -> None:
@@ -323,7 +323,7 @@ def test_fitted_centroids_label_new_images_and_reproduce_the_fitting_run(dataset
 )  # fmt: skip
 def test_offline_commands_load_neither_lightning_nor_timm(finished_run: Path, arguments: list[str]) -> None:
     probe = (
-        "import sys\nfrom datus.cli import main\nfrom datus.errors import ConfigurationError\n"
+        "import sys\nfrom datus.commands.cli import main\nfrom datus.core.errors import ConfigurationError\n"
         "try:\n    main(sys.argv[1:])\nexcept (SystemExit, ConfigurationError):\n    pass\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'timm'}))"
     )
@@ -338,7 +338,7 @@ def test_offline_commands_load_neither_lightning_nor_timm(finished_run: Path, ar
 ALLOCATION_CHURN = """
 import resource, sys
 import numpy as np
-from datus.cli import keep_freed_memory
+from datus.commands.cli import keep_freed_memory
 if sys.argv[1] == "tuned":
     keep_freed_memory()
 def churn():  # buffers of a few megabytes, allocated together and freed, as a forward pass does

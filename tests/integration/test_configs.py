@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.images import ImageFolderDataModule
-from datus.module import DatusModule
-from datus.predict import DatusCLI
+from datus.datamodules.images import ImageFolderDataModule
+from datus.discovery.module import DatusModule
+from datus.commands.predict import DatusCLI
 from tests.generated import REPO
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datus.io import read_label_png
-from datus.run import Run
+from datus.core.io import read_label_png
+from datus.runfolder.run import Run
 from tests.conftest import image_ids
 from tests.generated import REPO, TINY, records_of
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datus.cli import main
-from datus.drawing import fit_text, font_of, text_width
+from datus.commands.cli import main
+from datus.outputs.drawing import fit_text, font_of, text_width
 from tests.generated import REPO, TINY, write_photos
 
 pytestmark = pytest.mark.integration
@@ -90,7 +90,7 @@ def test_captions_of_long_ids_cost_time_linear_in_the_name() -> None:
 
 
 def test_a_manifest_pointing_outside_its_run_is_refused(tmp_path: Path) -> None:
-    from datamodules.pseudo import read_manifest
+    from datus.datamodules.pseudo import read_manifest
 
     run = tmp_path / "run"
     run.mkdir()
@@ -100,7 +100,7 @@ def test_a_manifest_pointing_outside_its_run_is_refused(tmp_path: Path) -> None:
 
 
 def test_skips_are_listed_when_k_is_too_high_and_by_the_cluster_command_that_finishes(tmp_path: Path) -> None:
-    from datus.errors import ConfigurationError
+    from datus.core.errors import ConfigurationError
 
     images = write_photos(tmp_path / "images", 3)
     (images / "broken.jpg").write_text("not an image")
@@ -115,7 +115,7 @@ def test_skips_are_listed_when_k_is_too_high_and_by_the_cluster_command_that_fin
 
 
 def test_pca_wider_than_the_embeddings_is_refused_before_any_image_is_predicted(tmp_path: Path) -> None:
-    from datus.errors import ConfigurationError
+    from datus.core.errors import ConfigurationError
 
     images = write_photos(tmp_path / "images", 2)
     with pytest.raises(ConfigurationError, match="--cluster.pca_components 4096 is more than the 48 dimensions"):
@@ -143,7 +143,7 @@ def test_an_input_tree_deeper_than_path_max_allows_for_outputs_is_painted(tmp_pa
 
 def test_evaluate_refuses_a_confusion_matrix_that_cannot_fit_in_one_line(tmp_path: Path) -> None:
     """K x C near 65535^2 allocated 68 GB and crashed."""
-    from datus.errors import ConfigurationError
+    from datus.core.errors import ConfigurationError
 
     (tmp_path / "pred").mkdir()
     (tmp_path / "gt").mkdir()
@@ -158,7 +158,7 @@ def test_evaluate_refuses_a_confusion_matrix_that_cannot_fit_in_one_line(tmp_pat
 def test_a_write_error_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], code: int, fix: str) -> None:
     """EACCES, EROFS, ENOSPC while painting: one line, exit 1, no traceback (tests run as root, where
     permissions never refuse, so the error is injected where a real one would come from)."""
-    from datus.cli import console_main
+    from datus.commands.cli import console_main
 
     images = write_photos(tmp_path / "images", 2)
     run = tmp_path / "run"
@@ -168,7 +168,7 @@ def test_a_write_error_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch
     def refuse(path: Path, *args: object, **kwargs: object) -> None:
         raise OSError(code, os.strerror(code), str(masks / ".datus-tmp-0123456789abcdef"))
 
-    monkeypatch.setattr("datus.shard_pass.write_png", refuse)
+    monkeypatch.setattr("datus.stages.shard_pass.write_png", refuse)
     monkeypatch.setattr(sys, "argv", ["datus", "cluster", "--run", str(run), "--cluster.num_clusters", "3"])
     with pytest.raises(SystemExit) as stopped:
         console_main()
@@ -178,7 +178,7 @@ def test_a_write_error_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch
 
 
 def test_prepare_never_replaces_a_symlinked_output_folder(tmp_path: Path) -> None:
-    from datus.errors import ConfigurationError
+    from datus.core.errors import ConfigurationError
 
     target = tmp_path / "real"
     target.mkdir()
@@ -195,8 +195,8 @@ def test_prepare_never_replaces_a_symlinked_output_folder(tmp_path: Path) -> Non
 def test_a_run_labelled_with_another_runs_centroids_follows_when_those_change(tmp_path: Path) -> None:
     """Run B labelled with RUN_A's clusters kept A's old centroids after A was re-clustered: the
     fit is now keyed on the content of the applied model, so B's rerun equals a fresh run."""
-    from datus.clustering import ClusterModel
-    from datus.io import read_label_png
+    from datus.stages.clustering import ClusterModel
+    from datus.core.io import read_label_png
 
     source = tmp_path / "a"
     _predict(write_photos(tmp_path / "images_a", 3), source)
@@ -223,7 +223,7 @@ def test_each_results_folder_keeps_the_fit_it_was_painted_with(tmp_path: Path) -
     """`predict` and `datus cluster` shared clusters/k<K>/: after both ran for one K with different
     settings, its centroids no longer matched its masks. Each folder now keeps its own fit/; labelling
     the same images with a folder's fit reproduces that folder's masks, in either order."""
-    from datus.io import read_label_png
+    from datus.core.io import read_label_png
 
     images = write_photos(tmp_path / "images", 4)
     run = tmp_path / "run"
@@ -283,7 +283,7 @@ def test_a_mask_added_after_prediction_is_scored(tmp_path: Path) -> None:
 
 def test_an_abbreviated_or_misspelled_option_is_refused_with_the_nearest_name(tmp_path: Path) -> None:
     """`--cluster.num_cluster 3` was silently taken as num_clusters; now a mistake, answered in one line."""
-    from datus.errors import ConfigurationError
+    from datus.core.errors import ConfigurationError
 
     run = tmp_path / "run"
     _predict(write_photos(tmp_path / "images", 2), run)
@@ -294,7 +294,7 @@ def test_an_abbreviated_or_misspelled_option_is_refused_with_the_nearest_name(tm
 def test_a_replaced_image_is_predicted_again_and_a_deleted_one_leaves_the_run(tmp_path: Path) -> None:
     """Resume was keyed by path only: a re-exported image kept its old mask (even of another size)
     and a deleted one stayed in k-means and the manifest. The rerun now equals a fresh run."""
-    from datus.io import read_label_png
+    from datus.core.io import read_label_png
 
     images = write_photos(tmp_path / "images", 4)
     run = tmp_path / "run"

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datus.cli import main
-from datus.io import read_label_png
+from datus.commands.cli import main
+from datus.core.io import read_label_png
 from tests.generated import REPO, TINY, write_photos
 
 pytestmark = pytest.mark.integration
@@ -129,7 +129,7 @@ import os
 import sys
 import time
 
-from datus import communities
+from datus.discovery import communities
 
 if __name__ == "__main__":
     with communities.worker_started_early():

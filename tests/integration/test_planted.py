@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datus.cli import main
-from datus.io import read_label_png
+from datus.commands.cli import main
+from datus.core.io import read_label_png
 from tests.generated import REPO
 from tests.planted import (
     NUM_CLASSES,
@@ -56,11 +56,11 @@ CASE_IDS = [f"patch{patch}-{embedding}" for patch, embedding in CASES]
 
 
 def crf_missing() -> str | None:
-    """Why the CRF cases cannot run here, or None when ``datus.crf`` has pydensecrf2."""
+    """Why the CRF cases cannot run here, or None when ``datus.stages.crf`` has pydensecrf2."""
     try:
-        import pydensecrf.densecrf  # noqa: F401  (what datus.crf needs; the `crf` extra installs it)
+        import pydensecrf.densecrf  # noqa: F401  (what datus.stages.crf needs; the `crf` extra installs it)
 
-        import datus.crf  # noqa: F401
+        import datus.stages.crf  # noqa: F401
     except ImportError as error:
         return f"--cluster.crf needs the crf extra (pydensecrf2): {error}"
     return None

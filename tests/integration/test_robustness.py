@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datus.cli import main
-from datus.drawing import overlay
-from datus.io import read_label_png
+from datus.commands.cli import main
+from datus.outputs.drawing import overlay
+from datus.core.io import read_label_png
 from tests.generated import TINY
 
 pytestmark = pytest.mark.integration

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datus.cli import main
-from datus.errors import ConfigurationError
-from datus.io import read_label_png
-from datus.run import Run
-from datus.shards import finished_images
+from datus.commands.cli import main
+from datus.core.errors import ConfigurationError
+from datus.core.io import read_label_png
+from datus.runfolder.run import Run
+from datus.runfolder.shards import finished_images
 from tests.conftest import NUM_IMAGES, image_ids, predict
 from tests.generated import REPO, write_two_region_dataset
 
@@ -244,7 +244,7 @@ def test_a_damaged_run_file_is_one_error(dataset: Path, run_copy: Path) -> None:
 
 def test_a_second_process_is_refused_and_a_dead_one_leaves_no_lock(dataset: Path, run_copy: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from datus.run import Run; Run(sys.argv[1]).acquire(); print('held', flush=True);"
+        [sys.executable, "-c", "import sys; from datus.runfolder.run import Run; Run(sys.argv[1]).acquire(); print('held', flush=True);"
          " import time; time.sleep(60)", str(run_copy)],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -418,7 +418,7 @@ def test_impossible_settings_are_one_error(dataset: Path, run_copy: Path, tmp_pa
     with pytest.raises(ConfigurationError, match="at most 65535"):
         main(["evaluate", "--pred", str(run_copy / "masks"), "--gt", str(gt), "--num_classes", "2",
               "--num_clusters", "1000000000", "--output_dir", str(tmp_path / "eval")])  # fmt: skip
-    monkeypatch.setattr("datus.module.build_backbone", lambda *args, **kwargs: pytest.fail("model built first"))
+    monkeypatch.setattr("datus.discovery.module.build_backbone", lambda *args, **kwargs: pytest.fail("model built first"))
     with pytest.raises(ConfigurationError, match="--data.batch_size must be >= 1"):
         predict(dataset, tmp_path / "run0", "--data.batch_size", "0")
 

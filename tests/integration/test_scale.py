@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import datus.postprocess
-from datus.cli import main
-from datus.clustering import ClusterModel, Rows, fit_rows
-from datus.records import ImageRecord
-from datus.run import Run
-from datus.settings import ClusterSettings
-from datus.shards import segment_table, write_shard
+import datus.stages.postprocess
+from datus.commands.cli import main
+from datus.stages.clustering import ClusterModel, Rows, fit_rows
+from datus.runfolder.records import ImageRecord
+from datus.runfolder.run import Run
+from datus.core.settings import ClusterSettings
+from datus.runfolder.shards import segment_table, write_shard
 
 pytestmark = pytest.mark.integration
 
@@ -65,8 +65,8 @@ def test_a_rerun_with_nothing_changed_reads_no_shard_body_and_opens_no_image(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a rerun with nothing changed read a shard body or opened an image")
 
-    targets = ("datus.shard_pass.read_records", "datus.fit.segment_table", "datus.paint.Image.open", "datus.io.Image.open")
-    for target in (*targets, "datus.html_view.write_pages"):  # the HTML pages too: no manifest read
+    targets = ("datus.stages.shard_pass.read_records", "datus.stages.fit.segment_table", "datus.stages.paint.Image.open", "datus.core.io.Image.open")
+    for target in (*targets, "datus.outputs.html_view.write_pages"):  # the HTML pages too: no manifest read
         monkeypatch.setattr(target, refuse)
     main(["cluster", "--run", str(run), "--cluster.num_clusters", "3"])
     after = _files(run / "clusters" / "k3")
@@ -171,12 +171,12 @@ def test_a_stored_segment_table_is_checked_not_trusted(tmp_path: Path) -> None:
 
 
 def test_auto_workers_do_not_spawn_for_a_short_run_or_from_a_script(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(datus.postprocess, "available_cores", lambda: 8)
-    assert datus.postprocess.auto_workers(1000, 1) == 1  # in-process: a script may not be safe to re-import
-    monkeypatch.setattr(datus.postprocess, "spawns_by_default", lambda: True)
-    assert datus.postprocess.auto_workers(3, 1) == 1
-    assert datus.postprocess.auto_workers(40, 1) == 5
-    assert datus.postprocess.auto_workers(1000, 2) == 4
+    monkeypatch.setattr(datus.stages.postprocess, "available_cores", lambda: 8)
+    assert datus.stages.postprocess.auto_workers(1000, 1) == 1  # in-process: a script may not be safe to re-import
+    monkeypatch.setattr(datus.stages.postprocess, "spawns_by_default", lambda: True)
+    assert datus.stages.postprocess.auto_workers(3, 1) == 1
+    assert datus.stages.postprocess.auto_workers(40, 1) == 5
+    assert datus.stages.postprocess.auto_workers(1000, 2) == 4
 
 
 def test_a_mask_copied_in_from_another_clustering_is_painted_again(finished_run: Path, tmp_path: Path) -> None:
@@ -193,13 +193,13 @@ def test_a_mask_copied_in_from_another_clustering_is_painted_again(finished_run:
 
 def test_a_table_left_by_an_earlier_process_is_never_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same shape, same size, other values (tampered, or written by another version): rebuilt."""
-    import datus.shards
+    import datus.runfolder.shards
 
     run = _synthetic_run(tmp_path)
     expected = np.array(segment_table(run.shards(), tmp_path / "cache", "all").embeddings)
     stored = sorted((tmp_path / "cache").glob("segments-*.npy"))[0]
     np.save(stored, np.zeros_like(expected))
-    monkeypatch.setattr(datus.shards, "_WRITTEN", {})  # a new process
+    monkeypatch.setattr(datus.runfolder.shards, "_WRITTEN", {})  # a new process
     np.testing.assert_array_equal(np.asarray(segment_table(run.shards(), tmp_path / "cache", "all").embeddings), expected)
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datus.io import read_label_png
-from datus.run import Run
+from datus.core.io import read_label_png
+from datus.runfolder.run import Run
 from tests.generated import REPO, SHARED_DATA, TINY, predict, records_of, write_two_region_dataset
 
 pytestmark = pytest.mark.integration

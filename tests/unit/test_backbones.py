@@ -1,4 +1,4 @@
-"""Tests of datus.backbones: weight formats, weight failures, the official DINO path, the key hook.
+"""Tests of datus.discovery.backbones: weight formats, weight failures, the official DINO path, the key hook.
 
 Every checkpoint is written by the test itself (no download can happen: the ``offline_hub``
 fixture replaces ``torch.hub.download_url_to_file`` and the hub cache). Networks are tiny random
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-import datus.backbones as backbones
-from datus.backbones import (
+import datus.discovery.backbones as backbones
+from datus.discovery.backbones import (
     OFFICIAL_DINO_CHECKPOINTS,
     LastBlockKeys,
     OfficialCheckpoint,

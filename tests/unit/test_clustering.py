@@ -1,4 +1,4 @@
-"""Stage 6 (``datus.clustering``): both engines, PCA, determinism, persistence and DDP.
+"""Stage 6 (``datus.stages.clustering``): both engines, PCA, determinism, persistence and DDP.
 
 Blob data is generated here: six well-separated Gaussian blobs in 32-D, L2-normalised like
 segment embeddings, so that every correct k-means run finds exactly the generating partition.
@@ -23,12 +23,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from threadpoolctl import threadpool_limits
 
-from datus.clustering import ClusterModel, fit_clusters, fit_rows
-from datus.clustering.streamed import Rows, lloyd
-from datus.records import splitmix64
-from datus.collective import Collective
-from datus.errors import ConfigurationError
-from datus.settings import ClusterSettings
+from datus.stages.clustering import ClusterModel, fit_clusters, fit_rows
+from datus.stages.clustering.streamed import Rows, lloyd
+from datus.runfolder.records import splitmix64
+from datus.core.collective import Collective
+from datus.core.errors import ConfigurationError
+from datus.core.settings import ClusterSettings
 
 NUM_BLOBS = 6
 DIM = 32

@@ -1,4 +1,4 @@
-"""Dense-CRF refinement (datus.crf): borders move onto colour edges, inputs, memory path, workers."""
+"""Dense-CRF refinement (datus.stages.crf): borders move onto colour edges, inputs, memory path, workers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ pytest.importorskip(
     "pydensecrf.densecrf", reason="dense-CRF tests need the 'crf' extra: pip install -e '.[crf]' (pydensecrf2)"
 )
 
-from datus.crf import (  # noqa: E402
+from datus.stages.crf import (  # noqa: E402
     MISSING_EXTRA,
     CRFJob,
     CRFParams,
@@ -26,7 +26,7 @@ from datus.crf import (  # noqa: E402
     segment_probabilities,
     working_size,
 )
-from datus.errors import ConfigurationError  # noqa: E402
+from datus.core.errors import ConfigurationError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 COLOURS = np.array([[40, 70, 150], [210, 180, 50], [60, 170, 80]], dtype=np.float64)
@@ -203,7 +203,7 @@ def test_pixel_probabilities_match_a_loop() -> None:
             cell = segment_map[int((y + 0.5) * 3 / height), int((x + 0.5) * 4 / width)]  # the cell its centre is in
             np.testing.assert_array_equal(got[:, y, x], segment_probs[cell])
     # Its argmax is the unrefined DatUS mask: segment labels painted with nearest neighbour.
-    from datus.paint import upsample_nearest
+    from datus.stages.paint import upsample_nearest
 
     np.testing.assert_array_equal(got.argmax(0), upsample_nearest(segment_probs.argmax(1)[segment_map], (height, width)))
 
@@ -338,6 +338,6 @@ def test_missing_extra_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_module_imports_fast_without_torch_or_pydensecrf() -> None:
-    code = "import sys, datus.crf; print(sorted(m for m in ('torch', 'lightning', 'timm', 'pydensecrf') if m in sys.modules))"
+    code = "import sys, datus.stages.crf; print(sorted(m for m in ('torch', 'lightning', 'timm', 'pydensecrf') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

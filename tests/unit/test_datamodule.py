@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.images import ImageDataset, ImageFolderDataModule, collate_with_skips, list_images
-from datus.backbones import normalization_of
-from datus.errors import ConfigurationError
-from datus.io import load_rgb
-from datus.run import image_id_for
+from datus.datamodules.images import ImageDataset, ImageFolderDataModule, collate_with_skips, list_images
+from datus.discovery.backbones import normalization_of
+from datus.core.errors import ConfigurationError
+from datus.core.io import load_rgb
+from datus.runfolder.run import image_id_for
 from tests.generated import SHARED_DATA
 
 BACKBONE = "vit_small_patch8_224.dino"
@@ -304,7 +304,7 @@ def test_predict_dataloader_iterates_everything(mixed_folder: Path) -> None:
 
 def test_batches_are_uint8_and_the_module_normalises_with_the_backbone_mean_and_std(tmp_path: Path) -> None:
     """The loader ships pixel values untouched; the module turns them into (value / 255 - mean) / std."""
-    from datus.module import DatusModule
+    from datus.discovery.module import DatusModule
 
     mean, std = normalization_of(BACKBONE)
     Image.new("RGB", (40, 30), (200, 100, 30)).save(tmp_path / "flat.png")

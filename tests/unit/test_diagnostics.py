@@ -10,9 +10,9 @@ import pytest
 from scipy import sparse
 from sknetwork.clustering import Louvain, get_modularity
 
-from datus.clustering import ClusterModel, fit_clusters
-from datus.communities import discover_segments, modularity
-from datus.diagnostics import (
+from datus.stages.clustering import ClusterModel, fit_clusters
+from datus.discovery.communities import discover_segments, modularity
+from datus.stages.diagnostics import (
     PANEL_WIDTH,
     console_line,
     count_histogram,
@@ -21,10 +21,10 @@ from datus.diagnostics import (
     second_settings,
     stability,
 )
-from datus.io import write_npz
-from datus.records import ImageRecord
-from datus.settings import ClusterSettings
-from datus.shards import ShardError, read_records, write_shard
+from datus.core.io import write_npz
+from datus.runfolder.records import ImageRecord
+from datus.core.settings import ClusterSettings
+from datus.runfolder.shards import ShardError, read_records, write_shard
 
 
 def record(
@@ -155,7 +155,7 @@ def graphs() -> list[tuple[str, np.ndarray]]:
     similar = keys @ keys.T > 0
     directed = rng.uniform(size=(12, 12)) < 0.3
     np.fill_diagonal(directed, True)
-    many = rng.normal(size=(1100, 6))  # more rows than one block of datus.communities.modularity
+    many = rng.normal(size=(1100, 6))  # more rows than one block of datus.discovery.communities.modularity
     return [("cliques", cliques), ("ring", ring), ("keys", similar), ("directed", directed), ("many keys", many @ many.T > 0)]
 
 
@@ -244,7 +244,7 @@ def _diagnostics_summary(**changes: Any) -> dict[str, Any]:
      ({"stability": {"ari": 0.51}}, False, "stability ARI 0.51")],
 )  # fmt: skip
 def test_the_verdict_names_each_broken_number(changes: dict[str, Any], random_weights: bool, reason: str) -> None:
-    from datus.diagnostics import verdict
+    from datus.stages.diagnostics import verdict
 
     assert verdict(_diagnostics_summary(), 10, False) == {"status": "healthy", "reasons": []}
     judged = verdict(_diagnostics_summary(**changes), 10, random_weights)
@@ -259,7 +259,7 @@ def test_the_verdict_names_each_broken_number(changes: dict[str, Any], random_we
      ({3: None}, {}, None)],
 )  # fmt: skip
 def test_the_suggested_k_follows_its_rule(stabilities: dict[int, float | None], empty: dict[int, int], expected: int | None) -> None:
-    from datus.describe import format_sweep, suggested_k
+    from datus.outputs.describe import format_sweep, suggested_k
 
     rows = [{"k": k, "stability_ari": ari, "largest_pixel_share": 0.3, "empty_clusters": empty.get(k, 0)} for k, ari in stabilities.items()]
     assert suggested_k(rows) == expected

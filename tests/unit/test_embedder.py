@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datus.backbones import EMBEDDER, WeightsError, build_embedder, load_frozen_weights
-from datus.communities import SegmentPartition
-from datus.errors import ConfigurationError
-from datus.fit import EMBEDDING_IDENTITY
-from datus.io import read_label_png
-from datus.module import DatusModule
-from datus.ops import masked_crops, segment_masks
-from datus.run import Run
+from datus.discovery.backbones import EMBEDDER, WeightsError, build_embedder, load_frozen_weights
+from datus.discovery.communities import SegmentPartition
+from datus.core.errors import ConfigurationError
+from datus.stages.fit import EMBEDDING_IDENTITY
+from datus.core.io import read_label_png
+from datus.discovery.module import DatusModule
+from datus.discovery.ops import masked_crops, segment_masks
+from datus.runfolder.run import Run
 from tests.conftest import image_ids, predict
 from tests.generated import records_of
 

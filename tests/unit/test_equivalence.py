@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from scipy import ndimage, sparse
 from sknetwork.clustering import Louvain
 
-from callbacks.writer import SegmentShardWriter
-from datamodules.images import ImageFolderDataModule
-from datus.backbones import normalization_of
-from datus.module import DatusModule
-from datus.records import ImageRecord
-from datus.run import Run
-from datus.shards import read_records
+from datus.callbacks.writer import SegmentShardWriter
+from datus.datamodules.images import ImageFolderDataModule
+from datus.discovery.backbones import normalization_of
+from datus.discovery.module import DatusModule
+from datus.runfolder.records import ImageRecord
+from datus.runfolder.run import Run
+from datus.runfolder.shards import read_records
 from tests.generated import SHARED_DATA
 
 SUIM_IMAGES = SHARED_DATA / "suim-sample" / "train_val" / "images"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from callbacks.estimate import CostEstimate, estimate_line
-from datus.records import PredictionBatch
+from datus.callbacks.estimate import CostEstimate, estimate_line
+from datus.runfolder.records import PredictionBatch
 
 
 def _batch(images: int) -> Any:

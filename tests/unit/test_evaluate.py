@@ -1,4 +1,4 @@
-"""Tests of datus.evaluate on label folders generated here (nesting, resizing, unpaired files)."""
+"""Tests of datus.commands.evaluate on label folders generated here (nesting, resizing, unpaired files)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datus.errors import ConfigurationError
-from datus.evaluate import evaluate_folders
+from datus.core.errors import ConfigurationError
+from datus.commands.evaluate import evaluate_folders
 
 IGNORE = 255
 NUM_CLASSES = 3
@@ -182,7 +182,7 @@ def write_classes(path: Path, names: list[str], **extra: Any) -> None:
 
 
 def test_classes_json_above_gt_gives_num_classes_and_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from datus.cli import run_evaluate
+    from datus.commands.cli import run_evaluate
 
     pred_dir, gt_dir, _, _ = build_folders(tmp_path)
     write_classes(tmp_path / "classes.json", ["sand", "reef", "fish"])
@@ -220,7 +220,7 @@ def test_num_classes_that_disagrees_with_classes_json_is_refused(tmp_path: Path)
 
 def test_unpaired_and_resized_files_are_warned_about_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     pred_dir, gt_dir, _, _ = build_folders(tmp_path)
-    with caplog.at_level(logging.INFO, logger="datus.evaluate"):
+    with caplog.at_level(logging.INFO, logger="datus.commands.evaluate"):
         evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, tmp_path / "out")
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 2, warnings
@@ -235,16 +235,16 @@ def test_unpaired_and_resized_files_are_warned_about_once(tmp_path: Path, caplog
 
 def test_same_or_nested_folders_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _, gt_dir, _, _ = build_folders(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="datus.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="datus.commands.evaluate"):
         evaluate_folders(gt_dir, gt_dir, NUM_CLASSES, tmp_path / "out")
     assert [record.getMessage() for record in caplog.records if "same folder" in record.getMessage()] != []
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="datus.evaluate"), pytest.raises(ConfigurationError, match="pairs with"):
+    with caplog.at_level(logging.WARNING, logger="datus.commands.evaluate"), pytest.raises(ConfigurationError, match="pairs with"):
         evaluate_folders(tmp_path, gt_dir, NUM_CLASSES, tmp_path.parent / f"{tmp_path.name}-out")  # keys gt/a vs a
     nested = [record.getMessage() for record in caplog.records if "lies inside" in record.getMessage()]
     assert len(nested) == 1 and "gt_dir (--gt)" in nested[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="datus.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="datus.commands.evaluate"):
         evaluate_folders(tmp_path / "pred", gt_dir, NUM_CLASSES, tmp_path / "out")
     assert not [record for record in caplog.records if "folder" in record.getMessage() and "inside" in record.getMessage()]
 
@@ -253,7 +253,7 @@ def test_same_or_nested_folders_are_warned_about(tmp_path: Path, caplog: pytest.
 def test_truncated_file_is_named_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], role: str, relative: str
 ) -> None:
-    from datus.cli import console_main
+    from datus.commands.cli import console_main
 
     pred_dir, gt_dir, _, _ = build_folders(tmp_path)
     damaged = tmp_path / relative
@@ -262,7 +262,7 @@ def test_truncated_file_is_named_in_one_line(
         evaluate_folders(pred_dir, gt_dir, NUM_CLASSES, tmp_path / "out")
     args = ["datus", "evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--num_classes", "3", "--output_dir", str(tmp_path / "out")]
     monkeypatch.setattr(sys, "argv", args)
-    monkeypatch.setattr("datus.cli._show_own_logs", lambda: None)
+    monkeypatch.setattr("datus.commands.cli._show_own_logs", lambda: None)
     with pytest.raises(SystemExit) as exit_info:
         console_main()
     err = capsys.readouterr().err
@@ -272,7 +272,7 @@ def test_truncated_file_is_named_in_one_line(
 
 def test_evaluate_a_prepared_dataset_without_num_classes(tmp_path: Path) -> None:
     """datus prepare writes classes.json two levels above <split>/true_masks; evaluate finds it."""
-    from datus.prepare import prepare_cocostuff27
+    from datus.commands.prepare import prepare_cocostuff27
 
     raw = tmp_path / "raw"
     fine = np.array([[0, 0, 93, 93], [156, 156, 255, 255]])

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.pseudo import PseudoMaskDataModule
-from datus.cli import main
-from datus.errors import ConfigurationError
-from datus.export import encode_key
-from datus.io import read_label_png
-from datus.manifest import read_manifest_entries
+from datus.datamodules.pseudo import PseudoMaskDataModule
+from datus.commands.cli import main
+from datus.core.errors import ConfigurationError
+from datus.outputs.export import encode_key
+from datus.core.io import read_label_png
+from datus.outputs.manifest import read_manifest_entries
 from tests.generated import predict, write_two_region_dataset
 
 HOSTILE = {"nested/img 0": "nested/img 0", "img 1": "v1.2 final", "img 2": "ünï cödé", "nested/img 3": "dir.x/y z.tar"}

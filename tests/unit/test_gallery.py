@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datus.gallery
-from datus.cli import main
-from datus.clustering import ClusterModel
-from datus.diagnostics import ClusterSizes
-from datus.drawing import OUTLINE_YELLOW
-from datus.gallery import (
+import datus.outputs.gallery
+from datus.commands.cli import main
+from datus.stages.clustering import ClusterModel
+from datus.stages.diagnostics import ClusterSizes
+from datus.outputs.drawing import OUTLINE_YELLOW
+from datus.outputs.gallery import (
     DIM,
     MISSING_GREY,
     RANDOM,
@@ -28,8 +28,8 @@ from datus.gallery import (
     tile_origin,
     write_galleries,
 )
-from datus.records import ImageRecord
-from datus.run import Results
+from datus.runfolder.records import ImageRecord
+from datus.runfolder.run import Results
 from tests.generated import TINY, write_datus_layout
 
 COLOURS = np.array([[220, 30, 30], [30, 200, 30], [30, 30, 220], [240, 240, 240]], dtype=np.uint8)
@@ -136,13 +136,13 @@ def test_each_shown_image_is_decoded_once_and_a_missing_one_is_grey(
     records = quadrant_run(tmp_path, 3)
     records.append(quadrant_record("gone", tmp_path / "gone.png", np.array([[1, 0], [1, 0], [0, 1], [0, 1]])))
     decoded: list[str] = []
-    load = datus.gallery.load_rgb
+    load = datus.outputs.gallery.load_rgb
 
     def counted(path: Path, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
         decoded.append(str(path))
         return load(path, min_side)
 
-    monkeypatch.setattr(datus.gallery, "load_rgb", counted)
+    monkeypatch.setattr(datus.outputs.gallery, "load_rgb", counted)
     members = select_members([records], MODEL, seed=0)
     tiles = cut_tiles(members)
     assert sorted(decoded) == sorted({r.image_path for r in records})
@@ -173,7 +173,7 @@ def test_galleries_one_sheet_per_cluster_of_fixed_size_with_crops_of_their_regio
                 centre = tuple(pixels[y + TILE // 2, x + TILE // 2].tolist())
                 assert centre in region_colours  # the segment's own region, not another quadrant
     with Image.open(results.gallery_index()) as index:
-        assert index.height > 2 * datus.gallery.INDEX_TILE
+        assert index.height > 2 * datus.outputs.gallery.INDEX_TILE
 
 
 def test_matched_names_follow_the_mapping() -> None:

@@ -9,10 +9,10 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-import datus.html_view
-from datus.errors import ConfigurationError
-from datus.html_view import page_count, write_html_view
-from datus.run import Results, Run
+import datus.outputs.html_view
+from datus.core.errors import ConfigurationError
+from datus.outputs.html_view import page_count, write_html_view
+from datus.runfolder.run import Results, Run
 
 
 class _Links(HTMLParser):
@@ -137,7 +137,7 @@ def test_a_rerun_with_nothing_changed_keeps_complete_pages_without_reading_the_m
         raise AssertionError("the manifest was read on a rerun with complete pages")
 
     with monkeypatch.context() as patch:
-        patch.setattr(datus.html_view, "_manifest_lines", refuse)
+        patch.setattr(datus.outputs.html_view, "_manifest_lines", refuse)
         write_html_view(results, _summary(5), page_size=2, images_changed=False)
     assert (tmp_path / "run" / "index.html").is_file()
     results.view_page(2).unlink()  # a missing page: written again
@@ -174,7 +174,7 @@ def test_a_symbolic_link_for_the_view_folder_is_refused(tmp_path: Path) -> None:
 def test_datus_cluster_adds_its_folder_to_the_run_page(finished_run: Path, tmp_path: Path) -> None:
     import shutil
 
-    from datus.cli import main
+    from datus.commands.cli import main
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run, symlinks=True)

@@ -11,7 +11,9 @@ import ast
 from tests.generated import REPO
 
 OWN = ("datus", "callbacks", "datamodules")
-COMMANDS = {"datus.cli", "datus.predict", "datus.evaluate", "datus.prepare"}
+INSTALLED_AS = {"callbacks": "datus.callbacks", "datamodules": "datus.datamodules"}
+"""Top-level folders of the repository installed as datus's sub-packages (pyproject.toml)."""
+COMMANDS = {"datus.commands"}
 """Modules that parse a command's arguments: only the entry point may import them."""
 
 
@@ -20,6 +22,8 @@ def _modules() -> dict[str, set[str]]:
     for package in OWN:
         for path in sorted((REPO / package).rglob("*.py")):
             name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            if package in INSTALLED_AS:
+                name = INSTALLED_AS[package] + name[len(package) :]
             imported: set[str] = set()
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

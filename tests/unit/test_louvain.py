@@ -1,4 +1,4 @@
-"""datus.louvain gives scikit-network's Louvain partitions (and labels) on every family of graphs.
+"""datus.discovery.louvain gives scikit-network's Louvain partitions (and labels) on every family of graphs.
 
 The reference is ``sknetwork.clustering.Louvain(resolution=r).fit_predict(csr_matrix(A))``, as
 datus called it. The bar is the same partition on at least 99 % of the graphs of each family,
@@ -22,7 +22,7 @@ import pytest
 from scipy import sparse
 from sknetwork.clustering import Louvain
 
-from datus.louvain import louvain
+from datus.discovery.louvain import louvain
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
@@ -226,7 +226,7 @@ def test_new_process_loads_compiled_code_from_cache() -> None:
     """A fresh process (as a spawned worker is) finds the compiled engine in numba's cache."""
     louvain(cliques([3, 3]))
     probe = (
-        "import numpy as np; from datus.louvain import louvain, _louvain_core; "
+        "import numpy as np; from datus.discovery.louvain import louvain, _louvain_core; "
         "louvain(np.eye(3, dtype=bool)); "
         "print(sum(_louvain_core.stats.cache_hits.values()), sum(_louvain_core.stats.cache_misses.values()))"
     )

@@ -1,4 +1,4 @@
-"""Tests of datus.metrics against an independent brute-force numpy reference.
+"""Tests of datus.stages.metrics against an independent brute-force numpy reference.
 
 The reference never builds a confusion matrix: it tries every injective cluster -> class
 assignment, keeps the one that matches the most pixels, and counts TP/FP/FN with boolean masks.
@@ -23,9 +23,9 @@ import torch.multiprocessing as mp
 from PIL import Image
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from datus.drawing import save_confusion_png
-from datus.metric import MatchedSegmentationMetric
-from datus.metrics import (
+from datus.outputs.drawing import save_confusion_png
+from datus.stages.metric import MatchedSegmentationMetric
+from datus.stages.metrics import (
     agreement_scores,
     format_protocol,
     format_table,

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from datus.communities import worker_started_early
-from datus.errors import ConfigurationError
-from datus.module import DatusModule
-from datus.workers import louvain_workers_for
+from datus.discovery.communities import worker_started_early
+from datus.core.errors import ConfigurationError
+from datus.discovery.module import DatusModule
+from datus.core.workers import louvain_workers_for
 
 TINY_VIT = {"depth": 1, "embed_dim": 48, "num_heads": 2}
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from datus import communities
-from datus.communities import (
+from datus.discovery import communities
+from datus.discovery.communities import (
     CommunityPool,
     canonical_labels,
     discover_segments,
@@ -17,8 +17,8 @@ from datus.communities import (
     split_into_components,
     worker_started_early,
 )
-from datus.drawing import colourise, palette, palette_picture
-from datus.ops import (
+from datus.outputs.drawing import colourise, palette, palette_picture
+from datus.discovery.ops import (
     crop_regions,
     donor_segments,
     key_adjacency,
@@ -28,7 +28,7 @@ from datus.ops import (
     segment_masks,
     valid_segment_maps,
 )
-from datus.paint import label_dtype, upsample_nearest
+from datus.stages.paint import label_dtype, upsample_nearest
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -239,7 +239,7 @@ def test_label_dtype_and_colours() -> None:
 
 def test_uint16_label_png_round_trips(tmp_path) -> None:
     """K > 255 masks are written as 16-bit PNGs with their values intact."""
-    from datus.io import read_label_png, write_png
+    from datus.core.io import read_label_png, write_png
 
     labels = np.array([[0, 255, 256], [299, 65534, 7]], dtype=np.uint16)
     write_png(tmp_path / "m.png", labels)
@@ -250,7 +250,7 @@ def test_outputs_get_ordinary_file_permissions(tmp_path) -> None:
     """Atomic writes go through mkstemp (mode 0600); results must be readable like any file."""
     import os
 
-    from datus.io import FILE_MODE, write_json
+    from datus.core.io import FILE_MODE, write_json
 
     write_json(tmp_path / "a.json", {"x": 1})
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == FILE_MODE

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datus.communities import SegmentPartition
-from datus.module import DatusModule
-from datus.ops import packed_attention_mask
+from datus.discovery.communities import SegmentPartition
+from datus.discovery.module import DatusModule
+from datus.discovery.ops import packed_attention_mask
 
 TINY_VIT = {"depth": 2, "embed_dim": 48, "num_heads": 2, "patch_size": 8}
 

@@ -1,4 +1,4 @@
-"""predict's early checks (datus.predict_options): they refuse mistakes, never a valid invocation."""
+"""predict's early checks (datus.commands.predict_options): they refuse mistakes, never a valid invocation."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from datus.errors import ConfigurationError
-from datus.io import locate_images
-from datus.predict_options import check_arguments, help_text
+from datus.core.errors import ConfigurationError
+from datus.core.io import locate_images
+from datus.commands.predict_options import check_arguments, help_text
 from tests.generated import REPO, write_photos
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -53,7 +53,7 @@ def test_a_layout_config_on_a_plain_folder_reads_the_folder(tmp_path: Path) -> N
 
 
 def test_help_wraps_to_the_terminal_and_describes_every_option() -> None:
-    from datus.options import table
+    from datus.core.options import table
 
     text = help_text(width=100)
     assert max(len(line) for line in text.splitlines()) <= 100 + 20  # the example line may overrun

@@ -1,4 +1,4 @@
-"""Tests for the dataset converters in ``datus.prepare``.
+"""Tests for the dataset converters in ``datus.commands.prepare``.
 
 Two tiers: the real SUIM and CamVid samples in ``../shared/data`` (skipped when absent), checked
 against decodings written independently here; and tiny generated datasets for the edge cases
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datus.errors import ConfigurationError
-from datus.prepare import (
+from datus.core.errors import ConfigurationError
+from datus.commands.prepare import (
     CITYSCAPES_CLASSES,
     COCOSTUFF27_CLASSES,
     PrepareReport,
@@ -520,18 +520,18 @@ def test_leftovers_of_a_killed_conversion_are_named(tmp_path: Path, caplog: pyte
     _suim_raw(raw, stems=("a",))
     leftover = tmp_path / ".out.partial-0badf00d"  # what kill -9 during a conversion leaves
     (leftover / "train" / "images").mkdir(parents=True)
-    with caplog.at_level(logging.WARNING, logger="datus.prepare"):
+    with caplog.at_level(logging.WARNING, logger="datus.commands.prepare"):
         prepare_suim(raw, tmp_path / "out")
     assert [record.getMessage() for record in caplog.records if str(leftover) in record.getMessage()] != []
     assert leftover.is_dir(), "another conversion might still be writing it"
 
 
 def test_a_crash_midway_leaves_out_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import datus.prepare.core
+    import datus.commands.prepare.core
 
     raw = tmp_path / "raw"
     _suim_raw(raw)
-    real_write_png = datus.prepare.core.write_png
+    real_write_png = datus.commands.prepare.core.write_png
     written: list[Path] = []
 
     def fail_on_second(destination: Path, array: np.ndarray) -> None:
@@ -540,7 +540,7 @@ def test_a_crash_midway_leaves_out_missing(tmp_path: Path, monkeypatch: pytest.M
             raise OSError(28, "No space left on device")
         real_write_png(destination, array)
 
-    monkeypatch.setattr(datus.prepare.core, "write_png", fail_on_second)
+    monkeypatch.setattr(datus.commands.prepare.core, "write_png", fail_on_second)
     before = _tree(tmp_path)
     with pytest.raises(OSError, match="No space"):
         prepare_suim(raw, tmp_path / "out", workers=1)
@@ -687,7 +687,7 @@ def test_cityscapes27_mapping() -> None:
 
 
 def test_cityscapes_keeps_city_folders_and_maps_label_ids(tmp_path: Path) -> None:
-    from datamodules.images import list_images
+    from datus.datamodules.images import list_images
 
     raw, out = tmp_path / "raw", tmp_path / "out"
     label_ids = np.array([[7, 33, 6], [8, 0, 35]])
@@ -731,10 +731,10 @@ def test_cityscapes_refuses_colour_label_maps_and_size_mismatch(tmp_path: Path) 
 
 def _console(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
     """Run the ``datus`` console script in-process; returns (exit status, stdout, stderr)."""
-    from datus.cli import console_main
+    from datus.commands.cli import console_main
 
     monkeypatch.setattr(sys, "argv", ["datus", *map(str, args)])
-    monkeypatch.setattr("datus.cli._show_own_logs", lambda: None)  # no handler bound to this test's stderr
+    monkeypatch.setattr("datus.commands.cli._show_own_logs", lambda: None)  # no handler bound to this test's stderr
     try:
         console_main()
         status = 0

@@ -23,14 +23,14 @@ import pytest
 import torch
 from PIL import Image
 
-from callbacks.pipeline import ClusterPaintEvaluate
-from callbacks.writer import SegmentShardWriter
-from datamodules.images import ImageFolderDataModule
-from datamodules.pseudo import PseudoMaskDataModule
-from datus.cli import main
-from datus.io import read_label_png
-from datus.module import DatusModule
-from datus.settings import ClusterSettings
+from datus.callbacks.pipeline import ClusterPaintEvaluate
+from datus.callbacks.writer import SegmentShardWriter
+from datus.datamodules.images import ImageFolderDataModule
+from datus.datamodules.pseudo import PseudoMaskDataModule
+from datus.commands.cli import main
+from datus.core.io import read_label_png
+from datus.discovery.module import DatusModule
+from datus.core.settings import ClusterSettings
 from tests.generated import REPO, TINY, write_classes, write_photos, write_two_region_dataset
 
 NUM_IMAGES = 6

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datus.report
-from datus.cli import main
-from datus.drawing import LINE_HEIGHT, MISSING_GREY, PAD, palette
-from datus.records import ImageRecord
-from datus.report import BANNER_HEIGHT, BANNER_RED, MAX_CONFUSION_SCALE, TITLE_HEIGHT
-from datus.report import make_report as draw_report
-from datus.run import Run
+import datus.outputs.report
+from datus.commands.cli import main
+from datus.outputs.drawing import LINE_HEIGHT, MISSING_GREY, PAD, palette
+from datus.runfolder.records import ImageRecord
+from datus.outputs.report import BANNER_HEIGHT, BANNER_RED, MAX_CONFUSION_SCALE, TITLE_HEIGHT
+from datus.outputs.report import make_report as draw_report
+from datus.runfolder.run import Run
 from tests.generated import TINY, two_region_size, write_datus_layout, write_two_region_dataset
 
 NUM_IMAGES = 5  # two prediction batches of 4, so two shards
@@ -79,7 +79,7 @@ def count_colour(picture: np.ndarray, colour: tuple[int, int, int]) -> int:
 def expected_size(
     rows: int, columns: int, cell_width: int, legend_lines: int, banner: bool, confusion: Path | None
 ) -> tuple[int, int]:
-    """The layout of datus.report recomputed from its constants: header, grid of rows, confusion matrix."""
+    """The layout of datus.outputs.report recomputed from its constants: header, grid of rows, confusion matrix."""
     width = PAD + columns * (cell_width + PAD)
     height = PAD + TITLE_HEIGHT + (BANNER_HEIGHT if banner else 0) + LINE_HEIGHT * (legend_lines + 1)
     height += rows * (LINE_HEIGHT + THUMB + PAD)
@@ -158,13 +158,13 @@ def test_same_picture_from_label_masks_and_from_shards_alone(copied_run: Path) -
 def test_only_the_shards_holding_sampled_images_are_read(scored_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(list((scored_run / "shards").glob("*.npz"))) == 2
     loaded: list[Path] = []
-    original = datus.report.read_records
+    original = datus.outputs.report.read_records
 
     def counting(shard: Path) -> list[ImageRecord]:
         loaded.append(shard)
         return original(shard)
 
-    monkeypatch.setattr(datus.report, "read_records", counting)
+    monkeypatch.setattr(datus.outputs.report, "read_records", counting)
     make_report(scored_run, num_samples=1, thumb_height=THUMB)
     assert len(loaded) == 1
 

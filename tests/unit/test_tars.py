@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from datamodules.images import ImageDataset, list_tar_images
-from datus.errors import ConfigurationError
-from datus.io import input_mark, load_rgb, locate_images, paired_mask, read_label_png
-from datus.tars import expand_braces, is_tar_source, list_shards
+from datus.datamodules.images import ImageDataset, list_tar_images
+from datus.core.errors import ConfigurationError
+from datus.core.io import input_mark, load_rgb, locate_images, paired_mask, read_label_png
+from datus.core.tars import expand_braces, is_tar_source, list_shards
 
 
 def _png(size: tuple[int, int] = (24, 16), mode: str = "RGB") -> bytes:
