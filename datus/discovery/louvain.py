@@ -31,7 +31,7 @@ byte scan of dense ones. Directed inputs and the (small) aggregate levels run th
 algorithm on an emulated scipy CSR. Everything is one numba call without the GIL; the one-off
 compile (~10 s) is cached next to this file, where spawned workers find it.
 
-How it is checked: ``tests/unit/test_louvain.py`` compares partitions and labels with
+How it is checked: ``tests/unit/discovery/test_louvain.py`` compares partitions and labels with
 scikit-network on graphs from real images through random ViTs, on synthetic sparse and
 block-structured key graphs and on hand-made corner cases; ``scripts/benchmark_louvain.py``
 measures agreement and CPU time side by side.

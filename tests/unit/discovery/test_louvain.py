@@ -24,7 +24,7 @@ from sknetwork.clustering import Louvain
 
 from datus.discovery.louvain import louvain
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DATA = REPO.parent / "shared" / "data"
 SOURCES = {
     "suim": (DATA / "suim-sample" / "train_val" / "images", "*.jpg"),

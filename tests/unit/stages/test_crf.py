@@ -28,7 +28,7 @@ from datus.stages.crf import (  # noqa: E402
 )
 from datus.core.errors import ConfigurationError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 COLOURS = np.array([[40, 70, 150], [210, 180, 50], [60, 170, 80]], dtype=np.float64)
 
 
