@@ -13,7 +13,7 @@ move both and edit one line. Manifests of older versions (absolute image paths, 
 ``dataset.json``) read the same way.
 
 The train/val split (:class:`Split`) is decided per id by a seeded hash, so a streamed export and
-:class:`datamodules.pseudo.PseudoMaskDataModule` agree without holding every record: the
+:class:`datus.datamodules.pseudo.PseudoMaskDataModule` agree without holding every record: the
 validation set is the ``round(N * val_fraction)`` ids with the smallest keys (at least one for a
 positive fraction, never all). This module imports numpy and nothing heavier.
 """

@@ -1,6 +1,6 @@
 """Stages 6-8 on a run's shards, in order: fit, one pass over the shards, colour, galleries, describe.
 
-One function serves the end of ``datus predict`` (the :class:`callbacks.pipeline.ClusterPaintEvaluate`
+One function serves the end of ``datus predict`` (the :class:`datus.callbacks.pipeline.ClusterPaintEvaluate`
 callback, on every DDP rank) and ``datus cluster`` (one process re-clustering saved shards with
 other settings, without the ViT). The order, and what each stage reads and writes:
 

@@ -1,4 +1,4 @@
-"""Tests of datamodules.images: listing, ids, decoding of every image mode, skips, the DataModule.
+"""Tests of datus.datamodules.images: listing, ids, decoding of every image mode, skips, the DataModule.
 
 All images are generated in ``tmp_path`` (40 x 30 unless said otherwise); the real SUIM and
 CamVid samples in ``../shared/data`` are used when present.
