@@ -37,7 +37,7 @@ class ImagesProgressBar(ProgressBar):
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         total = sum(len(loader.dataset) for loader in loaders if hasattr(loader, "dataset"))
         self._skipped = 0
-        if self._enabled and trainer.is_global_zero:
+        if self._enabled and trainer.is_global_zero and total > 0:  # nothing left to predict: no empty bar
             self._bar = tqdm(total=total, desc="predict", unit="image", file=sys.stderr, dynamic_ncols=True)
 
     def on_predict_batch_end(
