@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +16,18 @@ from datus.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
+
+DDP_FLAGS = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+"""Two CPU processes with gloo: what the DDP tests run."""
+
+
+def run_ddp_predict(*flags: str) -> subprocess.CompletedProcess[str]:
+    """``python -m datus predict FLAGS`` as two DDP processes (one thread each); fails the test unless it succeeds."""
+    command = [sys.executable, "-m", "datus", "predict", *flags, *DDP_FLAGS]
+    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    finished = subprocess.run(command, check=False, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return finished
 SHARED_DATA = REPO.parent / "shared" / "data"
 """Real samples (SUIM, CamVid) beside the repository on this project's machines; tests skip without them."""
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +10,17 @@ import pytest
 from datus.core.io import read_label_png
 from datus.runfolder.run import Run
 from tests.conftest import image_ids
-from tests.generated import REPO, TINY, records_of
+from tests.generated import TINY, records_of, run_ddp_predict
 
 pytestmark = pytest.mark.integration
 
 
 
 def test_two_process_ddp_equals_single_process(dataset: Path, finished_run: Path, tmp_path: Path) -> None:
-    command = [
-        sys.executable, "-m", "datus", "predict", "--config", TINY,
-        "--data.root", str(dataset), "--data.split", "train", "--data.batch_size", "2",
+    finished = run_ddp_predict(
+        "--config", TINY, "--data.root", str(dataset), "--data.split", "train", "--data.batch_size", "2",
         "--output_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-    ]  # fmt: skip
-    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    finished = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    )  # fmt: skip
     assert finished.stderr.count("RANDOM WEIGHTS") == 1, finished.stderr  # once on the console, not once per rank
 
     ranks = {path.name[:7] for path in Run(tmp_path).shards()}

@@ -15,9 +15,6 @@ matching over the 24 permutations of 4 classes.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import pytest
 
 from datus.commands.cli import main
 from datus.core.io import read_label_png
-from tests.generated import REPO
+from tests.generated import run_ddp_predict
 from tests.planted import (
     NUM_CLASSES,
     SCENES_A,
@@ -211,13 +208,7 @@ def assert_same_masks(results: Path, reference: Path) -> None:
 def test_two_ddp_processes_paint_the_planted_masks_of_one(planted: Planted) -> None:
     reference = planted.run(8, "packed")
     output_dir = planted.root / "ddp-8-packed"
-    command = [
-        sys.executable, "-m", "datus", *planted.predict_flags(8, "packed", planted.scenes_a, output_dir),
-        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.batch_size", "2",
-    ]  # fmt: skip
-    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    finished = subprocess.run(command, check=False, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    run_ddp_predict(*planted.predict_flags(8, "packed", planted.scenes_a, output_dir)[1:], "--data.batch_size", "2")
     assert {path.name[:7] for path in (output_dir / "shards").glob("*.npz")} == {"rank000", "rank001"}
     assert_same_masks(output_dir, reference)
 

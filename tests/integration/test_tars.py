@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +15,7 @@ from PIL import Image
 
 from datus.core.io import read_label_png
 from datus.runfolder.run import Run
-from tests.generated import REPO, SHARED_DATA, TINY, predict, records_of, write_two_region_dataset
+from tests.generated import SHARED_DATA, TINY, predict, records_of, run_ddp_predict, write_two_region_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -101,15 +99,10 @@ def test_brace_pattern_of_tars_with_masks_inside_gives_the_masks_and_scores_of_t
 
 def test_two_ddp_processes_over_a_folder_of_tars_predict_every_image_once(samples: Path, files_run: Path, tmp_path: Path) -> None:
     """Lightning's unrepeated sampler deals the (shard, member) list out; masks paired from --data.mask_dir."""
-    command = [
-        sys.executable, "-m", "datus", "predict", "--config", TINY, "--data.root", str(samples / "tars"),
-        "--data.mask_dir", str(samples / "masks"), "--eval.num_classes", "2", "--data.batch_size", "2",
-        "--output_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-    ]  # fmt: skip
-    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    finished = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    run_ddp_predict(
+        "--config", TINY, "--data.root", str(samples / "tars"), "--data.mask_dir", str(samples / "masks"),
+        "--eval.num_classes", "2", "--data.batch_size", "2", "--output_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+    )  # fmt: skip
     assert {path.name[:7] for path in Run(tmp_path).shards()} == {"rank000", "rank001"}
     ids = [record.image_id for record in records_of(tmp_path)]
     assert sorted(ids) == mask_ids(files_run)  # every image exactly once
