@@ -181,7 +181,7 @@ def export_run(run_dir: Path, out: Path, settings: ExportSettings, results_dir: 
         "datus_export": __version__,
         "format": settings.format,
         "complete": True,
-        "entries": entries_written + [name for name in writer.files if "/" not in name],
+        "entries": entries_written + [name for name in writer.files if "/" not in name and name not in entries_written],
         "out": str(out),
         "run": str(run.root.absolute()),
         "results": str(results.root.absolute()),
@@ -574,8 +574,9 @@ class _FolderWriter(_Writer):
                     os.link(source, destination, follow_symlinks=False)
                     self.counts.linked += 1
                     return
-            except OSError as error:
-                if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
+            except OSError as error:  # ENOTDIR: a member of a tar shard, which has no file of its own to link
+                if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP,
+                                       errno.ENOTDIR):  # fmt: skip
                     raise
         with atomic_path(destination) as temporary:
             temporary.write_bytes(data)

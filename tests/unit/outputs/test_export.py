@@ -218,3 +218,23 @@ def test_a_run_moved_with_its_images_reads_them_from_the_edited_root(run: Path, 
     module = PseudoMaskDataModule(moved_run, val_fraction=0.4, seed=3, num_workers=0)
     assert all(pair.image.is_relative_to(moved_images) for pair in module.pairs)
     assert {pair.image_id for pair in module.val_pairs} == val_ids(run, 0.4, 3)
+
+
+def test_a_run_read_from_tar_shards_exports_in_every_format(tmp_path: Path) -> None:
+    """Images inside a tar have no file to link: folders copies their bytes (it crashed on the hard link)."""
+    import tarfile
+
+    photos = tmp_path / "photos"
+    write_two_region_dataset(photos, 3)
+    with tarfile.open(tmp_path / "part-0000.tar", "w") as tar:
+        for path in sorted(photos.rglob("*.jpg")):
+            tar.add(path, arcname=path.relative_to(photos).as_posix())
+    run = tmp_path / "run"
+    predict(run, "--data.root", str(tmp_path / "part-0000.tar"))
+    for format_ in ("folders", "hf", "webdataset"):
+        report = export(run, tmp_path / format_, "--format", format_)
+        assert report["complete"] and sum(report["images"].values()) == 3 and not report["skipped"], (format_, report)
+        assert len(report["entries"]) == len(set(report["entries"]))
+    stored = [path.read_bytes() for path in photos.rglob("*.jpg")]
+    copied = sorted((tmp_path / "folders" / "images").iterdir())
+    assert len(copied) == 3 and all(path.read_bytes() in stored for path in copied)
