@@ -80,7 +80,7 @@ class DatusCLI(LightningCLI):
         if not self.config.get("output_dir"):
             raise ConfigurationError("--output_dir is required: the folder where datus writes its results")
         Run(Path(self.config.output_dir)).check_writable()
-        locate_images(self.config.data.root, self.config.data.split, self.config.data.mask_dir)
+        locate_images(self.config.data.root, self.config.data.split, self.config.data.mask_dir, announce=False)
         self.cluster_settings = ClusterSettings(**self.config.cluster.as_dict())
         self.evaluation_settings = EvaluationSettings(**self.config.eval.as_dict())
         self.crf_params = CRFParams(**self.config.crf.as_dict())

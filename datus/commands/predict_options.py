@@ -98,12 +98,16 @@ def check_arguments(arguments: Sequence[str]) -> None:
         argument = arguments[index]
         index += 1
         if not argument.startswith("-"):
-            continue
+            shards = " (a brace pattern such as train-{0000..0099}.tar must be quoted, or the shell expands it)"
+            hint = shards if ".tar" in argument else ""
+            raise ConfigurationError(f"unexpected argument {argument!r}: every value follows its option{hint} (see datus predict --help)")
         flag, equals, value = argument.partition("=")
         if flag in TOP_LEVEL or _is_group(flag) or _opens(flag, options):
-            if flag in ("-c", "--config") and not equals and index < len(arguments):
-                _read_config(Path(arguments[index]), options, given)
-            elif flag in ("-c", "--config") and equals:
+            takes_value = flag not in ("-h", "--help", "--print_config") and not equals
+            if takes_value and index < len(arguments) and not arguments[index].startswith("--"):
+                value = arguments[index]
+                index += 1
+            if flag in ("-c", "--config"):
                 _read_config(Path(value), options, given)
             continue
         if flag not in options:

@@ -352,7 +352,7 @@ def locate_images(root: Path, split: str | None, mask_dir: Path | None, announce
 
     Cheap (stops at the first image), so the CLI runs it before building the model. A config
     made for the DatUS layout (``--data.split train``) pointed at a plain folder of photos reads
-    that folder, with a warning (``announce``), instead of refusing the obvious command.
+    that folder, saying so once (``announce``), instead of refusing the obvious command.
     """
     from datus.core.tars import is_tar_source, list_shards
 
@@ -371,6 +371,8 @@ def locate_images(root: Path, split: str | None, mask_dir: Path | None, announce
             )
         return Path(root), Path(mask_dir).expanduser() if mask_dir is not None else None
     root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ConfigurationError(f"--data.root: no folder {root}. Point --data.root at your images.")
     if split is not None:
         image_dir, layout_masks = root / split / "images", root / split / "true_masks"
         mask_dir = layout_masks if layout_masks.is_dir() else None
@@ -379,11 +381,10 @@ def locate_images(root: Path, split: str | None, mask_dir: Path | None, announce
             raise ConfigurationError(
                 f"--data.split {split}: no {image_dir}; the splits of {root} are {', '.join(splits)}"
             )
-        if not image_dir.is_dir() and root.is_dir() and _holds_an_image(root):
-            if announce:
-                logging.getLogger(__name__).warning(
-                    "--data.root %s has no %s/images folder: reading it as a plain folder of images "
-                    "(pass --data.split null to say so)", root, split
+        if not image_dir.is_dir() and root.is_dir():  # a plain folder: read it (refused below if it holds no image)
+            if announce and _holds_an_image(root):
+                logging.getLogger(__name__).info(
+                    "reading %s as a plain folder of images (it has no %s/images folder)", root, split
                 )
             image_dir, mask_dir = root, None
     else:
@@ -394,8 +395,9 @@ def locate_images(root: Path, split: str | None, mask_dir: Path | None, announce
     if mask_dir is not None and not Path(mask_dir).is_dir():
         raise ConfigurationError(f"--data.mask_dir: no folder {mask_dir}.")
     if not _holds_an_image(image_dir):
+        layout = f", and no ROOT/{split}/images folder for --data.split {split}" if split is not None and image_dir == root else ""
         raise ConfigurationError(
-            f"--data.root: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {image_dir}."
+            f"--data.root: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {image_dir}{layout}."
         )
     return image_dir, Path(mask_dir).expanduser() if mask_dir is not None else None
 

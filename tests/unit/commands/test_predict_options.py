@@ -59,3 +59,12 @@ def test_help_wraps_to_the_terminal_and_describes_every_option() -> None:
     assert max(len(line) for line in text.splitlines()) <= 100 + 20  # the example line may overrun
     for option in table()["options"]:
         assert f"  {option['flag']} " in text
+
+
+def test_a_stray_argument_is_refused_and_an_unquoted_brace_pattern_named(tmp_path: Path) -> None:
+    write_photos(tmp_path, 1)
+    flags = ["--data.root", str(tmp_path / "a-0000.tar"), str(tmp_path / "a-0001.tar"), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ConfigurationError, match="a brace pattern such as .* must be quoted"):
+        check_arguments(flags)
+    check_arguments(["--seed_everything", "3", "--model", str(REPO / "configs" / "tiny.yaml"), "--data.root", str(tmp_path),
+                     "--output_dir", str(tmp_path / "out"), "--trainer.callbacks.init_args.verbose", "true"])  # fmt: skip
