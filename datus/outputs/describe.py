@@ -180,28 +180,44 @@ SUGGESTION_RULE = (
 )
 
 
+def _agreed(row: dict[str, Any]) -> bool:
+    """A K that a second k-means agrees on, with every cluster used."""
+    return row.get("stability_ari") is not None and row["stability_ari"] >= STABILITY_FLOOR and not row.get("empty_clusters")
+
+
 def suggested_k(rows: Sequence[dict[str, Any]]) -> int | None:
     """The K of a sweep that :data:`SUGGESTION_RULE` picks, without labels; None without measured stability."""
     measured = [row for row in rows if row.get("stability_ari") is not None]
     if not measured:
         return None
-    agreed = [row for row in measured if row["stability_ari"] >= STABILITY_FLOOR and not row.get("empty_clusters")]
+    agreed = [row for row in measured if _agreed(row)]
     if agreed:
         return int(max(row["k"] for row in agreed))
     return int(max(measured, key=lambda row: (row["stability_ari"], -row["k"]))["k"])
 
 
 def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per K: the label-free numbers, then the main scores of each protocol, as percentages; and the suggested K."""
+    """One line per K: stability ARI (0-1), the largest cluster and the scores as percentages; then the suggested K."""
     scored = [c for c in (*SWEEP_COLUMNS, "dense_miou_without_crf") if any(row.get(c) is not None for row in rows)]
     columns = [*LABEL_FREE_COLUMNS, *scored]
     lines = ["    K " + "".join(f"{c:>24}" for c in columns)]
     for row in rows:
-        cells = "".join(f"{100 * row[c]:>23.2f}%" if row.get(c) is not None else f"{'-':>24}" for c in columns)
+        cells = "".join(
+            f"{'-':>24}" if row.get(c) is None else f"{row[c]:>24.3f}" if c == "stability_ari" else f"{100 * row[c]:>23.2f}%"
+            for c in columns
+        )
         lines.append(f"{row['k']:>5} {cells}")
     suggestion = suggested_k(rows)
-    if suggestion is not None:
-        lines.append(f"suggested K (label-free): {suggestion}: {SUGGESTION_RULE}; look at its galleries before you keep it")
+    if suggestion is not None and any(_agreed(row) for row in rows):
+        lines.append(
+            f"suggested K (label-free): {suggestion}, the largest K with stability ARI >= {STABILITY_FLOOR} and no empty "
+            "cluster (stability alone favours the smallest K, which merges real groups); look at its galleries before you keep it"
+        )
+    elif suggestion is not None:
+        lines.append(
+            f"no K reaches stability ARI {STABILITY_FLOOR} with every cluster used; K = {suggestion} is only the most stable: "
+            "try smaller K, and look at the galleries"
+        )
     return "\n".join(lines)
 
 
