@@ -265,12 +265,12 @@ def index_html(results: Results, summary: dict[str, Any], images: int, pages: in
     skipped_url = _url(run_root, SKIPPED_FILE) if run_root else SKIPPED_FILE
     if isinstance(skipped, list):
         facts.append(_link(skipped_url, f"{len(skipped)} input files skipped"))
-    body = [f"<h1>{title}</h1>", f"<p>{', '.join(facts)}</p>"]
+    body = [f"<h1>{title}</h1>", f"<p>{', '.join(facts)}</p>", _verdict_html(summary.get("verdict"))]
 
     body.append('<h2 id="images">Images</h2>')
     if pages:
         body.append(
-            f"<p>{_link(VIEW_DIR + '/' + page_name(1), 'Browse the images', id='browse')}: {pages} pages of "
+            f"<p>{_link(VIEW_DIR + '/' + page_name(1), 'Browse the images', id='browse')}: {pages} page{'s' if pages > 1 else ''} of "
             f"{page_size} in manifest order, each with its overlay, mask and colour mask "
             f"({_link(VIEW_DIR + '/' + page_name(pages), 'last page')}).</p>"
         )
@@ -313,6 +313,16 @@ def index_html(results: Results, summary: dict[str, Any], images: int, pages: in
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
+
+
+def _verdict_html(verdict: Any) -> str:
+    """The run's verdict from the label-free diagnostics, in words, at the top of the page (summary.json is untrusted)."""
+    if not isinstance(verdict, dict) or verdict.get("status") not in ("healthy", "suspicious"):
+        return '<p class="off">No verdict in summary.json.</p>'
+    reasons = [reason for reason in verdict.get("reasons", []) if isinstance(reason, str)] if isinstance(verdict.get("reasons"), list) else []
+    colour = "#0a6a0a" if verdict["status"] == "healthy" else "#a40000"
+    said = "the label-free diagnostics are in their usual ranges" if not reasons else "; ".join(_text(reason) for reason in reasons)
+    return f'<p id="verdict" style="color:{colour}"><strong>Verdict: {verdict["status"]}</strong>: {said}.</p>'
 
 
 def _percent(value: Any) -> str:

@@ -181,3 +181,16 @@ def test_datus_cluster_adds_its_folder_to_the_run_page(finished_run: Path, tmp_p
     assert "clusters/k2/index.html" not in (run / "index.html").read_text()
     main(["cluster", "--run", str(run), "--cluster.num_clusters", "2", "--cluster.colour", "false", "--cluster.gallery", "false"])
     assert "clusters/k2/index.html" in (run / "index.html").read_text()
+
+
+def test_the_page_states_the_verdict_in_words(tmp_path: Path) -> None:
+    from datus.outputs.html_view import index_html
+    from datus.runfolder.run import Results
+
+    results = Results(tmp_path, tmp_path)
+    said = {"status": "suspicious", "reasons": ["random weights <b>", "47% of pixels in noise segments"]}
+    page = index_html(results, {"images_in_run": 1, "num_clusters": 2, "verdict": said}, 1, 1)
+    assert "Verdict: suspicious</strong>: random weights &lt;b&gt;; 47% of pixels in noise segments." in page
+    healthy = index_html(results, {"images_in_run": 1, "num_clusters": 2, "verdict": {"status": "healthy", "reasons": []}}, 1, 1)
+    assert "Verdict: healthy</strong>: the label-free diagnostics are in their usual ranges." in healthy
+    assert "No verdict" in index_html(results, {"verdict": {"status": "<script>"}}, 0, 0)
