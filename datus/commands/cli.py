@@ -420,6 +420,11 @@ def run_export(args: Sequence[str]) -> dict[str, Any]:
         f"exported {images['train']} train + {images['val']} val images ({options.format}) to {options.out}; "
         f"{len(report['skipped'])} skipped (see {options.out / 'export.json'}); {options.out / 'README.md'} says how to load it"
     )
+    suffixes = report["image_suffixes"]
+    if options.format == "folders" and len(suffixes) > 1:
+        counts = ", ".join(f"{count} .{suffix}" for suffix, count in suffixes.items())
+        print(f"datus: warning: the images have several suffixes ({counts}); mmsegmentation and detectron2 take one "
+              "per dataset, so convert them or register one dataset per suffix", file=sys.stderr)  # fmt: skip
     return report
 
 

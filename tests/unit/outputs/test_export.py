@@ -238,3 +238,15 @@ def test_a_run_read_from_tar_shards_exports_in_every_format(tmp_path: Path) -> N
     stored = [path.read_bytes() for path in photos.rglob("*.jpg")]
     copied = sorted((tmp_path / "folders" / "images").iterdir())
     assert len(copied) == 3 and all(path.read_bytes() in stored for path in copied)
+
+
+def test_folders_warn_when_images_have_several_suffixes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    photos = tmp_path / "photos"
+    write_two_region_dataset(photos, 3)
+    first = sorted(photos.rglob("*.jpg"))[0]
+    Image.open(first).save(first.with_suffix(".png"))
+    first.unlink()
+    run = tmp_path / "run"
+    predict(run, "--data.root", str(photos))
+    export(run, tmp_path / "folders", "--format", "folders")
+    assert "several suffixes (2 .jpg, 1 .png)" in capsys.readouterr().err
