@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from datus.callbacks.estimate import duration_text
 from datus.datamodules.pseudo import PseudoMaskDataModule
+from datus.discovery.module import quiet_lightning
 
 TIMED_STEPS = 5
 """Steps measured (after the first, which pays for warm-up) before the training time is announced."""
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     if args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
+    quiet_lightning()
     L.seed_everything(0)
     data = PseudoMaskDataModule(
         args.run, image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers
