@@ -38,7 +38,7 @@ import shutil
 import tarfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,15 @@ MAX_NAME_BYTES = 200
 SPLIT_NAMES = {"hf": {"train": "train", "val": "validation"}, "webdataset": {"train": "train", "val": "val"}}
 OWNED_NAMES = {"webdataset": re.compile(r"(train|val)-\d{6}\.tar")}
 """Names an export of that format writes besides its recorded entries (a killed export had not recorded them yet)."""
+OWNED_FOLDERS = {
+    "data": re.compile(r"(train|validation)-\d{5}\.parquet"),
+    "images": re.compile(r"[^/]+\.(jpe?g|png|bmp|tiff?|webp)", re.IGNORECASE),
+    "masks": re.compile(r"[^/]+\.png"),
+    "splits": re.compile(r"(train|val)\.txt"),
+}
+"""The folders an export writes, and the only names it writes in them: anything else there is the user's."""
+OWNED_FILES = frozenset({EXPORT_FILE, CARD_FILE, ID2LABEL_FILE, "index.jsonl"})
+"""Top-level files an export writes (recorded names outside these, the folders and OWNED_NAMES are not datus's)."""
 IMAGE_FEATURE = {"_type": "Image"}
 HF_FEATURES = {"image": IMAGE_FEATURE, "label": IMAGE_FEATURE, "image_id": {"dtype": "string", "_type": "Value"}}
 
@@ -266,12 +275,20 @@ def _claim_output(out: Path, format: str, run_root: Path) -> None:
         raise ConfigurationError(
             f"OUT {out} holds a datus export of format {recorded.get('format')!r}, not {format!r}; give another folder"
         )
-    owned = {str(name) for name in recorded["entries"]}
     pattern = OWNED_NAMES.get(format)
+    owned = {str(name) for name in recorded["entries"]} & (OWNED_FILES | set(OWNED_FOLDERS))  # a forged list owns nothing more
     foreign = [
         name for name in entries
         if name not in owned and not TEMPORARY_NAME.fullmatch(name) and not (pattern and pattern.fullmatch(name))
     ]  # fmt: skip
+    for folder in (name for name in entries if name in OWNED_FOLDERS and name in owned):
+        path = out / folder
+        if path.is_dir() and not path.is_symlink():
+            foreign += [
+                f"{folder}/{inner.name}" for inner in path.iterdir()
+                if inner.is_dir() or inner.is_symlink() and not inner.is_file()
+                or not (OWNED_FOLDERS[folder].fullmatch(inner.name) or TEMPORARY_NAME.fullmatch(inner.name))
+            ]  # fmt: skip
     if foreign:
         raise ConfigurationError(
             f"OUT {out} holds {foreign[0]!r}, which the earlier datus export did not write; remove it or give a new folder"
@@ -382,8 +399,15 @@ class _Writer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
-        self._stack.close()
+        if exc[0] is None:
+            self.close()
+            self._stack.close()
+        else:  # killed or failed: no file is renamed into place, and the ones already committed go
+            self.abort(exc)
+
+    def abort(self, exc: tuple[Any, ...]) -> None:
+        """Leave nothing that a reader could take for a complete export (``export.json`` says it is not)."""
+        self._stack.__exit__(*exc)
 
     def add(self, sample: Sample) -> None:
         self.suffixes[sample.suffix] = self.suffixes.get(sample.suffix, 0) + 1
@@ -430,6 +454,18 @@ class _ShardedWriter(_Writer):
     def close(self) -> None:
         for split in list(self._open):
             self._finish(split)
+
+    def abort(self, exc: tuple[Any, ...]) -> None:
+        for split in list(self._open):
+            handle, stack, _, _ = self._open.pop(split)
+            with suppress(Exception):
+                self.close_shard(handle)
+            stack.__exit__(*exc)  # the temporary is deleted, not renamed
+        for name in self.files:
+            path = self.out / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+        super().abort(exc)
 
     def shard_name(self, split: str, number: int) -> str:
         raise NotImplementedError
@@ -548,6 +584,13 @@ class _FolderWriter(_Writer):
         self._lists = {split: self._open_list(out / "splits" / f"{split}.txt") for split in ("train", "val")}
         self._index = self._open_list(out / "index.jsonl")
         self.files = ["images/", "masks/", "splits/train.txt", "splits/val.txt", "index.jsonl"]
+
+    def abort(self, exc: tuple[Any, ...]) -> None:
+        super().abort(exc)
+        for folder in ("images", "masks"):  # created by this export (the claim left no foreign file there)
+            for path in (self.out / folder).iterdir():
+                if OWNED_FOLDERS[folder].fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                    path.unlink()
 
     def _open_list(self, path: Path) -> Any:
         temporary = self._stack.enter_context(atomic_path(path))

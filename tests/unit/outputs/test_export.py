@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from typing import Any
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -250,3 +251,42 @@ def test_folders_warn_when_images_have_several_suffixes(tmp_path: Path, capsys: 
     predict(run, "--data.root", str(photos))
     export(run, tmp_path / "folders", "--format", "folders")
     assert "several suffixes (2 .jpg, 1 .png)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("format_", ["folders", "hf"])
+def test_replacing_an_export_never_deletes_what_the_user_put_there(run: Path, tmp_path: Path, format_: str) -> None:
+    out = tmp_path / "out"
+    export(run, out, "--format", format_)
+    folder = "images" if format_ == "folders" else "data"
+    (out / folder / "MY_NOTES.txt").write_text("mine")
+    with pytest.raises(ConfigurationError, match=f"holds '{folder}/MY_NOTES.txt'"):
+        export(run, out, "--format", format_)
+    assert (out / folder / "MY_NOTES.txt").read_text() == "mine"
+    forged = tmp_path / "forged"
+    (forged / "photos").mkdir(parents=True)
+    (forged / "export.json").write_text(json.dumps({"datus_export": "0", "format": "hf", "entries": ["photos", "export.json"]}))
+    with pytest.raises(ConfigurationError, match="holds 'photos'"):
+        export(run, forged, "--format", "hf")
+    assert (forged / "photos").is_dir()
+
+
+@pytest.mark.parametrize("format_", ["hf", "webdataset", "folders"])
+def test_a_failed_export_leaves_nothing_a_loader_would_read(run: Path, tmp_path: Path, format_: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datus.outputs.export as exporting
+
+    real = exporting._Writer.add
+    calls = []
+
+    def fail_on_third(self: Any, sample: Any) -> None:
+        calls.append(sample)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a stop signal unwinds
+        real(self, sample)
+
+    monkeypatch.setattr(exporting._Writer, "add", fail_on_third)
+    monkeypatch.setattr(exporting, "DEFAULT_SHARD_BYTES", {"hf": 1, "webdataset": 1})  # a shard per sample: two committed
+    with pytest.raises(KeyboardInterrupt):
+        export(run, tmp_path / "out", "--format", format_)
+    left = sorted(path.relative_to(tmp_path / "out").as_posix() for path in (tmp_path / "out").rglob("*") if path.is_file())
+    assert left == ["export.json"], left
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["complete"] is False
