@@ -98,7 +98,8 @@ def write_html_view(results: Results, summary: dict[str, Any], page_size: int = 
         raise ConfigurationError(f"{folder} is a symbolic link or a file; datus writes its pages there. Remove it")
     images = summary.get("images_in_run")
     pages = page_count(images, page_size) if isinstance(images, int) and images >= 0 else -1
-    if images_changed or set(results.view_pages()) != set(range(1, pages + 1)):
+    present = set(results.view_pages())  # pages on disk: their count bounds the check, not the (untrusted) summary
+    if images_changed or len(present) != pages or any(not 1 <= number <= pages for number in present):
         images, pages = write_pages(results, page_size)
     write_text(results.file(HTML_INDEX), index_html(results, summary, images, pages, page_size))
     return pages

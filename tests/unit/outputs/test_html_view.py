@@ -194,3 +194,17 @@ def test_the_page_states_the_verdict_in_words(tmp_path: Path) -> None:
     healthy = index_html(results, {"images_in_run": 1, "num_clusters": 2, "verdict": {"status": "healthy", "reasons": []}}, 1, 1)
     assert "Verdict: healthy</strong>: the label-free diagnostics are in their usual ranges." in healthy
     assert "No verdict" in index_html(results, {"verdict": {"status": "<script>"}}, 0, 0)
+
+
+def test_a_summary_claiming_a_trillion_images_costs_nothing(finished_run: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from datus.outputs.html_view import write_html_view
+    from datus.runfolder.run import Run
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, symlinks=True)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["images_in_run"] = 10**12
+    assert write_html_view(Run(run).results, summary, images_changed=False) >= 1  # pages rewritten from the manifest
