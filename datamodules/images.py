@@ -131,27 +131,30 @@ def list_tar_images(root: Path | str, mask_dir: Path | None = None) -> list[Imag
     their reason when read, as undecodable files are.
     """
     base, shards = list_shards(root)
-    entries: list[ImageEntry] = []
+    found: list[tuple[Path, str, Member, Member | None, int] | ImageEntry] = []  # an image member, or a refused shard
     for shard in shards:
         stem = shard_stem(shard, base)
         try:
             index = index_shard(shard)
         except UnreadableFile as error:
-            entries.append(_refused(shard, f"{stem}/~shard", f"shard {shard.name}: {error}"))
+            found.append(_refused(shard, f"{stem}/~shard", f"shard {shard.name}: {error}"))
             continue
-        paths, ids, samples = [], [], []
         for member, mask in iter_samples(index):
-            path = Path(member.path)
-            paths.append(path)
-            ids.append(image_id_for(Path(stem) / (member.name if not member.refused else "_refused" + str(len(ids)) + ".x")))
-            samples.append((member, mask))
-        for path, image_id, (member, mask) in zip(paths, _unique_ids(paths, ids), samples):
-            mask_path = Path(mask.path) if mask is not None else None
-            if mask_dir is not None:
-                mask_path = paired_mask(path, base, mask_dir)
-            entries.append(ImageEntry(path, image_id, mask_path, member, (member.size, index.mtime_ns)))
+            name = member.name if not member.refused else f"_refused{len(found)}.x"
+            found.append((Path(member.path), image_id_for(Path(stem) / name), member, mask, index.mtime_ns))
         if index.damaged:
-            entries.append(_refused(shard, f"{stem}/~damaged", f"shard {shard.name}: {index.damaged}"))
+            found.append(_refused(shard, f"{stem}/~damaged", f"shard {shard.name}: {index.damaged}"))
+    images = [item for item in found if not isinstance(item, ImageEntry)]
+    # unique over every shard: a.tar's b/x.jpg and a/b.tar's x.jpg both give a/b/x
+    unique = iter(_unique_ids([item[0] for item in images], [item[1] for item in images]))
+    entries: list[ImageEntry] = []
+    for item in found:
+        if isinstance(item, ImageEntry):
+            entries.append(item)
+            continue
+        path, _, member, mask, mtime_ns = item
+        mask_path = paired_mask(path, base, mask_dir) if mask_dir is not None else Path(mask.path) if mask is not None else None
+        entries.append(ImageEntry(path, next(unique), mask_path, member, (member.size, mtime_ns)))
     return entries
 
 

@@ -83,3 +83,11 @@ def test_missing_shards_of_a_pattern_are_refused_before_the_model(tmp_path: Path
     assert locate_images(tmp_path / "t-0.tar", "train", None, announce=False)[0] == tmp_path / "t-0.tar"
     with pytest.raises(ConfigurationError, match="no tar shard .*t-1.tar"):
         locate_images(Path(f"{tmp_path}/t-{{0..2}}.tar"), None, None)
+
+
+def test_ids_stay_apart_across_shards_whose_paths_meet(tmp_path: Path) -> None:
+    """a.tar's b/x.png and a/b.tar's x.png both read a/b/x: the run refused its own shards after predicting."""
+    _tar(tmp_path / "a.tar", {"b/x.png": _png()})
+    _tar(tmp_path / "a" / "b.tar", {"x.png": _png()})
+    ids = [entry.image_id for entry in list_tar_images(tmp_path)]
+    assert len(ids) == 2 and len(set(ids)) == 2, ids
