@@ -224,10 +224,16 @@ _KEEP = 16
 
 
 def _handle(tar: str) -> tuple[int, int, int]:
+    """This process's open descriptor of ``tar`` (with its size and time), reopened when the file at the path changed."""
     key = (os.getpid(), tar)
     if key in _HANDLES:
-        _HANDLES.move_to_end(key)
-        return _HANDLES[key]
+        descriptor, size, mtime_ns = _HANDLES[key]
+        now, held = os.stat(tar), os.fstat(descriptor)
+        if (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) == (held.st_ino, held.st_dev, size, mtime_ns):
+            _HANDLES.move_to_end(key)
+            return _HANDLES[key]
+        del _HANDLES[key]  # rewritten or replaced: its members now lie at other offsets
+        os.close(descriptor)
     with open_regular_file(Path(tar)) as stream:
         descriptor = os.dup(stream.fileno())
     status = os.fstat(descriptor)

@@ -12,7 +12,7 @@ from PIL import Image
 from datus.datamodules.images import ImageDataset, list_tar_images
 from datus.core.errors import ConfigurationError
 from datus.core.io import input_mark, load_rgb, locate_images, paired_mask, read_label_png
-from datus.core.tars import expand_braces, is_tar_source, list_shards
+from datus.core.tars import expand_braces, is_tar_source, iter_samples, list_shards
 
 
 def _png(size: tuple[int, int] = (24, 16), mode: str = "RGB") -> bytes:
@@ -91,3 +91,16 @@ def test_ids_stay_apart_across_shards_whose_paths_meet(tmp_path: Path) -> None:
     _tar(tmp_path / "a" / "b.tar", {"x.png": _png()})
     ids = [entry.image_id for entry in list_tar_images(tmp_path)]
     assert len(ids) == 2 and len(set(ids)) == 2, ids
+
+
+def test_a_shard_rewritten_in_place_is_read_anew(tmp_path: Path) -> None:
+    """The process kept its old descriptor: a member of the new file was read at the old file's offset."""
+    from datus.core.tars import index_shard, read_member
+
+    shard = _tar(tmp_path / "s.tar", {"a.png": _png((8, 8)), "b.png": _png((9, 9))})
+    first = {member.name: member for member, _ in iter_samples(index_shard(shard))}
+    assert Image.open(read_member(first["b.png"])).size == (9, 9)
+    replacement = _tar(tmp_path / "new.tar", {"b.png": _png((12, 12)), "a.png": _png((8, 8))})
+    replacement.replace(shard)
+    second = {member.name: member for member, _ in iter_samples(index_shard(shard))}
+    assert Image.open(read_member(second["b.png"])).size == (12, 12)
