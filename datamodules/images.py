@@ -26,9 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from datus.core.errors import ConfigurationError
-from datus.core.io import IMAGE_EXTENSIONS, UnreadableFile, load_rgb, locate_images, paired_mask
+from datus.core.files import EXPORT_MARKER
+from datus.core.io import IMAGE_EXTENSIONS, UnreadableFile, load_rgb, locate_images, paired_mask, read_json
 from datus.runfolder.run import RUN_FILE, Run, image_id_for
-from datus.core.tars import Member, digest, index_shard, is_tar_source, iter_samples, list_shards, shard_stem
+from datus.core.tars import (
+    Member, digest, index_shard, is_tar_source, iter_samples, list_shards, shard_stem, shards_beside_images,
+)  # fmt: skip
 from datus.core.workers import available_cores
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ class ImageEntry:
 
 
 def _image_files(image_dir: Path, exclude: Path | None) -> list[Path]:
-    """Image files below ``image_dir``, sorted, leaving out ``exclude`` and datus run folders.
+    """Image files below ``image_dir``, sorted, leaving out ``exclude`` and datus's run and export folders.
 
     Symbolically linked folders are followed (each real folder read once, so a link back up
     cannot loop). Every name with an image suffix is listed, whatever it is: one that is not a
@@ -68,15 +71,25 @@ def _image_files(image_dir: Path, exclude: Path | None) -> list[Path]:
             subfolders.clear()
             continue
         seen.add((status.st_dev, status.st_ino))
-        if here != image_dir and (RUN_FILE in files and Run(here).is_datus_run() or here.resolve() == excluded):
+        own_output = RUN_FILE in files and Run(here).is_datus_run() or EXPORT_MARKER in files and _is_export(here)
+        if here != image_dir and (own_output or here.resolve() == excluded):
             runs.append(here)
             subfolders.clear()
             continue
         subfolders[:] = sorted(name for name in subfolders if (here / name).resolve() != excluded)  # first link wins
         found.extend(here / name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
     if runs:
-        log.info("not read as input: %d datus run folder(s) below the data root (%s)", len(runs), runs[0])
+        log.info("not read as input: %d datus run or export folder(s) below the data root (%s)", len(runs), runs[0])
     return sorted(found)
+
+
+def _is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``datus export`` (its images are copies of inputs: never inputs again)."""
+    try:
+        marker = read_json(folder / EXPORT_MARKER)
+    except (OSError, UnreadableFile):
+        return False
+    return isinstance(marker, dict) and "datus_export" in marker
 
 
 def list_images(image_dir: Path, mask_dir: Path | None = None, exclude: Path | None = None) -> list[ImageEntry]:
@@ -268,6 +281,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.entries = list_tar_images(root, self.mask_dir)
         else:
             self.entries = list_images(image_dir, self.mask_dir, Path(exclude).expanduser() if exclude else None)
+            if stray := shards_beside_images(image_dir):
+                log.warning(
+                    "%d tar shard(s) below %s are not read (e.g. %s): the folder holds image files; give the shards "
+                    "as a --data.root of their own", len(stray), image_dir, stray[0]
+                )
         self.image_size = image_size
         self.patch_size = patch_size
         self.batch_size = batch_size

@@ -14,6 +14,14 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", 
 """File suffixes read as input images (compared in lower case)."""
 
 
+RUN_MARKER = "run.json"
+"""Marks a datus run folder (``datus.runfolder.run.RUN_FILE``)."""
+EXPORT_MARKER = "export.json"
+"""Marks a datus export (``datus.outputs.export.EXPORT_FILE``)."""
+OUTPUT_MARKERS = (RUN_MARKER, EXPORT_MARKER)
+"""A folder holding one of these is datus's own output: never read as input."""
+
+
 class UnreadableFile(ValueError):
     """An input file could not be decoded; the message names it and says why."""
 

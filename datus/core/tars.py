@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from datus.core.files import IMAGE_EXTENSIONS, NotRegularFile, UnreadableFile, open_regular_file
+from datus.core.files import IMAGE_EXTENSIONS, OUTPUT_MARKERS, NotRegularFile, UnreadableFile, open_regular_file
 
 TAR_SUFFIX = ".tar"
 MASK_SUFFIX = ".seg.png"
@@ -100,20 +100,44 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def is_tar_source(root: Path | str) -> bool:
-    """Whether ``--data.root`` names tar shards: a ``.tar`` file or pattern, or a folder with shards and no images."""
+    """Whether ``--data.root`` names tar shards: a ``.tar`` file or pattern, or a folder with shards and no images.
+
+    datus's own outputs below the folder (a run, an export: :data:`~datus.core.files.OUTPUT_MARKERS`)
+    do not count. A folder holding image files is a folder of images, shards or not (the data
+    module then says that its shards are not read: :func:`shards_beside_images`).
+    """
     text = str(root)
-    if text.lower().endswith(TAR_SUFFIX) or "{" in text and _BRACES.search(text):
+    if text.lower().endswith(TAR_SUFFIX) and not os.path.isdir(os.path.expanduser(text)) or "{" in text and _BRACES.search(text):
         return True
     folder = Path(text).expanduser()
     if not folder.is_dir():
         return False
     has_tar = False
-    for path in folder.rglob("*"):
-        suffix = path.suffix.lower()
-        if suffix in IMAGE_EXTENSIONS and path.is_file():
-            return False
-        has_tar = has_tar or (suffix == TAR_SUFFIX and path.is_file())
+    for here, files in _input_folders(folder):
+        for name in files:
+            suffix = Path(name).suffix.lower()
+            if suffix in IMAGE_EXTENSIONS:
+                return False
+            has_tar = has_tar or suffix == TAR_SUFFIX and os.path.isfile(Path(here, name))
     return has_tar
+
+
+def shards_beside_images(folder: Path) -> list[Path]:
+    """The shards in a folder read as a folder of images: they are not read, and the user is told so."""
+    return sorted(_shards_below(folder))
+
+
+def _input_folders(folder: Path) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) of ``folder``'s tree, linked folders followed once each, datus's own outputs left out."""
+    seen: set[tuple[int, int]] = set()
+    for here, subfolders, files in os.walk(folder, followlinks=True):
+        status = os.stat(here)
+        if (status.st_dev, status.st_ino) in seen or here != str(folder) and any(marker in files for marker in OUTPUT_MARKERS):
+            subfolders.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        subfolders.sort()
+        yield here, files
 
 
 def list_shards(root: Path | str) -> tuple[Path, list[Path]]:
@@ -126,12 +150,18 @@ def list_shards(root: Path | str) -> tuple[Path, list[Path]]:
     text = os.path.expanduser(str(root))
     if os.path.isdir(text):
         base = Path(text)
-        shards = sorted(path for path in base.rglob("*") if path.suffix.lower() == TAR_SUFFIX and path.is_file())
+        shards = sorted(_shards_below(base))
     else:
         prefix = text[: text.index("{")] if "{" in text else text
         base = Path(os.path.dirname(prefix) or ".")
         shards = sorted({Path(name) for name in expand_braces(text)})
     return Path(os.path.abspath(base)), [Path(os.path.abspath(path)) for path in shards]
+
+
+def _shards_below(folder: Path) -> Iterator[Path]:
+    """The shards in ``folder``'s tree, outside datus's own outputs."""
+    for here, files in _input_folders(folder):
+        yield from (Path(here, name) for name in files if name.lower().endswith(TAR_SUFFIX) and os.path.isfile(Path(here, name)))
 
 
 def shard_stem(shard: Path, base: Path) -> str:

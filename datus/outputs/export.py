@@ -49,6 +49,7 @@ from PIL import Image
 
 from datus import __version__
 from datus.core.errors import ConfigurationError
+from datus.core.files import EXPORT_MARKER
 from datus.core.io import (
     DECODE_ERRORS, TEMPORARY_NAME, UnreadableFile, atomic_path, check_pixels, decode_reason, json_text, open_regular,
     read_json, read_label_png, write_json, write_text,
@@ -61,7 +62,7 @@ from datus.runfolder.run import (
 log = logging.getLogger(__name__)
 
 FORMATS = ("hf", "webdataset", "folders")
-EXPORT_FILE = "export.json"
+EXPORT_FILE = EXPORT_MARKER
 """In every export: what was exported and skipped; marks the folder as a datus export of one format."""
 CARD_FILE = "README.md"
 ID2LABEL_FILE = "id2label.json"

@@ -32,9 +32,10 @@ from typing import IO, Any
 
 from datus import __version__
 from datus.core.errors import ConfigurationError
+from datus.core.files import RUN_MARKER
 from datus.core.io import TEMPORARY_NAME, UnreadableFile, read_json, write_json
 
-RUN_FILE = "run.json"
+RUN_FILE = RUN_MARKER
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.yaml"
 SHARDS_DIR = "shards"

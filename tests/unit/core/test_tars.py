@@ -104,3 +104,44 @@ def test_a_shard_rewritten_in_place_is_read_anew(tmp_path: Path) -> None:
     replacement.replace(shard)
     second = {member.name: member for member, _ in iter_samples(index_shard(shard))}
     assert Image.open(read_member(second["b.png"])).size == (12, 12)
+
+
+def test_datus_outputs_below_a_folder_of_shards_are_not_input(tmp_path: Path) -> None:
+    """A run folder inside the data root (its masks are PNGs) turned the tar folder into an image folder, so
+    the rerun was refused as other data; an export's tars below it would have been read as input."""
+    _tar(tmp_path / "data" / "s.tar", {"a.png": _png()})
+    run = tmp_path / "data" / "run"
+    (run / "masks").mkdir(parents=True)
+    (run / "masks" / "a.png").write_bytes(_png())
+    (run / "run.json").write_text("{}")
+    _tar(tmp_path / "data" / "export" / "train-000000.tar", {"k.png": _png(), "k.seg.png": _png(mode="L")})
+    (tmp_path / "data" / "export" / "export.json").write_text('{"datus_export": "0"}')
+    assert is_tar_source(tmp_path / "data")
+    assert [shard.name for shard in list_shards(tmp_path / "data")[1]] == ["s.tar"]
+
+
+def test_shards_beside_images_are_named_as_not_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from datus.datamodules.images import ImageFolderDataModule
+
+    _tar(tmp_path / "s.tar", {"a.png": _png()})
+    (tmp_path / "loose.png").write_bytes(_png())
+    assert not is_tar_source(tmp_path)
+    data = ImageFolderDataModule(tmp_path, num_workers=0)
+    assert [entry.image_id for entry in data.entries] == ["loose"]
+    assert any("1 tar shard(s) below" in record.getMessage() and "s.tar" in record.getMessage() for record in caplog.records)
+
+
+def test_a_folder_named_like_a_tar_is_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "photos.tar").mkdir()
+    (tmp_path / "photos.tar" / "a.png").write_bytes(_png())
+    assert not is_tar_source(tmp_path / "photos.tar")
+
+
+def test_an_export_inside_an_image_folder_is_not_read_back_as_input(tmp_path: Path) -> None:
+    from datus.datamodules.images import list_images
+
+    (tmp_path / "a.png").write_bytes(_png())
+    (tmp_path / "export" / "images").mkdir(parents=True)
+    (tmp_path / "export" / "images" / "a.png").write_bytes(_png())
+    (tmp_path / "export" / "export.json").write_text('{"datus_export": "0.2.0"}')
+    assert [entry.image_id for entry in list_images(tmp_path)] == ["a"]
