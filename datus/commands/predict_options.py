@@ -23,6 +23,8 @@ from datus.core.options import first_sentence, option_help, table
 TOP_LEVEL = ("--config", "-c", "--print_config", "--seed_everything", "--help", "-h")
 """Options of LightningCLI itself, not in the table."""
 REQUIRED = ("--data.root", "--output_dir")
+BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+"""What LightningCLI (jsonargparse) reads as a boolean, in any case; other choices are case-sensitive there too."""
 HELP_LINES_PER_OPTION = 2
 """Longer descriptions are cut: the README's option tables say the rest."""
 
@@ -102,6 +104,8 @@ def check_arguments(arguments: Sequence[str]) -> None:
             hint = shards if ".tar" in argument else ""
             raise ConfigurationError(f"unexpected argument {argument!r}: every value follows its option{hint} (see datus predict --help)")
         flag, equals, value = argument.partition("=")
+        if flag.startswith("-c") and not flag.startswith("--") and len(flag) > 2:  # -cFILE, as argparse reads it
+            flag, equals, value = "-c", "=", argument[2:]
         if flag in TOP_LEVEL or _is_group(flag) or _opens(flag, options):
             takes_value = flag not in ("-h", "--help", "--print_config") and not equals
             if takes_value and index < len(arguments) and not arguments[index].startswith("--"):
@@ -109,6 +113,8 @@ def check_arguments(arguments: Sequence[str]) -> None:
                 index += 1
             if flag in ("-c", "--config"):
                 _read_config(Path(value), options, given)
+            elif _is_group(flag) and value:  # --data FILE: that group's options
+                _read_config(Path(value), options, given, group=flag[2:])
             continue
         if flag not in options:
             nearest = difflib.get_close_matches(flag, [*options, *TOP_LEVEL], n=1)
@@ -120,6 +126,8 @@ def check_arguments(arguments: Sequence[str]) -> None:
             value = arguments[index]
             index += 1
         given[flag] = _checked(options[flag], value)
+    if any(argument.startswith("--print_config") for argument in arguments):
+        return  # LightningCLI prints the configuration without needing the run's folders
     for flag in ("--data.root", "--output_dir"):
         if given.get(flag) in (None, "null"):
             raise ConfigurationError(f"{flag} is required: {first_sentence(options[flag]['help']).lower()} (see datus predict --help)")
@@ -144,7 +152,9 @@ def _checked(option: dict[str, Any], value: str) -> Any:
     """The value as given, refused when it cannot be one of the option's values."""
     if value == "null" and (option["nullable"] or option["default"] is None):
         return None
-    if option["choices"] and value.lower() not in [choice.lower() for choice in option["choices"]]:
+    booleans = option["choices"] == ["true", "false"]
+    accepted = [*option["choices"], *BOOLEAN_WORDS] if booleans else option["choices"]
+    if option["choices"] and (value.lower() if booleans else value) not in accepted:
         nearest = difflib.get_close_matches(value, option["choices"], n=1)
         hint = f"; did you mean {nearest[0]}?" if nearest else ""
         raise ConfigurationError(f"{option['flag']} {value}: expected one of {', '.join(option['choices'])}{hint}")
@@ -156,20 +166,23 @@ def _checked(option: dict[str, Any], value: str) -> Any:
     return value
 
 
-def _read_config(path: Path, options: dict[str, Any], given: dict[str, Any]) -> None:
-    """Check a ``--config`` file's keys, and note the values later flags may override."""
+def _read_config(path: Path, options: dict[str, Any], given: dict[str, Any], group: str | None = None) -> None:
+    """Check a ``--config`` file's keys (or a ``--<group>`` file's), and note the values later flags may override."""
     import yaml
 
+    option = f"--{group or 'config'}"
     try:
         content = yaml.safe_load(path.expanduser().read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigurationError(f"--config {path}: no such file") from None
+        raise ConfigurationError(f"{option} {path}: no such file") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ConfigurationError(f"--config {path}: not a readable YAML file ({type(error).__name__})") from None
+        raise ConfigurationError(f"{option} {path}: not a readable YAML file ({type(error).__name__})") from None
     if content is None:
         return
     if not isinstance(content, dict):
-        raise ConfigurationError(f"--config {path}: expected a mapping of option names, got {type(content).__name__}")
+        raise ConfigurationError(f"{option} {path}: expected a mapping of option names, got {type(content).__name__}")
+    if group is not None:
+        content = {group: content}
     for key, value in content.items():
         if isinstance(value, dict) and isinstance(key, str) and key in table()["groups"]:
             entries = [(f"--{key}.{name}", inner) for name, inner in value.items()]
@@ -181,4 +194,4 @@ def _read_config(path: Path, options: dict[str, Any], given: dict[str, Any]) -> 
             elif flag not in ("--seed_everything",) and not _opens(flag, options):
                 nearest = difflib.get_close_matches(flag, list(options), n=1)
                 hint = f"; did you mean {nearest[0][2:]}?" if nearest else ""
-                raise ConfigurationError(f"--config {path}: unknown key {flag[2:]}{hint}")
+                raise ConfigurationError(f"{option} {path}: unknown key {flag[2:]}{hint}")

@@ -66,5 +66,16 @@ def test_a_stray_argument_is_refused_and_an_unquoted_brace_pattern_named(tmp_pat
     flags = ["--data.root", str(tmp_path / "a-0000.tar"), str(tmp_path / "a-0001.tar"), "--output_dir", str(tmp_path / "out")]
     with pytest.raises(ConfigurationError, match="a brace pattern such as .* must be quoted"):
         check_arguments(flags)
-    check_arguments(["--seed_everything", "3", "--model", str(REPO / "configs" / "tiny.yaml"), "--data.root", str(tmp_path),
+    check_arguments(["--seed_everything", "3", "--config", str(REPO / "configs" / "tiny.yaml"), "--data.root", str(tmp_path),
                      "--output_dir", str(tmp_path / "out"), "--trainer.callbacks.init_args.verbose", "true"])  # fmt: skip
+
+
+def test_what_lightningcli_accepts_passes_the_early_check(tmp_path: Path) -> None:
+    """Found by a hostile test: -cFILE, a --data group file holding the root, --print_config alone, yes for a boolean."""
+    write_photos(tmp_path / "photos", 1)
+    (tmp_path / "data.yaml").write_text(f"root: {tmp_path / 'photos'}\nbatch_size: 2\n")
+    check_arguments([f"-c{REPO / 'configs' / 'tiny.yaml'}", "--data", str(tmp_path / "data.yaml"), "--output_dir", str(tmp_path / "o")])
+    check_arguments(["--print_config", "--config", str(REPO / "configs" / "tiny.yaml")])
+    check_arguments(["--data.root", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "o"), "--data.pin_memory", "yes"])
+    with pytest.raises(ConfigurationError, match="expected one of crop, packed"):  # LightningCLI refuses PACKED too
+        check_arguments(["--data.root", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "o"), "--model.embedding", "PACKED"])
