@@ -12,6 +12,7 @@ import argparse
 import atexit
 import difflib
 import logging
+import math
 import os
 import re
 import signal
@@ -410,7 +411,7 @@ def run_export(args: Sequence[str]) -> dict[str, Any]:
         seed=options.seed,
         ignore_noise=options.ignore_noise,
         ignore_value=options.ignore_value,
-        shard_size=int(options.shard_size) if options.shard_size is not None else None,
+        shard_size=_whole_bytes(options.shard_size),
         link=options.link,
     )
     with _missing_input_is_a_configuration_error():
@@ -426,6 +427,15 @@ def run_export(args: Sequence[str]) -> dict[str, Any]:
         print(f"datus: warning: the images have several suffixes ({counts}); mmsegmentation and detectron2 take one "
               "per dataset, so convert them or register one dataset per suffix", file=sys.stderr)  # fmt: skip
     return report
+
+
+def _whole_bytes(value: float | None) -> int | None:
+    """``--shard_size`` as bytes; nan and infinity are a mistake, not a crash."""
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise ConfigurationError(f"--shard_size {value}: give a number of bytes, e.g. 1e9")
+    return int(value)
 
 
 def main(args: Sequence[str] | None = None, process_starting: bool = False) -> None:

@@ -35,10 +35,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from datus.core.errors import ConfigurationError
 from datus.core.files import IMAGE_EXTENSIONS, OUTPUT_MARKERS, NotRegularFile, UnreadableFile, open_regular_file
 
 TAR_SUFFIX = ".tar"
 MASK_SUFFIX = ".seg.png"
+MAX_PATTERN_NAMES = 1_000_000
+"""Most shards one brace range may name (a typo such as {0..99999999} must not hang the listing)."""
 """Ground truth inside a shard: ``<key>.seg.png`` beside ``<key>.jpg`` (WebDataset's field ``seg.png``)."""
 
 MAX_MEMBER_BYTES = 1 << 30
@@ -91,6 +94,8 @@ def expand_braces(pattern: str) -> list[str]:
     numbers = _RANGE.match(body)
     if numbers:
         low, high = int(numbers.group(1)), int(numbers.group(2))
+        if abs(high - low) >= MAX_PATTERN_NAMES:
+            raise ConfigurationError(f"--data.root {pattern}: the range {{{body}}} names more than {MAX_PATTERN_NAMES} shards")
         width = len(numbers.group(1)) if numbers.group(1).startswith("0") else 0
         step = 1 if high >= low else -1
         choices = [str(value).zfill(width) for value in range(low, high + step, step)]

@@ -145,3 +145,8 @@ def test_an_export_inside_an_image_folder_is_not_read_back_as_input(tmp_path: Pa
     (tmp_path / "export" / "images" / "a.png").write_bytes(_png())
     (tmp_path / "export" / "export.json").write_text('{"datus_export": "0.2.0"}')
     assert [entry.image_id for entry in list_images(tmp_path)] == ["a"]
+
+
+def test_a_runaway_range_is_refused_at_once() -> None:
+    with pytest.raises(ConfigurationError, match="names more than 1000000 shards"):
+        expand_braces("part-{0..99999999}.tar")

@@ -180,6 +180,8 @@ def test_a_foreign_or_other_format_output_is_refused_and_an_earlier_export_repla
         (["--format", "hf", "--val_fraction", "1"], "val_fraction"),
         (["--format", "hf", "--ignore_noise", "--ignore_value", "1"], "is a cluster id"),
         (["--format", "hf", "--results", "/tmp"], "--results"),
+        (["--format", "hf", "--shard_size", "nan"], "--shard_size nan: give a number of bytes"),
+        (["--format", "webdataset", "--shard_size", "inf"], "--shard_size inf: give a number of bytes"),
     ],
 )
 def test_bad_options_are_one_line_errors(run: Path, tmp_path: Path, flags: list[str], message: str) -> None:
