@@ -324,12 +324,18 @@ def _samples(
 ) -> Iterator[Sample]:
     """The manifest's images, each checked (image decodes, mask is a label map of its size); skips are counted."""
     source = results.file(MANIFEST_FILE)
+    seen: set[bytes] = set()  # 8 bytes an image: a line repeated in the (untrusted) manifest is exported once
     for number, line in manifest_lines(results.root):
         try:
             entry = read_entry(line, results.root, image_root, f"{source}, line {number}")  # type: ignore[arg-type]
         except ValueError as error:
             _skip(counts, f"line {number}", str(error))
             continue
+        key = hashlib.blake2b(entry.image_id.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+        if key in seen:
+            _skip(counts, f"line {number}", f"{entry.image_id!r} is listed again in {source}")
+            continue
+        seen.add(key)
         try:
             yield _sample(run, results, entry, split, settings, counts)
         except (OSError, UnreadableFile, *DECODE_ERRORS) as error:

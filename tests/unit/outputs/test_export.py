@@ -292,3 +292,14 @@ def test_a_failed_export_leaves_nothing_a_loader_would_read(run: Path, tmp_path:
     left = sorted(path.relative_to(tmp_path / "out").as_posix() for path in (tmp_path / "out").rglob("*") if path.is_file())
     assert left == ["export.json"], left
     assert json.loads((tmp_path / "out" / "export.json").read_text())["complete"] is False
+
+
+def test_a_manifest_line_repeated_is_exported_once_and_listed(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    manifest = copy / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([*lines, lines[0]]) + "\n")
+    report = export(copy, tmp_path / "out", "--format", "webdataset")
+    assert sum(report["images"].values()) == len(lines)
+    assert [entry["reason"] for entry in report["skipped"]] == [f"{json.loads(lines[0])['image_id']!r} is listed again in {manifest}"]
