@@ -111,6 +111,8 @@ def check_arguments(arguments: Sequence[str]) -> None:
             if takes_value and index < len(arguments) and not arguments[index].startswith("--"):
                 value = arguments[index]
                 index += 1
+            if flag == "--seed_everything" and value not in ("true", "false", "True", "False") and not _is_seed(value):
+                raise ConfigurationError(f"--seed_everything {value}: give a whole number from 0 to {2**32 - 1}, or true")
             if flag in ("-c", "--config"):
                 _read_config(Path(value), options, given)
             elif _is_group(flag) and value:  # --data FILE: that group's options
@@ -136,6 +138,11 @@ def check_arguments(arguments: Sequence[str]) -> None:
     split, mask_dir = given.get("--data.split"), given.get("--data.mask_dir")
     locate_images(Path(str(given["--data.root"])), None if split in (None, "null") else str(split),
                   None if mask_dir in (None, "null") else Path(str(mask_dir)), announce=False)  # fmt: skip
+
+
+def _is_seed(value: str) -> bool:
+    """What Lightning's ``seed_everything`` takes: an integer in [0, 2**32)."""
+    return value.isdigit() and int(value) < 2**32
 
 
 def _is_group(flag: str) -> bool:

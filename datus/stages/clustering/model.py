@@ -245,7 +245,7 @@ class ClusterModel:
             arrays = [model.centroids] + ([model.pca_mean, model.pca_components] if pca_mean is not None else [])
             if not all(np.isfinite(array).all() for array in arrays):
                 raise ValueError("arrays hold NaN or inf values")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as error:  # "seed": Infinity
             raise ValueError(
                 f"{directory}: not a readable cluster model ({error}); delete the folder and cluster again"
             ) from error

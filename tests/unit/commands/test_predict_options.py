@@ -79,3 +79,9 @@ def test_what_lightningcli_accepts_passes_the_early_check(tmp_path: Path) -> Non
     check_arguments(["--data.root", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "o"), "--data.pin_memory", "yes"])
     with pytest.raises(ConfigurationError, match="expected one of crop, packed"):  # LightningCLI refuses PACKED too
         check_arguments(["--data.root", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "o"), "--model.embedding", "PACKED"])
+
+
+def test_a_seed_lightning_refuses_is_one_line(tmp_path: Path) -> None:
+    write_photos(tmp_path, 1)
+    with pytest.raises(ConfigurationError, match="--seed_everything -1: give a whole number"):
+        check_arguments(["--data.root", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--seed_everything", "-1"])
