@@ -354,8 +354,9 @@ def member_mark(path: Path | str) -> tuple[int, int]:
 
 
 def iter_samples(index: ShardIndex) -> Iterator[tuple[Member, Member | None]]:
-    """(image member, its ``.seg.png`` mask member or None) for every image-named member, in tar order."""
+    """(image member, its ``.seg.png`` mask member (any case) or None) for every image-named member, in tar order."""
     by_name = index.by_name()
+    masks = {name.lower()[: -len(MASK_SUFFIX)]: mask for name, mask in by_name.items() if name.lower().endswith(MASK_SUFFIX)}
     for member in index.members:
         lower = member.name.lower()
         if lower.endswith(MASK_SUFFIX) or posixpath.splitext(lower)[1] not in IMAGE_EXTENSIONS:
@@ -363,5 +364,5 @@ def iter_samples(index: ShardIndex) -> Iterator[tuple[Member, Member | None]]:
         if by_name.get(member.name) is not member:
             yield member, None  # an earlier member of a repeated name: refused as superseded
             continue
-        mask = by_name.get(posixpath.splitext(member.name)[0] + MASK_SUFFIX)
-        yield member, mask if mask is not None and not mask.refused else None
+        # a refused mask (a link, a name leaving the shard) is still paired: scoring lists its reason
+        yield member, masks.get(posixpath.splitext(lower)[0])

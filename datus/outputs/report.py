@@ -390,7 +390,8 @@ def _row_tiles(
         _guarded(lambda: _mask_tile(record, results, facts, size), size, "pseudo mask"),
     ]
     if with_ground_truth:
-        tiles.append(_guarded(lambda: _ground_truth_tile(record, facts, class_count, size), size, "ground truth"))
+        what = f"ground truth {record.mask_path}" if record.mask_path else "ground truth"  # name the file (PIL may not)
+        tiles.append(_guarded(lambda: _ground_truth_tile(record, facts, class_count, size), size, what))
     tiles.append(_heat_tile(record.cls_attention, size))
     return tiles
 

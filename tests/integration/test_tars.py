@@ -192,3 +192,22 @@ def test_suim_sample_as_tars_gives_the_masks_of_the_files(tmp_path: Path) -> Non
     predict(by_tars, "--data.root", str(tmp_path / "suim-0000.tar"), "--data.batch_size", "4")
     assert len(mask_ids(by_files)) == len(images)
     assert_same_masks(by_tars, by_files)
+
+
+def test_masks_in_a_tar_as_links_or_in_capitals_are_scored_or_listed_never_dropped(tmp_path: Path) -> None:
+    """A `.seg.png` link member left its image unscored with no reason; `.SEG.PNG` was neither image nor mask."""
+    ids = write_two_region_dataset(tmp_path / "images", 3, tmp_path / "masks")
+    with tarfile.open(tmp_path / "s.tar", "w", format=tarfile.GNU_FORMAT) as archive:
+        for index, image_id in enumerate(ids):
+            add_member(archive, f"img{index}.jpg", (tmp_path / "images" / f"{image_id}.jpg").read_bytes())
+        add_member(archive, "img0.seg.png", (tmp_path / "masks" / f"{ids[0]}.png").read_bytes())
+        add_member(archive, "img1.SEG.PNG", (tmp_path / "masks" / f"{ids[1]}.png").read_bytes())
+        add_member(archive, "img2.seg.png", b"", type=tarfile.SYMTYPE, linkname="img0.seg.png")
+    run = tmp_path / "run"
+    predict(run, "--data.root", str(tmp_path / "s.tar"), "--eval.num_classes", "2", "--cluster.num_clusters", "2")
+    skipped = json.loads((run / "skipped.json").read_text())
+    assert [Path(entry["path"]).name for entry in skipped] == ["img2.seg.png"], skipped
+    assert skipped[0]["reason"].startswith("not scored")
+    scored = json.loads((run / "metrics.json").read_text())["protocols"]["dense"]["num_pixels"]
+    labelled = sum(int((np.asarray(Image.open(tmp_path / "masks" / f"{image_id}.png")) != 255).sum()) for image_id in ids[:2])
+    assert scored == labelled  # img0 (seg.png) and img1 (SEG.PNG) scored
