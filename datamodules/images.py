@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +30,7 @@ from datus.core.files import EXPORT_MARKER
 from datus.core.io import IMAGE_EXTENSIONS, UnreadableFile, load_rgb, locate_images, paired_mask, read_json
 from datus.runfolder.run import RUN_FILE, Run, image_id_for
 from datus.core.tars import (
-    Member, digest, index_shard, is_tar_source, iter_samples, list_shards, shard_stem, shards_beside_images,
+    TAR_SUFFIX, Member, digest, index_shard, is_tar_source, iter_samples, list_shards, shard_stem,
 )  # fmt: skip
 from datus.core.workers import available_cores
 
@@ -59,7 +59,7 @@ def _image_files(image_dir: Path, exclude: Path | None) -> list[Path]:
     it is read, not dropped in silence.
     """
     excluded = exclude.resolve() if exclude is not None else None
-    found, runs, seen = [], [], set()
+    found, runs, shards, seen = [], [], [], set()
     for folder, subfolders, files in os.walk(image_dir, followlinks=True):
         here = Path(folder)
         try:
@@ -78,6 +78,12 @@ def _image_files(image_dir: Path, exclude: Path | None) -> list[Path]:
             continue
         subfolders[:] = sorted(name for name in subfolders if (here / name).resolve() != excluded)  # first link wins
         found.extend(here / name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+        shards.extend(here / name for name in files if name.lower().endswith(TAR_SUFFIX))
+    if shards:  # listed in the same walk: a folder of images is not walked twice
+        log.warning(
+            "%d tar shard(s) below %s are not read (e.g. %s): the folder holds image files; give the shards as a "
+            "--data.root of their own", len(shards), image_dir, min(shards)
+        )
     if runs:
         log.info("not read as input: %d datus run or export folder(s) below the data root (%s)", len(runs), runs[0])
     return sorted(found)
@@ -129,10 +135,11 @@ def _unique_ids(paths: Sequence[Path], ids: list[str]) -> list[str]:
     return ids
 
 
-def list_tar_images(root: Path | str, mask_dir: Path | None = None) -> list[ImageEntry]:
-    """Every image member of the tar shards ``root`` names, in (shard, member offset) order.
+def list_tar_images(base: Path, shards: Sequence[Path], mask_dir: Path | None = None) -> list[ImageEntry]:
+    """Every image member of ``shards`` (as :func:`datus.core.tars.list_shards` lists a ``.tar``, a
+    folder of them or a brace pattern, below ``base``), in (shard, member offset) order.
 
-    ``root`` is a ``.tar``, a folder of them (recursive) or a brace pattern. An image is a member
+    An image is a member
     whose name ends in an image extension (``<key>.jpg``; ``<key>.seg.png`` is ground truth);
     its id is ``<shard>/<key>``: the shard's path below the base folder
     (:func:`datus.core.tars.list_shards`) without ``.tar``, then the member name without its
@@ -143,7 +150,6 @@ def list_tar_images(root: Path | str, mask_dir: Path | None = None) -> list[Imag
     the shard, sizes beyond the shard) and damaged shards are listed too, and skipped with
     their reason when read, as undecodable files are.
     """
-    base, shards = list_shards(root)
     found: list[tuple[Path, str, Member, Member | None, int] | ImageEntry] = []  # an image member, or a refused shard
     for shard in shards:
         stem = shard_stem(shard, base)
@@ -278,14 +284,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.tars = is_tar_source(root)
         if self.tars:
             self.image_dir, self.shards = list_shards(root)
-            self.entries = list_tar_images(root, self.mask_dir)
+            self.entries = list_tar_images(self.image_dir, self.shards, self.mask_dir)
         else:
             self.entries = list_images(image_dir, self.mask_dir, Path(exclude).expanduser() if exclude else None)
-            if stray := shards_beside_images(image_dir):
-                log.warning(
-                    "%d tar shard(s) below %s are not read (e.g. %s): the folder holds image files; give the shards "
-                    "as a --data.root of their own", len(stray), image_dir, stray[0]
-                )
         self.image_size = image_size
         self.patch_size = patch_size
         self.batch_size = batch_size
@@ -330,7 +331,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             while image_id in taken:
                 image_id, number = f"{entry.image_id}_{number}", number + 1
             taken.add(image_id)
-            pending.append(ImageEntry(entry.path, image_id, entry.mask_path, entry.member, entry.mark))
+            pending.append(replace(entry, image_id=image_id))
         self._pending = pending
 
     @property

@@ -10,7 +10,6 @@ neighbour: any other interpolation invents label ids between two neighbouring cl
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from datus.core.io import load_rgb, open_regular, read_label_png
+from datus.core.io import UnreadableFile, load_rgb, read_label_png, read_json
 from datus.outputs.manifest import Split, read_manifest_entries
 from datus.runfolder.run import CLASSES_FILE, MANIFEST_FILE
 
@@ -172,10 +171,9 @@ class PseudoMaskDataModule(L.LightningDataModule):
                 f"--output_dir {self.run_dir}` first."
             )
         try:
-            with open_regular(classes_path) as stream:
-                self.classes = json.loads(stream.read().decode("utf-8"))
-        except (ValueError, RecursionError) as error:
-            raise ValueError(f"{classes_path} is damaged ({type(error).__name__}); predict again into a new --output_dir") from None
+            self.classes = read_json(classes_path)
+        except UnreadableFile as error:
+            raise ValueError(f"{error} (or predict again into a new --output_dir)") from None
         if "num_clusters" not in self.classes:
             raise ValueError(
                 f"{classes_path} has no num_clusters: it describes a ground-truth dataset (`datus prepare`), not "

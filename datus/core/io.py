@@ -373,29 +373,25 @@ def locate_images(root: Path, split: str | None, mask_dir: Path | None, announce
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ConfigurationError(f"--data.root: no folder {root}. Point --data.root at your images.")
-    if split is not None:
+    image_dir = root
+    plain = split is not None and not (root / split / "images").is_dir()  # a layout config on a plain folder: read it
+    if split is not None and not plain:
         image_dir, layout_masks = root / split / "images", root / split / "true_masks"
         mask_dir = layout_masks if layout_masks.is_dir() else None
-        splits = sorted(folder.parent.name for folder in root.glob("*/images") if folder.is_dir()) if root.is_dir() else []
-        if not image_dir.is_dir() and splits:
+    elif plain:
+        splits = sorted(folder.parent.name for folder in root.glob("*/images") if folder.is_dir())
+        if splits:
             raise ConfigurationError(
-                f"--data.split {split}: no {image_dir}; the splits of {root} are {', '.join(splits)}"
+                f"--data.split {split}: no {root / str(split) / 'images'}; the splits of {root} are {', '.join(splits)}"
             )
-        if not image_dir.is_dir() and root.is_dir():  # a plain folder: read it (refused below if it holds no image)
-            if announce and _holds_an_image(root):
-                logging.getLogger(__name__).info(
-                    "reading %s as a plain folder of images (it has no %s/images folder)", root, split
-                )
-            image_dir, mask_dir = root, None
-    else:
-        image_dir = root
-    if not image_dir.is_dir():
-        hint = f" (with --data.split {split} the images must be in ROOT/{split}/images)" if split else ""
-        raise ConfigurationError(f"--data.root: no folder {image_dir}{hint}. Point --data.root at your images.")
+        mask_dir = None
     if mask_dir is not None and not Path(mask_dir).is_dir():
         raise ConfigurationError(f"--data.mask_dir: no folder {mask_dir}.")
-    if not _holds_an_image(image_dir):
-        layout = f", and no ROOT/{split}/images folder for --data.split {split}" if split is not None and image_dir == root else ""
+    holds_an_image = _holds_an_image(image_dir)
+    if plain and announce and holds_an_image:
+        logging.getLogger(__name__).info("reading %s as a plain folder of images (it has no %s/images folder)", root, split)
+    if not holds_an_image:
+        layout = f", and no ROOT/{split}/images folder for --data.split {split}" if plain else ""
         raise ConfigurationError(
             f"--data.root: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {image_dir}{layout}."
         )

@@ -40,9 +40,9 @@ from datus.core.files import IMAGE_EXTENSIONS, OUTPUT_MARKERS, NotRegularFile, U
 
 TAR_SUFFIX = ".tar"
 MASK_SUFFIX = ".seg.png"
+"""Ground truth inside a shard: ``<key>.seg.png`` beside ``<key>.jpg`` (WebDataset's field ``seg.png``)."""
 MAX_PATTERN_NAMES = 1_000_000
 """Most shards one brace range may name (a typo such as {0..99999999} must not hang the listing)."""
-"""Ground truth inside a shard: ``<key>.seg.png`` beside ``<key>.jpg`` (WebDataset's field ``seg.png``)."""
 
 MAX_MEMBER_BYTES = 1 << 30
 """Largest member datus reads from a tar (1 GiB): a member is read into memory whole."""
@@ -75,7 +75,6 @@ class ShardIndex:
     """Every member of one shard, in tar order, and the shard's own mark."""
 
     tar: str
-    size: int
     mtime_ns: int
     members: tuple[Member, ...]
     damaged: str = ""
@@ -109,7 +108,7 @@ def is_tar_source(root: Path | str) -> bool:
 
     datus's own outputs below the folder (a run, an export: :data:`~datus.core.files.OUTPUT_MARKERS`)
     do not count. A folder holding image files is a folder of images, shards or not (the data
-    module then says that its shards are not read: :func:`shards_beside_images`).
+    module then says that its shards are not read).
     """
     text = str(root)
     if text.lower().endswith(TAR_SUFFIX) and not os.path.isdir(os.path.expanduser(text)) or "{" in text and _BRACES.search(text):
@@ -125,11 +124,6 @@ def is_tar_source(root: Path | str) -> bool:
                 return False
             has_tar = has_tar or suffix == TAR_SUFFIX and os.path.isfile(Path(here, name))
     return has_tar
-
-
-def shards_beside_images(folder: Path) -> list[Path]:
-    """The shards in a folder read as a folder of images: they are not read, and the user is told so."""
-    return sorted(_shards_below(folder))
 
 
 def _input_folders(folder: Path) -> Iterator[tuple[str, list[str]]]:
@@ -204,7 +198,7 @@ def index_shard(tar: Path) -> ShardIndex:
             archive = tarfile.open(fileobj=stream, mode="r:")
         except (tarfile.TarError, OSError, EOFError, ValueError) as error:
             if status.st_size == 0:
-                return ShardIndex(tar_path, status.st_size, status.st_mtime_ns, ())
+                return ShardIndex(tar_path, status.st_mtime_ns, ())
             raise UnreadableFile(f"not a readable uncompressed tar ({error})") from error
         try:
             while True:
@@ -233,7 +227,7 @@ def index_shard(tar: Path) -> ShardIndex:
         else Member(member.tar, member.name, member.offset, member.size, "superseded by a later member of the same name")
         for position, member in enumerate(members)
     )
-    return ShardIndex(tar_path, status.st_size, status.st_mtime_ns, kept, damaged)
+    return ShardIndex(tar_path, status.st_mtime_ns, kept, damaged)
 
 
 def digest(shards: list[Path], base: Path) -> dict[str, object]:
@@ -252,32 +246,34 @@ def digest(shards: list[Path], base: Path) -> dict[str, object]:
 
 # --- reading members: one handle per tar and process, one cached index per tar --------------------
 
-_HANDLES: OrderedDict[tuple[int, str], tuple[int, int, int]] = OrderedDict()
-"""(process id, tar) -> (descriptor, size, mtime_ns); keyed by process so that forked loader workers open their own."""
+_HANDLES: OrderedDict[tuple[int, str], tuple[int, os.stat_result]] = OrderedDict()
+"""(process id, tar) -> (descriptor, its status when opened); keyed by process so that forked loader workers open their own."""
 _INDEXES: OrderedDict[str, tuple[tuple[int, int, int], dict[str, Member]]] = OrderedDict()
 _KEEP = 16
 
 
-def _handle(tar: str) -> tuple[int, int, int]:
-    """This process's open descriptor of ``tar`` (with its size and time), reopened when the file at the path changed."""
+def _handle(tar: str) -> int:
+    """This process's open descriptor of ``tar``, reopened when the file at the path changed (one ``stat`` a read)."""
     key = (os.getpid(), tar)
     if key in _HANDLES:
-        descriptor, size, mtime_ns = _HANDLES[key]
-        now, held = os.stat(tar), os.fstat(descriptor)
-        if (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) == (held.st_ino, held.st_dev, size, mtime_ns):
+        descriptor, held = _HANDLES[key]
+        if _same_file(os.stat(tar), held):
             _HANDLES.move_to_end(key)
-            return _HANDLES[key]
+            return descriptor
         del _HANDLES[key]  # rewritten or replaced: its members now lie at other offsets
         os.close(descriptor)
     with open_regular_file(Path(tar)) as stream:
         descriptor = os.dup(stream.fileno())
-    status = os.fstat(descriptor)
-    _HANDLES[key] = (descriptor, status.st_size, status.st_mtime_ns)
+    _HANDLES[key] = (descriptor, os.fstat(descriptor))
     while len(_HANDLES) > _KEEP:
-        (pid, _), (old, _, _) = _HANDLES.popitem(last=False)
+        (pid, _), (old, _) = _HANDLES.popitem(last=False)
         if pid == os.getpid():
             os.close(old)
-    return _HANDLES[key]
+    return descriptor
+
+
+def _same_file(now: os.stat_result, held: os.stat_result) -> bool:
+    return (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) == (held.st_ino, held.st_dev, held.st_size, held.st_mtime_ns)
 
 
 def read_member(member: Member) -> io.BytesIO:
@@ -288,7 +284,7 @@ def read_member(member: Member) -> io.BytesIO:
     """
     if member.refused:
         raise UnreadableFile(member.refused)
-    descriptor, _, _ = _handle(member.tar)
+    descriptor = _handle(member.tar)
     data = os.pread(descriptor, member.size, member.offset)
     if len(data) != member.size:
         raise UnreadableFile(f"the shard ends {len(data)} bytes into this {member.size}-byte member (cut short)")

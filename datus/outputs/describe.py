@@ -113,8 +113,6 @@ def write_summary(
     """``summary.json`` of the results folder and the run's ``skipped.json`` (always written)."""
     write_json(run.file(SKIPPED_FILE), skipped)
     summary = {**facts, "skipped": skipped, "results_dir": str(results.root)}
-    if "diagnostics" in facts:
-        summary["verdict"] = run_verdict(run, facts["diagnostics"], facts["images_in_run"])
     write_json(results.file(SUMMARY_FILE), summary)
     return summary
 
@@ -174,10 +172,11 @@ def sweep_row(num_clusters: int, summary: dict[str, Any], metrics: dict[str, Any
     return row
 
 
-SUGGESTION_RULE = (
+AGREED_RULE = (
     f"the largest K with stability ARI >= {STABILITY_FLOOR} and no empty cluster (stability alone favours the "
-    "smallest K, which merges real groups); when none qualifies, the most stable K"
+    "smallest K, which merges real groups)"
 )
+SUGGESTION_RULE = f"{AGREED_RULE}; when none qualifies, the most stable K"
 
 
 def _agreed(row: dict[str, Any]) -> bool:
@@ -209,10 +208,7 @@ def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"{row['k']:>5} {cells}")
     suggestion = suggested_k(rows)
     if suggestion is not None and any(_agreed(row) for row in rows):
-        lines.append(
-            f"suggested K (label-free): {suggestion}, the largest K with stability ARI >= {STABILITY_FLOOR} and no empty "
-            "cluster (stability alone favours the smallest K, which merges real groups); look at its galleries before you keep it"
-        )
+        lines.append(f"suggested K (label-free): {suggestion}, {AGREED_RULE}; look at its galleries before you keep it")
     elif suggestion is not None:
         lines.append(
             f"no K reaches stability ARI {STABILITY_FLOOR} with every cluster used; K = {suggestion} is only the most stable: "

@@ -54,6 +54,7 @@ from datus.core.io import (
     DECODE_ERRORS, TEMPORARY_NAME, UnreadableFile, atomic_path, check_pixels, decode_reason, json_text, open_regular,
     read_json, read_label_png, write_json, write_text,
 )  # fmt: skip
+from datus.runfolder.shards import id_digest
 from datus.outputs.manifest import ManifestEntry, Split, image_root_of, manifest_lines, read_entry
 from datus.runfolder.run import (
     CLASSES_FILE, CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, RUN_FILE, SEGMENTS, SUMMARY_FILE, Results, Run,
@@ -324,14 +325,14 @@ def _samples(
 ) -> Iterator[Sample]:
     """The manifest's images, each checked (image decodes, mask is a label map of its size); skips are counted."""
     source = results.file(MANIFEST_FILE)
-    seen: set[bytes] = set()  # 8 bytes an image: a line repeated in the (untrusted) manifest is exported once
+    seen: set[int] = set()  # 8 bytes an image: a line repeated in the (untrusted) manifest is exported once
     for number, line in manifest_lines(results.root):
         try:
             entry = read_entry(line, results.root, image_root, f"{source}, line {number}")  # type: ignore[arg-type]
         except ValueError as error:
             _skip(counts, f"line {number}", str(error))
             continue
-        key = hashlib.blake2b(entry.image_id.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+        key = id_digest(entry.image_id)
         if key in seen:
             _skip(counts, f"line {number}", f"{entry.image_id!r} is listed again in {source}")
             continue

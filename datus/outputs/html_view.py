@@ -31,8 +31,8 @@ from typing import Any
 from urllib.parse import quote
 
 from datus.core.errors import ConfigurationError
-from datus.core.io import UnreadableFile, open_regular, read_json, write_text
-from datus.outputs.manifest import image_root_of
+from datus.core.io import UnreadableFile, read_json, write_text
+from datus.outputs.manifest import image_root_of, manifest_lines
 from datus.stages.metrics import PROTOCOLS, format_table
 from datus.runfolder.run import (
     CLASSES_FILE,
@@ -55,6 +55,7 @@ from datus.runfolder.run import (
     Results,
     Run,
     check_image_id,
+    view_page_name,
 )
 from datus.stages.score import read_metrics
 
@@ -120,18 +121,13 @@ def page_count(images: int, page_size: int) -> int:
     return math.ceil(images / page_size)
 
 
-def page_name(number: int) -> str:
-    """File name of image page ``number`` (from 1), as :meth:`Results.view_page` writes it."""
-    return f"page-{number:06d}.html"
-
-
 def write_pages(results: Results, page_size: int = PAGE_SIZE) -> tuple[int, int]:
     """``view/page-<n>.html`` from the manifest, one page in memory; pages beyond the last are removed.
 
     Returns (images, pages).
     """
     manifest = results.file(MANIFEST_FILE)
-    images = sum(1 for _ in _manifest_lines(manifest))
+    images = sum(1 for _ in _manifest_lines(results))
     pages = page_count(images, page_size)
     folders = _picture_folders(results)
     try:
@@ -140,7 +136,7 @@ def write_pages(results: Results, page_size: int = PAGE_SIZE) -> tuple[int, int]
         image_root = None  # a damaged dataset.json: relative image paths get no link
     rows: list[str] = []
     written = 0
-    for index, line in enumerate(_manifest_lines(manifest)):
+    for index, line in enumerate(_manifest_lines(results)):
         rows.append(_card(index, line, folders, manifest, image_root))
         if len(rows) == page_size:
             written += 1
@@ -155,13 +151,11 @@ def write_pages(results: Results, page_size: int = PAGE_SIZE) -> tuple[int, int]
     return images, written
 
 
-def _manifest_lines(manifest: Path) -> Iterator[bytes]:
-    """Non-empty lines of the manifest, streamed (none when it is missing or not a regular file)."""
+def _manifest_lines(results: Results) -> Iterator[bytes]:
+    """:func:`datus.outputs.manifest.manifest_lines`, or none when the manifest is missing or not a regular file."""
     try:
-        with open_regular(manifest) as stream:
-            for line in stream:
-                if line.strip():
-                    yield line
+        for _, line in manifest_lines(results.root):
+            yield line
     except OSError:
         return
 
@@ -232,7 +226,7 @@ def _navigation(number: int, pages: int) -> str:
     def to(target: int, label: str, rel: str | None = None) -> str:
         if target < 1 or target > pages or target == number:
             return f'<span class="off">{label}</span>'
-        return _link(page_name(target), label, **({"rel": rel} if rel else {}))
+        return _link(view_page_name(target), label, **({"rel": rel} if rel else {}))
 
     nearby = range(max(1, number - _NEARBY), min(pages, number + _NEARBY) + 1)
     numbers = " ".join(f"<b>{n}</b>" if n == number else to(n, str(n)) for n in nearby)
@@ -271,9 +265,9 @@ def index_html(results: Results, summary: dict[str, Any], images: int, pages: in
     body.append('<h2 id="images">Images</h2>')
     if pages:
         body.append(
-            f"<p>{_link(VIEW_DIR + '/' + page_name(1), 'Browse the images', id='browse')}: {pages} page{'s' if pages > 1 else ''} of "
+            f"<p>{_link(VIEW_DIR + '/' + view_page_name(1), 'Browse the images', id='browse')}: {pages} page{'s' if pages > 1 else ''} of "
             f"{page_size} in manifest order, each with its overlay, mask and colour mask "
-            f"({_link(VIEW_DIR + '/' + page_name(pages), 'last page')}).</p>"
+            f"({_link(VIEW_DIR + '/' + view_page_name(pages), 'last page')}).</p>"
         )
     else:
         body.append(f'<p class="off">No images: {MANIFEST_FILE} is missing or empty.</p>')

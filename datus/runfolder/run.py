@@ -154,6 +154,11 @@ def check_image_id(image_id: str, source: Path | str) -> str:
     return image_id
 
 
+def view_page_name(number: int) -> str:
+    """File name of image page ``number`` (from 1) of the HTML view, matched by the page pattern."""
+    return f"page-{number:06d}.html"
+
+
 def fit_folder(source: Path) -> Path:
     """The ``fit/`` folder named by ``--cluster.centroids``: given itself, or the results folder holding it."""
     return source if source.name == FIT_DIR else source / FIT_DIR
@@ -201,7 +206,7 @@ class Results:
 
     def view_page(self, number: int) -> Path:
         """``view/page-<n>.html`` (n from 1): one page of the images in manifest order."""
-        return self.root / VIEW_DIR / f"page-{number:06d}.html"
+        return self.root / VIEW_DIR / view_page_name(number)
 
     def view_pages(self) -> dict[int, Path]:
         """The image pages present now, by number (to remove those of a longer earlier run)."""

@@ -249,7 +249,7 @@ def check_unique_ids(shards: Sequence[Path]) -> None:
     digests, owners = [], []
     for index, shard in enumerate(shards):
         ids = _load(shard, ("image_ids",))["image_ids"]
-        digests.append(np.array([_id_digest(str(image_id)) for image_id in ids], dtype=np.uint64))
+        digests.append(np.array([id_digest(str(image_id)) for image_id in ids], dtype=np.uint64))
         owners.append(np.full(len(ids), index, dtype=np.int64))
     if not digests:
         return
@@ -262,7 +262,8 @@ def check_unique_ids(shards: Sequence[Path]) -> None:
         raise ShardError(_damaged(second, f"an image id is also recorded in {first.name}"))
 
 
-def _id_digest(image_id: str) -> int:
+def id_digest(image_id: str) -> int:
+    """A 64-bit digest of an image id: sets of ids (twice recorded, twice listed) in 8 bytes each."""
     return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
 
 

@@ -164,9 +164,8 @@ def postprocess(
         if collective.agree(duplicated is not None):
             raise duplicated or ConfigurationError("an image id is recorded twice in the shards; see rank 0's message")
         reuse = previous.get("masks") == identity
-        if collective.is_main:
-            _warn_when_replacing(run, results, previous, identity)
         if collective.is_main:  # a pass killed midway must not pass for a finished one
+            _warn_when_replacing(run, results, previous, identity)
             write_json(results.file(PAINTED_FILE), {"masks": None, "colour": None})
         collective.barrier()
         earlier = earlier if reuse else None
@@ -262,7 +261,7 @@ def postprocess(
             if collective.is_main:
                 seconds |= {stage: drawing.result() for stage, drawing in drawings.items()}
                 facts = _facts(prediction, num_images, num_valid, num_noise, cluster.num_clusters, metrics)
-                facts["diagnostics"] = measured
+                facts["diagnostics"], facts["verdict"] = measured, judged
                 facts["stage_seconds"] = {**(prediction.stage_seconds if prediction else {}), **seconds}
                 summary = write_summary(run, results, facts, skipped)
                 if write_files:
@@ -421,6 +420,7 @@ def _describe_again(
         return Outcome({}, metrics, class_names, seconds)
     facts = _facts(prediction, earlier["images_in_run"], earlier["segments"], earlier["noise_segments"], earlier["num_clusters"], metrics)
     facts["diagnostics"] = earlier["diagnostics"]
+    facts["verdict"] = run_verdict(run, earlier["diagnostics"], earlier["images_in_run"])
     facts["stage_seconds"] = {**(prediction.stage_seconds if prediction else {}), **seconds}
     scoring_skips = [  # masks that scoring left out stay left out: scoring is not redone
         {"path": entry["path"], "reason": entry["reason"]}

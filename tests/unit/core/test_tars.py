@@ -46,7 +46,7 @@ def test_ids_are_shard_and_key_and_masks_pair_from_seg_png(tmp_path: Path) -> No
     assert not is_tar_source(tmp_path)  # a folder with images is read as one (its tars are not images)
     base, shards = list_shards(str(tmp_path / "tars" / "s-{0..1}.tar"))
     assert base == tmp_path / "tars" and [shard.name for shard in shards] == ["s-0.tar", "s-1.tar"]
-    entries = list_tar_images(tmp_path / "tars")
+    entries = list_tar_images(*list_shards(tmp_path / "tars"))
     assert [entry.image_id for entry in entries] == ["s-0/a", "s-0/b", "s-0/dir/img.001", "s-1/a", "s-1/b", "s-1/dir/img.001"]
     first = entries[0]
     assert str(first.path) == f"{tmp_path}/tars/s-0.tar/a.jpg" and str(first.mask_path) == f"{tmp_path}/tars/s-0.tar/a.seg.png"
@@ -71,7 +71,7 @@ def test_a_key_with_two_images_keeps_extensions_and_a_repeated_name_keeps_the_la
         data = _png((8, 8))
         info.size = len(data)
         archive.addfile(info, io.BytesIO(data))
-    entries = list_tar_images(tar)
+    entries = list_tar_images(*list_shards(tar))
     readable = [entry for entry in entries if not entry.member.refused]
     assert [entry.image_id for entry in readable] == ["x/a_jpg", "x/a_png", "x/c"]
     assert load_rgb(readable[2].member)[1] == (8, 8)
@@ -89,7 +89,7 @@ def test_ids_stay_apart_across_shards_whose_paths_meet(tmp_path: Path) -> None:
     """a.tar's b/x.png and a/b.tar's x.png both read a/b/x: the run refused its own shards after predicting."""
     _tar(tmp_path / "a.tar", {"b/x.png": _png()})
     _tar(tmp_path / "a" / "b.tar", {"x.png": _png()})
-    ids = [entry.image_id for entry in list_tar_images(tmp_path)]
+    ids = [entry.image_id for entry in list_tar_images(*list_shards(tmp_path))]
     assert len(ids) == 2 and len(set(ids)) == 2, ids
 
 
